@@ -1,0 +1,1254 @@
+/**
+ * GrassLog: the log-structured record store. Records of up to 4096 bytes keyed by Grass
+ * address are appended to segments of a SegmentStore; an in-memory AddressMap says where the
+ * latest version of each lives; checkpoints and roll-forward make the map durable; a segment
+ * cleaner reclaims the space of dead records.
+ *
+ * Durability contract (tested by grass.model.test.ts):
+ * - A batch (or a single put/trim) is visible to reads once its promise resolves.
+ * - After `flush()` resolves, every batch whose promise resolved before flush() was called
+ *   survives any crash.
+ * - After a crash, the store holds a prefix of the batches in the order their promises
+ *   resolved: never part of a batch, never a batch without every earlier one.
+ *
+ * Concurrency: one JavaScript thread. Appends and map updates are synchronous, so a batch is
+ * atomic in memory; all storage I/O runs through one serialized queue (`enqueue`), so seals,
+ * flushes and superblock writes reach the store in the order the format requires.
+ */
+import { assert, assertSafeInt } from './assert.ts';
+import { AddressMap, MapPage } from './address-map.ts';
+import {
+  decodeCheckpointBody, decodeRoot, decodeSuperblock, encodeCheckpointBody, encodeRoot, encodeSuperblock,
+  type CheckpointBody, type DirectoryEntry, type RecordRef, type SlotEntry, type StreamHead, type Superblock,
+} from './checkpoint.ts';
+import { crc32c } from './crc32c.ts';
+import {
+  ClosedError, CorruptionError, FormatError, InvalidArgumentError, NoSpaceError, StoreFailedError,
+} from './errors.ts';
+import {
+  CHECKPOINT_CHUNK_BYTES, FLAG_BATCH_END, FOOTER_BYTES, MAP_ENTRY_BYTES, MAP_PAGE_ENTRIES, MAX_GADDR, MAX_GC_STREAMS,
+  MAX_SEGMENT_BYTES, MAX_SEGMENT_COUNT, MAX_STREAMS, MAX_USER_RECORD_BYTES, MIN_SEGMENT_BYTES, NO_SLOT,
+  RECORD_HEADER_BYTES, RecordKind, SEGMENT_HEADER_BYTES, STREAM_GC_FIRST, STREAM_META, STREAM_USER,
+  SUMMARY_ENTRY_BYTES, viewOf,
+} from './format.ts';
+import { costBenefit, type CleanerPolicy, type SegmentInfo } from './policies.ts';
+import {
+  decodeFooter, decodeSegmentHeader, decodeSummaryEntry, encodeFooter, encodeRecord, encodeSegmentHeader,
+  encodeSummaryEntry, peekRecordHeader, recordChecksumOk, segmentSeed, summaryOffset, type RecordHeader,
+} from './records.ts';
+import type { SegmentStore } from './segment-store.ts';
+import { type GrassStats, type RecoveryReport, type StreamRecovery, utilizationHistogram } from './stats.ts';
+
+/** Slot states as persisted in checkpoints. */
+export const SLOT_FREE = 0;
+export const SLOT_OPEN = 1;
+export const SLOT_SEALED = 2;
+/** Slot flag: the cleaner found a corrupt live record here; never clean it automatically. */
+export const SLOT_FLAG_DAMAGED = 1;
+
+export type BatchOp = { op: 'put'; gaddr: number; data: Uint8Array } | { op: 'trim'; gaddr: number };
+
+/** The interface Grass offers the layer above (Cow) and research users. */
+export interface Grass {
+  /** Largest record payload. */
+  readonly maxRecordBytes: number;
+  /** The record at `gaddr`, or undefined if none. Throws CorruptionError rather than return wrong bytes. */
+  read(gaddr: number): Promise<Uint8Array | undefined>;
+  put(gaddr: number, data: Uint8Array): Promise<void>;
+  trim(gaddr: number): Promise<void>;
+  /** Apply all ops atomically: after a crash, all or none of them. */
+  batch(ops: readonly BatchOp[]): Promise<void>;
+  /** Durability barrier; concurrent callers share one sync. */
+  flush(): Promise<void>;
+  stats(): GrassStats;
+  close(): Promise<void>;
+}
+
+export interface GrassOptions {
+  /** Victim selection and output placement. Default: cost-benefit. */
+  policy?: CleanerPolicy;
+  /** Start background cleaning when free segments fall to this many (default: reserve + max(4, 1%)). */
+  cleanStartFreeSegments?: number;
+  /** Background cleaning stops when free segments reach this many (default: start + max(4, 1%)). */
+  cleanTargetFreeSegments?: number;
+  /** Victims per cleaning round; one sync (and, for metadata, one checkpoint) per round. Default 8. */
+  cleanerBatchSegments?: number;
+  /** Write a checkpoint after this many log bytes (default: clamp(capacity/8, 64 MiB, 1 GiB)). */
+  checkpointIntervalBytes?: number;
+  /** Run the cleaner in the background (default true). Tests may drive it by hand. */
+  backgroundCleaner?: boolean;
+  /** Open without writing anything: for fsck and inspection. */
+  readOnly?: boolean;
+  /** Called for each problem recovery finds (LevelDB's corruption reporter). */
+  onRecoveryProblem?: (message: string) => void;
+}
+
+/** Largest batch: bounds memory and keeps one batch far smaller than the free-space reserve. */
+export const MAX_BATCH_OPS = 65536;
+export const MAX_BATCH_BYTES = 64 * 1024 * 1024;
+/** Segments kept per stream beyond the open one while seals are in flight. */
+const MAX_SEALING_PER_STREAM = 4;
+
+class OpenSegment {
+  buf: Uint8Array | undefined;
+  view: DataView | undefined;
+  /** Next append offset. */
+  writeOff = SEGMENT_HEADER_BYTES;
+  /** Bytes [0, flushedOff) have been written to the store. */
+  flushedOff = 0;
+  entries = new Uint8Array(64 * SUMMARY_ENTRY_BYTES);
+  entriesView = viewOf(this.entries);
+  entryCount = 0;
+  nextSlot = NO_SLOT;
+  sealClock = 0;
+  readonly seed: number;
+
+  constructor(
+    readonly stream: number,
+    readonly slot: number,
+    readonly seq: number,
+    readonly openClock: number,
+  ) {
+    this.seed = segmentSeed(seq, slot);
+  }
+
+  addEntry(h: RecordHeader): void {
+    const need = (this.entryCount + 1) * SUMMARY_ENTRY_BYTES;
+    if (need > this.entries.length) {
+      const grown = new Uint8Array(Math.max(need, this.entries.length * 2));
+      grown.set(this.entries);
+      this.entries = grown;
+      this.entriesView = viewOf(grown);
+    }
+    encodeSummaryEntry(this.entriesView, this.entryCount * SUMMARY_ENTRY_BYTES, h);
+    this.entryCount++;
+  }
+}
+
+interface Deferred {
+  promise: Promise<void>;
+  resolve: () => void;
+  reject: (e: unknown) => void;
+}
+
+function deferred(): Deferred {
+  let resolve!: () => void;
+  let reject!: (e: unknown) => void;
+  const promise = new Promise<void>((res, rej) => {
+    resolve = res;
+    reject = rej;
+  });
+  // Nobody may be waiting: do not let an unobserved rejection kill the process.
+  promise.catch(() => undefined);
+  return { promise, resolve, reject };
+}
+
+const NO_LOC = (): { slot: number; offset: number; length: number } => ({ slot: NO_SLOT, offset: 0, length: 0 });
+
+export class GrassLog implements Grass {
+  readonly maxRecordBytes = MAX_USER_RECORD_BYTES;
+  readonly policy: CleanerPolicy;
+  readonly segmentBytes: number;
+  readonly segmentCount: number;
+  /** Bytes of a segment available to records (and their summary entries). */
+  readonly usableBytes: number;
+
+  // --- In-memory state. ---------------------------------------------------------------
+  private readonly map = new AddressMap();
+  private readonly slotState: Uint8Array;
+  private readonly slotStream: Uint8Array;
+  private readonly slotFlags: Uint16Array;
+  private readonly slotSeq: Float64Array;
+  private readonly slotOpenClock: Float64Array;
+  private readonly slotSealClock: Float64Array;
+  private readonly dataLive: Float64Array;
+  private readonly metaLive: Float64Array;
+  /** snapshotGen when the segment stopped taking appends (victims must predate the durable checkpoint). */
+  private readonly appendsEndedGen: Float64Array;
+  /** Cleaned slots waiting to become free: 1 = after the next sync, 2 = after the next checkpoint. */
+  private readonly pendingFree: Uint8Array;
+  private freeSlots: number[] = [];
+  private readonly streams: (OpenSegment | undefined)[] = new Array(MAX_STREAMS).fill(undefined);
+  /** Segments whose buffer is still in memory (open, or sealing). */
+  private readonly buffered = new Map<number, OpenSegment>();
+  private readonly sealingPerStream = new Uint16Array(MAX_STREAMS);
+  private bufferPool: Uint8Array[] = [];
+  private directory = new Map<number, DirectoryEntry>();
+  private currentCheckpointRefs: RecordRef[] = [];
+
+  private generation = 0;
+  private nextSeq = 1;
+  private userClock = 0;
+  private snapshotGen = 0;
+  private durableSnapshotGen = 0;
+  private logBytesSinceCheckpoint = 0;
+
+  // --- I/O sequencing. ----------------------------------------------------------------
+  private ioTail: Promise<void> = Promise.resolve();
+  private failed: StoreFailedError | undefined;
+  private closed = false;
+  private pendingFlush: Deferred | undefined;
+  private checkpointRunning: Promise<void> | undefined;
+  private checkpointQueued: Promise<void> | undefined;
+  private cleanerRunning: Promise<void> | undefined;
+  private sealWaiters: (() => void)[] = [];
+
+  // --- Tunables (derived in the constructor). ------------------------------------------
+  private readonly cleanStart: number;
+  private readonly cleanTarget: number;
+  private readonly cleanerBatch: number;
+  private readonly checkpointInterval: number;
+  private readonly background: boolean;
+  readonly readOnly: boolean;
+
+  private readonly counters = {
+    userRecords: 0, userBytes: 0, userPayloadBytes: 0, trims: 0, batches: 0,
+    cleanerRecords: 0, cleanerBytes: 0, checkpointBytes: 0, checkpoints: 0,
+    cleanerRounds: 0, segmentsCleaned: 0, cleanerReadBytes: 0, foregroundCleans: 0,
+    flushes: 0, syncs: 0, reads: 0, readBytes: 0, corruptReads: 0, noSpaceErrors: 0, damagedSegments: 0,
+  };
+  recovery: RecoveryReport | undefined;
+
+  private constructor(
+    readonly store: SegmentStore,
+    options: GrassOptions,
+  ) {
+    assertSafeInt(store.segmentBytes, MIN_SEGMENT_BYTES, MAX_SEGMENT_BYTES, 'segmentBytes');
+    assertSafeInt(store.segmentCount, 8, MAX_SEGMENT_COUNT, 'segmentCount');
+    this.policy = options.policy ?? costBenefit;
+    assertSafeInt(this.policy.gcStreams, 1, MAX_GC_STREAMS, 'policy.gcStreams');
+    this.segmentBytes = store.segmentBytes;
+    this.segmentCount = store.segmentCount;
+    this.usableBytes = this.segmentBytes - SEGMENT_HEADER_BYTES - FOOTER_BYTES;
+    const n = this.segmentCount;
+    this.slotState = new Uint8Array(n);
+    this.slotStream = new Uint8Array(n);
+    this.slotFlags = new Uint16Array(n);
+    this.slotSeq = new Float64Array(n);
+    this.slotOpenClock = new Float64Array(n);
+    this.slotSealClock = new Float64Array(n);
+    this.dataLive = new Float64Array(n);
+    this.metaLive = new Float64Array(n);
+    this.appendsEndedGen = new Float64Array(n);
+    this.pendingFree = new Uint8Array(n);
+    const onePercent = Math.ceil(n / 100);
+    this.cleanStart = options.cleanStartFreeSegments ?? this.reserveSegments() + Math.max(4, onePercent);
+    this.cleanTarget = Math.max(this.cleanStart + 1, options.cleanTargetFreeSegments ?? this.cleanStart + Math.max(4, onePercent));
+    this.cleanerBatch = options.cleanerBatchSegments ?? 8;
+    const capacity = this.segmentBytes * n;
+    this.checkpointInterval = options.checkpointIntervalBytes ?? Math.min(1 << 30, Math.max(64 << 20, Math.floor(capacity / 8)));
+    this.background = options.backgroundCleaner ?? true;
+    this.readOnly = options.readOnly ?? false;
+  }
+
+  // =====================================================================================
+  // Opening and creating
+  // =====================================================================================
+
+  /** Format an empty store and open it. */
+  static async create(store: SegmentStore, options: GrassOptions = {}): Promise<GrassLog> {
+    const [a, b] = [await store.readSuperblock(0), await store.readSuperblock(1)];
+    if (typeof decodeSuperblock(a) !== 'string' || typeof decodeSuperblock(b) !== 'string') {
+      throw new InvalidArgumentError(`${store.describe()} already holds a Grass store`);
+    }
+    const g = new GrassLog(store, { ...options, readOnly: false });
+    for (let s = g.segmentCount - 1; s >= 0; s--) g.freeSlots.push(s);
+    g.ensureStreams();
+    await g.checkpoint();
+    g.recovery = { checkpointGeneration: g.generation, streams: [], problems: [], replayedRecords: 0, droppedRecords: 0, droppedBytes: 0, millis: 0 };
+    return g;
+  }
+
+  /** Open a formatted store: load the newest checkpoint, roll forward, and (unless readOnly) checkpoint. */
+  static async open(store: SegmentStore, options: GrassOptions = {}): Promise<GrassLog> {
+    const g = new GrassLog(store, options);
+    await g.recover(options.onRecoveryProblem);
+    return g;
+  }
+
+  private reserveSegments(): number {
+    // One segment per stream that the cleaner and checkpoints write, plus room for a whole
+    // checkpoint (every map page, the slot table and the directory), plus slack for seals in flight.
+    const pages = Math.max(1, this.map?.pageCount ?? 1);
+    const checkpointBytes = pages * (MAP_PAGE_ENTRIES * MAP_ENTRY_BYTES + RECORD_HEADER_BYTES + SUMMARY_ENTRY_BYTES + 28) + this.segmentCount * 28 + 4096;
+    const checkpointSegments = Math.ceil(checkpointBytes / (this.segmentBytes - SEGMENT_HEADER_BYTES - FOOTER_BYTES - 1024)) + 1;
+    return 2 + (this.policy?.gcStreams ?? 1) + checkpointSegments;
+  }
+
+  private allocSlot(): number {
+    const s = this.freeSlots.pop();
+    if (s === undefined) throw new NoSpaceError(`no free segment in ${this.store.describe()}`);
+    assert(this.slotState[s] === SLOT_FREE && this.pendingFree[s] === 0, `slot ${s} allocated while not free`);
+    return s;
+  }
+
+  private openSegment(stream: number): OpenSegment {
+    const slot = this.allocSlot();
+    const seg = new OpenSegment(stream, slot, this.nextSeq++, this.userClock);
+    this.slotState[slot] = SLOT_OPEN;
+    this.slotStream[slot] = stream;
+    this.slotFlags[slot] = 0;
+    this.slotSeq[slot] = seg.seq;
+    this.slotOpenClock[slot] = this.userClock;
+    this.slotSealClock[slot] = 0;
+    this.dataLive[slot] = 0;
+    this.metaLive[slot] = 0;
+    this.appendsEndedGen[slot] = Infinity;
+    this.streams[stream] = seg;
+    return seg;
+  }
+
+  /** Every stream in use has an open segment, so that recovery can find what it writes. */
+  private ensureStreams(): void {
+    const last = STREAM_GC_FIRST + this.policy.gcStreams;
+    for (let s = 0; s < last; s++) if (this.streams[s] === undefined) this.openSegment(s);
+  }
+
+  // =====================================================================================
+  // The Grass interface
+  // =====================================================================================
+
+  async read(gaddr: number): Promise<Uint8Array | undefined> {
+    this.checkOpen();
+    checkAddress(gaddr);
+    for (let attempt = 0; ; attempt++) {
+      const loc = this.map.get(gaddr);
+      if (loc === undefined) return undefined;
+      this.counters.reads++;
+      this.counters.readBytes += loc.length;
+      const seq = this.slotSeq[loc.slot]!;
+      const buffered = this.buffered.get(loc.slot);
+      let bytes: Uint8Array;
+      let at: number;
+      if (buffered !== undefined && buffered.buf !== undefined) {
+        bytes = buffered.buf;
+        at = loc.offset;
+      } else {
+        bytes = await this.store.read(loc.slot, loc.offset, RECORD_HEADER_BYTES + loc.length);
+        at = 0;
+      }
+      const problem = this.checkRecord(bytes, at, gaddr, loc.length, segmentSeed(seq, loc.slot));
+      if (problem === undefined) return bytes.slice(at + RECORD_HEADER_BYTES, at + RECORD_HEADER_BYTES + loc.length);
+      // The segment may have been cleaned and reused while we read: look again.
+      const now = this.map.get(gaddr);
+      const moved = now === undefined || now.slot !== loc.slot || now.offset !== loc.offset || this.slotSeq[loc.slot] !== seq;
+      if (moved && attempt < 8) continue;
+      this.counters.corruptReads++;
+      throw new CorruptionError({ segment: loc.slot, offset: loc.offset }, `record for address ${gaddr}: ${problem}`);
+    }
+  }
+
+  private checkRecord(bytes: Uint8Array, at: number, gaddr: number, length: number, seed: number): string | undefined {
+    const view = viewOf(bytes);
+    const h = peekRecordHeader(view, at, bytes.length);
+    if (h === undefined) return 'malformed record header';
+    if (h.key !== gaddr) return `record belongs to address ${h.key} (misdirected)`;
+    if (h.kind !== RecordKind.Put && h.kind !== RecordKind.Relocate) return `record kind ${h.kind} is not data`;
+    if (h.length !== length) return `record length ${h.length}, map says ${length}`;
+    if (!recordChecksumOk(bytes, view, at, length, seed)) return 'checksum mismatch';
+    return undefined;
+  }
+
+  put(gaddr: number, data: Uint8Array): Promise<void> {
+    return this.batch([{ op: 'put', gaddr, data }]);
+  }
+
+  trim(gaddr: number): Promise<void> {
+    return this.batch([{ op: 'trim', gaddr }]);
+  }
+
+  async batch(ops: readonly BatchOp[]): Promise<void> {
+    this.checkWritable();
+    if (ops.length > MAX_BATCH_OPS) throw new InvalidArgumentError(`batch of ${ops.length} ops exceeds the limit of ${MAX_BATCH_OPS}`);
+    let bytes = 0;
+    for (const op of ops) {
+      checkAddress(op.gaddr);
+      if (op.op === 'put') {
+        if (!(op.data instanceof Uint8Array)) throw new InvalidArgumentError('put data must be a Uint8Array');
+        if (op.data.length > MAX_USER_RECORD_BYTES) throw new InvalidArgumentError(`record of ${op.data.length} bytes exceeds the limit of ${MAX_USER_RECORD_BYTES}`);
+        bytes += RECORD_HEADER_BYTES + op.data.length + SUMMARY_ENTRY_BYTES;
+      } else if (op.op === 'trim') {
+        bytes += RECORD_HEADER_BYTES + SUMMARY_ENTRY_BYTES;
+      } else {
+        throw new InvalidArgumentError(`unknown batch op ${(op as { op: unknown }).op}`);
+      }
+    }
+    if (bytes > MAX_BATCH_BYTES) throw new InvalidArgumentError(`batch of ${bytes} bytes exceeds the limit of ${MAX_BATCH_BYTES}`);
+    if (ops.length === 0) return;
+    await this.admit(bytes);
+    this.checkWritable();
+    try {
+      this.applyBatch(ops);
+    } catch (e) {
+      // admit() guaranteed the room, so this is a bug; the half-applied batch has no
+      // batch-end record, so a reopen recovers the state before it.
+      this.fail(e);
+      throw this.failed;
+    }
+  }
+
+  /** Wait until a batch of `bytes` can be appended to the user stream without eating the reserve. */
+  private async admit(bytes: number): Promise<void> {
+    for (let attempt = 0; ; attempt++) {
+      this.checkWritable();
+      const user = this.streams[STREAM_USER]!;
+      const room = this.segmentBytes - FOOTER_BYTES - user.writeOff - user.entryCount * SUMMARY_ENTRY_BYTES;
+      const newSegments = room >= bytes ? 0 : Math.ceil((bytes - Math.max(0, room)) / (this.usableBytes - 1024)) + 1;
+      const sealBacklog = this.sealingPerStream[STREAM_USER]! >= MAX_SEALING_PER_STREAM;
+      if (newSegments === 0 || (this.freeSlots.length - newSegments >= this.reserveSegments() && !sealBacklog)) {
+        return;
+      }
+      if (sealBacklog) {
+        await new Promise<void>((resolve) => this.sealWaiters.push(resolve));
+        continue;
+      }
+      if (attempt >= 3) {
+        this.counters.noSpaceErrors++;
+        throw new NoSpaceError(
+          `store is full: ${this.freeSlots.length} free segments, ${this.reserveSegments()} reserved for the cleaner and checkpoints; ` +
+            `${this.liveDataBytes()} of ${this.segmentBytes * this.segmentCount} bytes hold live records. Trim data to free space.`,
+        );
+      }
+      this.counters.foregroundCleans++;
+      await this.cleanUntil(this.reserveSegments() + newSegments + 1, true);
+    }
+  }
+
+  private applyBatch(ops: readonly BatchOp[]): void {
+    // Skip trims of unmapped addresses: they change nothing. The batch-end flag goes on the
+    // last record actually written.
+    let last = -1;
+    for (let i = 0; i < ops.length; i++) {
+      const op = ops[i]!;
+      if (op.op === 'put' || this.map.slotOf(op.gaddr) !== NO_SLOT) last = i;
+    }
+    const prev = NO_LOC();
+    const empty = new Uint8Array(0);
+    for (let i = 0; i <= last; i++) {
+      const op = ops[i]!;
+      const flags = i === last ? FLAG_BATCH_END : 0;
+      if (op.op === 'put') {
+        const loc = this.append(STREAM_USER, RecordKind.Put, flags, op.gaddr, 0, op.data);
+        const recordBytes = RECORD_HEADER_BYTES + op.data.length;
+        if (this.map.set(op.gaddr, loc.slot, loc.offset, op.data.length, prev)) this.dataLive[prev.slot]! -= RECORD_HEADER_BYTES + prev.length;
+        this.dataLive[loc.slot]! += recordBytes;
+        this.counters.userRecords++;
+        this.counters.userBytes += recordBytes;
+        this.counters.userPayloadBytes += op.data.length;
+        this.userClock += recordBytes;
+      } else {
+        if (this.map.slotOf(op.gaddr) === NO_SLOT && i !== last) continue;
+        this.append(STREAM_USER, RecordKind.Trim, flags, op.gaddr, 0, empty);
+        if (this.map.delete(op.gaddr, prev)) this.dataLive[prev.slot]! -= RECORD_HEADER_BYTES + prev.length;
+        this.counters.trims++;
+        this.counters.userBytes += RECORD_HEADER_BYTES;
+        this.userClock += RECORD_HEADER_BYTES;
+      }
+    }
+    if (last >= 0) this.counters.batches++;
+    this.afterAppend();
+  }
+
+  private afterAppend(): void {
+    if (this.logBytesSinceCheckpoint >= this.checkpointInterval && this.checkpointQueued === undefined && this.checkpointRunning === undefined) {
+      this.checkpoint().catch(() => undefined);
+    }
+    if (this.background && this.freeSlots.length <= this.cleanStart && this.cleanerRunning === undefined) {
+      this.cleanUntil(this.cleanTarget, false).catch(() => undefined);
+    }
+  }
+
+  flush(): Promise<void> {
+    try {
+      this.checkWritable();
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    if (this.pendingFlush !== undefined) return this.pendingFlush.promise;
+    const d = deferred();
+    this.pendingFlush = d;
+    this.enqueue(async () => {
+      if (this.pendingFlush === d) this.pendingFlush = undefined;
+      await this.writeOpenSegments();
+      await this.store.sync();
+      this.counters.syncs++;
+    }).then(d.resolve, d.reject);
+    this.counters.flushes++;
+    return d.promise;
+  }
+
+  /** Write the unwritten bytes of every open segment (no sync). Runs inside the I/O queue. */
+  private async writeOpenSegments(): Promise<void> {
+    for (const seg of this.streams) {
+      if (seg === undefined || seg.buf === undefined) continue;
+      const end = seg.writeOff;
+      if (seg.flushedOff < end) {
+        await this.store.write(seg.slot, seg.flushedOff, seg.buf.subarray(seg.flushedOff, end));
+        seg.flushedOff = end;
+      }
+    }
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    if (!this.readOnly && this.failed === undefined) {
+      try {
+        await this.cleanerRunning;
+        await this.checkpoint();
+      } catch {
+        // The store failed while closing: nothing more to make durable.
+      }
+    }
+    this.closed = true;
+    await this.ioTail;
+    await this.store.close();
+  }
+
+  // =====================================================================================
+  // Appending to streams
+  // =====================================================================================
+
+  private append(stream: number, kind: RecordKind, flags: number, key: number, aux: number, payload: Uint8Array): { slot: number; offset: number } {
+    let seg = this.streams[stream];
+    assert(seg !== undefined, `stream ${stream} has no open segment`);
+    const recordBytes = RECORD_HEADER_BYTES + payload.length;
+    if (seg.writeOff + recordBytes + (seg.entryCount + 1) * SUMMARY_ENTRY_BYTES + FOOTER_BYTES > this.segmentBytes) {
+      seg = this.rollover(seg);
+    }
+    if (seg.buf === undefined) this.materialize(seg);
+    const offset = seg.writeOff;
+    const h: RecordHeader = { length: payload.length, kind, flags, key, aux };
+    encodeRecord(seg.buf!, seg.view!, offset, seg.seed, h, payload);
+    seg.addEntry(h);
+    seg.writeOff += recordBytes;
+    this.logBytesSinceCheckpoint += recordBytes;
+    return { slot: seg.slot, offset };
+  }
+
+  private materialize(seg: OpenSegment): void {
+    const buf = this.bufferPool.pop() ?? new Uint8Array(this.segmentBytes);
+    seg.buf = buf;
+    seg.view = viewOf(buf);
+    encodeSegmentHeader(buf, { stream: seg.stream, seq: seg.seq, slot: seg.slot, openClock: seg.openClock });
+    this.buffered.set(seg.slot, seg);
+  }
+
+  /** Close `old` for appends, open the stream's next segment, and queue the seal of `old`. */
+  private rollover(old: OpenSegment): OpenSegment {
+    assert(old.entryCount > 0, 'rollover of an empty segment');
+    const next = this.openSegment(old.stream);
+    old.nextSlot = next.slot;
+    old.sealClock = this.userClock;
+    this.appendsEndedGen[old.slot] = this.snapshotGen;
+    this.sealingPerStream[old.stream]!++;
+    this.enqueue(() => this.sealSegment(old)).catch(() => undefined);
+    return next;
+  }
+
+  /** Runs inside the I/O queue: write the rest of the data, sync, then summary and footer, then seal. */
+  private async sealSegment(seg: OpenSegment): Promise<void> {
+    const buf = seg.buf!;
+    if (seg.flushedOff < seg.writeOff) {
+      await this.store.write(seg.slot, seg.flushedOff, buf.subarray(seg.flushedOff, seg.writeOff));
+      seg.flushedOff = seg.writeOff;
+    }
+    // The data must be durable before a footer claims it (recovery trusts sealed summaries).
+    await this.store.sync();
+    this.counters.syncs++;
+    const start = summaryOffset(this.segmentBytes, seg.entryCount);
+    assert(start >= seg.writeOff, 'summary overlaps records');
+    buf.set(seg.entries.subarray(0, seg.entryCount * SUMMARY_ENTRY_BYTES), start);
+    encodeFooter(buf, {
+      seq: seg.seq, slot: seg.slot, entries: seg.entryCount, dataEnd: seg.writeOff, nextSlot: seg.nextSlot,
+      sealClock: seg.sealClock, summaryCrc: crc32c(buf.subarray(start, this.segmentBytes - FOOTER_BYTES), seg.seed),
+    });
+    await this.store.write(seg.slot, start, buf.subarray(start));
+    await this.store.seal(seg.slot);
+    this.slotState[seg.slot] = SLOT_SEALED;
+    this.slotSealClock[seg.slot] = seg.sealClock;
+    this.buffered.delete(seg.slot);
+    this.bufferPool.push(buf);
+    seg.buf = undefined;
+    seg.view = undefined;
+    this.sealingPerStream[seg.stream]!--;
+    const waiters = this.sealWaiters;
+    this.sealWaiters = [];
+    for (const w of waiters) w();
+  }
+
+  // =====================================================================================
+  // I/O queue and failure
+  // =====================================================================================
+
+  private enqueue<T>(task: () => Promise<T>): Promise<T> {
+    const run = this.ioTail.then(() => {
+      if (this.failed !== undefined) throw this.failed;
+      return task();
+    });
+    this.ioTail = run.then(
+      () => undefined,
+      (e: unknown) => this.fail(e),
+    );
+    return run;
+  }
+
+  private fail(e: unknown): void {
+    if (this.failed === undefined) this.failed = e instanceof StoreFailedError ? e : new StoreFailedError(e);
+    const waiters = this.sealWaiters;
+    this.sealWaiters = [];
+    for (const w of waiters) w();
+  }
+
+  private checkOpen(): void {
+    if (this.closed) throw new ClosedError('Grass store is closed');
+  }
+
+  private checkWritable(): void {
+    this.checkOpen();
+    if (this.readOnly) throw new InvalidArgumentError('Grass store is open read-only');
+    if (this.failed !== undefined) throw this.failed;
+  }
+
+  /** The error that stopped this instance, if any. */
+  get failure(): StoreFailedError | undefined {
+    return this.failed;
+  }
+
+  // =====================================================================================
+  // Checkpoints
+  // =====================================================================================
+
+  /** Write a checkpoint and make it the current one. Concurrent callers share one. */
+  checkpoint(): Promise<void> {
+    try {
+      this.checkWritable();
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    if (this.checkpointQueued !== undefined) return this.checkpointQueued;
+    const after = this.checkpointRunning ?? Promise.resolve();
+    const p = after.catch(() => undefined).then(async () => {
+      this.checkpointQueued = undefined;
+      const run = this.writeCheckpoint();
+      this.checkpointRunning = run;
+      try {
+        await run;
+      } finally {
+        if (this.checkpointRunning === run) this.checkpointRunning = undefined;
+      }
+    });
+    p.catch(() => undefined);
+    this.checkpointQueued = p;
+    return p;
+  }
+
+  private async writeCheckpoint(): Promise<void> {
+    this.checkWritable();
+    // --- The snapshot, taken synchronously: this is instant T. ---
+    this.snapshotGen++;
+    const snapshotGen = this.snapshotGen;
+    const generation = this.generation + 1;
+    this.ensureStreams();
+    const heads: StreamHead[] = this.streams.map((s) => (s === undefined ? { slot: NO_SLOT, seq: 0, offset: 0 } : { slot: s.slot, seq: s.seq, offset: s.writeOff }));
+    const slots: SlotEntry[] = new Array(this.segmentCount);
+    const freedBySnapshot: { slot: number; seq: number }[] = [];
+    for (let s = 0; s < this.segmentCount; s++) {
+      const pending = this.pendingFree[s] !== 0;
+      if (pending) freedBySnapshot.push({ slot: s, seq: this.slotSeq[s]! });
+      slots[s] = {
+        state: pending ? SLOT_FREE : this.slotState[s]!,
+        stream: this.slotStream[s]!,
+        flags: this.slotFlags[s]!,
+        seq: this.slotSeq[s]!,
+        openClock: this.slotOpenClock[s]!,
+        sealClock: this.slotSealClock[s]!,
+      };
+    }
+    const userClock = this.userClock;
+    const nextSeqAtSnapshot = this.nextSeq;
+    const released: RecordRef[] = [];
+    // Map pages dirtied since the last checkpoint, as they are at T.
+    for (const pn of this.map.pageNumbers()) {
+      const page = this.map.page(pn)!;
+      if (!page.dirty) continue;
+      page.dirty = false;
+      const old = this.directory.get(pn);
+      if (old !== undefined) released.push(old);
+      if (page.mapped === 0) {
+        this.directory.delete(pn);
+        continue;
+      }
+      const payload = page.encode();
+      const loc = this.appendMeta(RecordKind.MapPage, pn, payload);
+      this.directory.set(pn, { pageNo: pn, slot: loc.slot, offset: loc.offset, length: payload.length, seq: this.slotSeq[loc.slot]! });
+    }
+    this.map.dropEmptyPages();
+    const directory = [...this.directory.values()].sort((a, b) => a.pageNo - b.pageNo);
+    const body = encodeCheckpointBody({ generation, userClock, nextSeq: nextSeqAtSnapshot, heads, slots, directory });
+    const chunks: RecordRef[] = [];
+    for (let o = 0, i = 0; o < body.length; o += CHECKPOINT_CHUNK_BYTES, i++) {
+      const piece = body.subarray(o, Math.min(body.length, o + CHECKPOINT_CHUNK_BYTES));
+      const loc = this.appendMeta(RecordKind.CheckpointChunk, i, piece);
+      chunks.push({ slot: loc.slot, offset: loc.offset, length: piece.length, seq: this.slotSeq[loc.slot]! });
+    }
+    const rootPayload = encodeRoot({ generation, bodyBytes: body.length, bodyCrc: crc32c(body), chunks });
+    const rootLoc = this.appendMeta(RecordKind.CheckpointRoot, generation, rootPayload);
+    const root: RecordRef = { slot: rootLoc.slot, offset: rootLoc.offset, length: rootPayload.length, seq: this.slotSeq[rootLoc.slot]! };
+    released.push(...this.currentCheckpointRefs);
+    const refs = [...chunks, root];
+    this.logBytesSinceCheckpoint = 0;
+
+    // --- Make it durable, then point a superblock at it. ---
+    const sb: Superblock = { generation, segmentBytes: this.segmentBytes, segmentCount: this.segmentCount, root };
+    await this.enqueue(async () => {
+      await this.writeOpenSegments();
+      await this.store.sync();
+      this.counters.syncs++;
+      await this.store.writeSuperblock((generation % 2) as 0 | 1, encodeSuperblock(sb));
+    });
+    // --- Durable: the previous checkpoint's records are dead; cleaned slots are free. ---
+    this.generation = generation;
+    this.durableSnapshotGen = snapshotGen;
+    this.currentCheckpointRefs = refs;
+    for (const r of released) this.metaLive[r.slot]! -= RECORD_HEADER_BYTES + r.length;
+    for (const f of freedBySnapshot) if (this.slotSeq[f.slot] === f.seq) this.releaseSlot(f.slot);
+    this.counters.checkpoints++;
+  }
+
+  private appendMeta(kind: RecordKind, key: number, payload: Uint8Array): { slot: number; offset: number } {
+    const loc = this.append(STREAM_META, kind, FLAG_BATCH_END, key, 0, payload);
+    const bytes = RECORD_HEADER_BYTES + payload.length;
+    this.metaLive[loc.slot]! += bytes;
+    this.counters.checkpointBytes += bytes;
+    return loc;
+  }
+
+  private releaseSlot(s: number): void {
+    if (this.pendingFree[s] === 0) return;
+    assert(this.slotState[s] === SLOT_SEALED, `releasing slot ${s} in state ${this.slotState[s]}`);
+    this.pendingFree[s] = 0;
+    this.slotState[s] = SLOT_FREE;
+    this.dataLive[s] = 0;
+    this.metaLive[s] = 0;
+    this.freeSlots.push(s);
+    this.store.release(s).catch(() => undefined);
+  }
+
+  // =====================================================================================
+  // The cleaner
+  // =====================================================================================
+
+  private segmentInfo(s: number): SegmentInfo {
+    return {
+      slot: s, stream: this.slotStream[s]!, liveBytes: this.dataLive[s]! + this.metaLive[s]!, usableBytes: this.usableBytes,
+      openClock: this.slotOpenClock[s]!, sealClock: this.slotSealClock[s]!,
+    };
+  }
+
+  /** Clean until `target` segments are free, or no progress is possible. Single-flight. */
+  cleanUntil(target: number, foreground: boolean): Promise<void> {
+    if (this.cleanerRunning !== undefined) {
+      return this.cleanerRunning.then(() => (this.freeSlots.length < target && foreground ? this.cleanUntil(target, true) : undefined));
+    }
+    const run = (async () => {
+      let idle = 0;
+      while (this.freeSlots.length < target && this.failed === undefined && !this.closed) {
+        const freed = await this.cleanRound(foreground);
+        if (freed > 0) {
+          idle = 0;
+        } else {
+          // Segments sealed since the last checkpoint cannot be cleaned yet: a checkpoint makes them eligible.
+          if (++idle > 2) break;
+          await this.checkpoint();
+        }
+        if (!foreground) await new Promise((r) => setImmediate(r));
+      }
+    })();
+    const tracked = run.finally(() => {
+      if (this.cleanerRunning === tracked) this.cleanerRunning = undefined;
+    });
+    this.cleanerRunning = tracked;
+    return tracked;
+  }
+
+  /** One cleaning round: up to cleanerBatch victims, then one sync (and a checkpoint if needed). Returns segments freed. */
+  async cleanRound(_foreground = false): Promise<number> {
+    this.checkWritable();
+    const now = this.userClock;
+    const candidates: { slot: number; score: number }[] = [];
+    for (let s = 0; s < this.segmentCount; s++) {
+      if (this.slotState[s] !== SLOT_SEALED || this.pendingFree[s] !== 0) continue;
+      if (this.appendsEndedGen[s]! >= this.durableSnapshotGen) continue;
+      if ((this.slotFlags[s]! & SLOT_FLAG_DAMAGED) !== 0) continue;
+      const info = this.segmentInfo(s);
+      if (info.liveBytes >= this.usableBytes - RECORD_HEADER_BYTES) continue; // nothing to gain
+      candidates.push({ slot: s, score: info.liveBytes === 0 ? Infinity : this.policy.score(info, now) });
+    }
+    if (candidates.length === 0) return 0;
+    candidates.sort((a, b) => b.score - a.score);
+    // Bound the bytes copied per round so that the cleaner's output always fits in the free
+    // segments it may use: victims are freed only at the end of the round.
+    const spareSegments = Math.max(1, this.freeSlots.length - (this.reserveSegments() - this.policy.gcStreams));
+    const copyBudget = Math.min(spareSegments, Math.ceil(this.cleanerBatch / 2)) * (this.usableBytes - 1024);
+    const victims: number[] = [];
+    let copyBytes = 0;
+    for (const c of candidates) {
+      if (victims.length >= this.cleanerBatch) break;
+      const live = this.dataLive[c.slot]!;
+      if (victims.length > 0 && copyBytes + live > copyBudget) break;
+      victims.push(c.slot);
+      copyBytes += live;
+    }
+    this.counters.cleanerRounds++;
+    let needCheckpoint = false;
+    for (const v of victims) {
+      const outcome = await this.cleanSegment(v);
+      if (outcome === 'checkpoint') needCheckpoint = true;
+    }
+    // Relocations must be durable before a victim's slot is reused.
+    await this.flush();
+    let freed = 0;
+    for (const v of victims) {
+      if (this.pendingFree[v] === 1) {
+        this.releaseSlot(v);
+        freed++;
+      }
+    }
+    if (needCheckpoint) {
+      const before = this.freeSlots.length;
+      await this.checkpoint();
+      freed += Math.max(0, this.freeSlots.length - before);
+    }
+    this.counters.segmentsCleaned += freed;
+    return freed;
+  }
+
+  /** Move the live records out of `slot`. Returns what it takes to free it. */
+  private async cleanSegment(slot: number): Promise<'sync' | 'checkpoint' | 'damaged'> {
+    const info = this.segmentInfo(slot);
+    const seq = this.slotSeq[slot]!;
+    if (info.liveBytes === 0) {
+      this.pendingFree[slot] = 1;
+      return 'sync';
+    }
+    const bytes = await this.store.read(slot, 0, this.segmentBytes);
+    this.checkWritable();
+    this.counters.cleanerReadBytes += bytes.length;
+    const view = viewOf(bytes);
+    const seed = segmentSeed(seq, slot);
+    const footer = decodeFooter(bytes, this.segmentBytes);
+    const damaged = (why: string): 'damaged' => {
+      this.slotFlags[slot]! |= SLOT_FLAG_DAMAGED;
+      this.counters.damagedSegments++;
+      this.onProblem?.(`cleaner: segment ${slot} is damaged: ${why}`);
+      return 'damaged';
+    };
+    if (footer === undefined || footer.seq !== seq || footer.slot !== slot) return damaged('bad footer');
+    const sumStart = summaryOffset(this.segmentBytes, footer.entries);
+    if (crc32c(bytes.subarray(sumStart, this.segmentBytes - FOOTER_BYTES), seed) !== footer.summaryCrc) return damaged('bad summary checksum');
+    const gcStream = STREAM_GC_FIRST + Math.min(this.policy.gcStreams - 1, Math.max(0, this.policy.outputStream(info, this.userClock)));
+    let needCheckpoint = false;
+    let bad = false;
+    const prev = NO_LOC();
+    let offset = SEGMENT_HEADER_BYTES;
+    for (let i = 0; i < footer.entries; i++) {
+      const e = decodeSummaryEntry(view, sumStart + i * SUMMARY_ENTRY_BYTES);
+      const at = offset;
+      offset += RECORD_HEADER_BYTES + e.length;
+      if (e.kind === RecordKind.Put || e.kind === RecordKind.Relocate) {
+        if (!this.map.isAt(e.key, slot, at)) continue;
+        if (this.checkRecord(bytes, at, e.key, e.length, seed) !== undefined) {
+          bad = true; // never launder a corrupt record into a fresh checksum
+          continue;
+        }
+        const payload = bytes.subarray(at + RECORD_HEADER_BYTES, at + RECORD_HEADER_BYTES + e.length);
+        const loc = this.append(gcStream, RecordKind.Relocate, FLAG_BATCH_END, e.key, seq % 0x100000000, payload);
+        this.map.set(e.key, loc.slot, loc.offset, e.length, prev);
+        const recordBytes = RECORD_HEADER_BYTES + e.length;
+        this.dataLive[slot]! -= recordBytes;
+        this.dataLive[loc.slot]! += recordBytes;
+        this.counters.cleanerRecords++;
+        this.counters.cleanerBytes += recordBytes;
+      } else if (e.kind === RecordKind.MapPage) {
+        const d = this.directory.get(e.key);
+        if (d !== undefined && d.slot === slot && d.offset === at) {
+          this.map.markDirty(e.key);
+          needCheckpoint = true;
+        }
+      } else if (e.kind === RecordKind.CheckpointChunk || e.kind === RecordKind.CheckpointRoot) {
+        if (this.metaLive[slot]! > 0) needCheckpoint = true;
+      }
+    }
+    if (bad) return damaged('a live record failed its checksum');
+    if (this.metaLive[slot]! > 0) needCheckpoint = true;
+    this.pendingFree[slot] = needCheckpoint ? 2 : 1;
+    return needCheckpoint ? 'checkpoint' : 'sync';
+  }
+
+  private onProblem: ((m: string) => void) | undefined;
+
+  // =====================================================================================
+  // Recovery
+  // =====================================================================================
+
+  private async recover(onProblem?: (m: string) => void): Promise<void> {
+    const started = Date.now();
+    const problems: string[] = [];
+    const report = (m: string): void => {
+      problems.push(m);
+      onProblem?.(m);
+    };
+    this.onProblem = onProblem;
+    const candidates: Superblock[] = [];
+    for (const slot of [0, 1] as const) {
+      const sb = decodeSuperblock(await this.store.readSuperblock(slot));
+      if (typeof sb === 'string') {
+        if (sb !== 'never written') report(`superblock ${slot}: ${sb}`);
+      } else if (sb.segmentBytes !== this.segmentBytes || sb.segmentCount !== this.segmentCount) {
+        report(`superblock ${slot}: geometry ${sb.segmentCount} x ${sb.segmentBytes} does not match the store's ${this.segmentCount} x ${this.segmentBytes}`);
+      } else {
+        candidates.push(sb);
+      }
+    }
+    if (candidates.length === 0) throw new FormatError(`${this.store.describe()} holds no valid Grass superblock (${problems.join('; ') || 'never formatted'})`);
+    candidates.sort((a, b) => b.generation - a.generation);
+    const sb = candidates[0]!;
+    const body = await this.loadCheckpoint(sb);
+    this.generation = body.generation;
+    this.userClock = body.userClock;
+    for (let s = 0; s < this.segmentCount; s++) {
+      const e = body.slots[s]!;
+      this.slotState[s] = e.state;
+      this.slotStream[s] = e.stream;
+      this.slotFlags[s] = e.flags;
+      this.slotSeq[s] = e.seq;
+      this.slotOpenClock[s] = e.openClock;
+      this.slotSealClock[s] = e.sealClock;
+      this.appendsEndedGen[s] = 0;
+    }
+    // Roll each stream forward from its head.
+    const modified = new Set<number>();
+    const streamReports: StreamRecovery[] = [];
+    const tails: (OpenSegment | undefined)[] = new Array(MAX_STREAMS).fill(undefined);
+    let maxSeq = 0;
+    for (let stream = 0; stream < MAX_STREAMS; stream++) {
+      const head = body.heads[stream]!;
+      if (head.slot === NO_SLOT) continue;
+      const r = await this.replayStream(stream, head, modified, report);
+      streamReports.push(r.report);
+      tails[stream] = r.tail;
+      maxSeq = Math.max(maxSeq, r.maxSeq);
+    }
+    // Slots marked open in the checkpoint that replay did not reach were never written.
+    for (let s = 0; s < this.segmentCount; s++) {
+      if (this.slotState[s] === SLOT_OPEN && !tails.some((t) => t?.slot === s)) this.slotState[s] = SLOT_FREE;
+    }
+    // Sequence numbers: anything opened after the snapshot used seqs below nextSeq + segmentCount.
+    this.nextSeq = Math.max(body.nextSeq + this.segmentCount, maxSeq + 1);
+    // Live bytes, recomputed from the map and the checkpoint's own records.
+    this.dataLive.fill(0);
+    this.metaLive.fill(0);
+    this.map.forEach((_g, slot, _o, length) => {
+      this.dataLive[slot]! += RECORD_HEADER_BYTES + length;
+    });
+    for (const d of this.directory.values()) this.metaLive[d.slot]! += RECORD_HEADER_BYTES + d.length;
+    for (const r of this.currentCheckpointRefs) this.metaLive[r.slot]! += RECORD_HEADER_BYTES + r.length;
+    for (let s = 0; s < this.segmentCount; s++) {
+      if (this.slotState[s] === SLOT_FREE && (this.dataLive[s]! > 0 || this.metaLive[s]! > 0)) {
+        report(`segment ${s} is marked free but holds live records; keeping it`);
+        this.slotState[s] = SLOT_SEALED;
+      }
+    }
+    for (let s = this.segmentCount - 1; s >= 0; s--) if (this.slotState[s] === SLOT_FREE) this.freeSlots.push(s);
+    const replayed = streamReports.reduce((a, r) => a + r.records, 0);
+    this.recovery = {
+      checkpointGeneration: body.generation, streams: streamReports, problems,
+      replayedRecords: replayed,
+      droppedRecords: streamReports.reduce((a, r) => a + r.droppedRecords, 0),
+      droppedBytes: streamReports.reduce((a, r) => a + r.droppedBytes, 0),
+      millis: 0,
+    };
+    if (this.readOnly) {
+      // Keep the tails visible to reads without writing anything.
+      for (const t of tails) if (t !== undefined) this.buffered.delete(t.slot);
+      this.recovery.millis = Date.now() - started;
+      return;
+    }
+    // Seal each stream's tail where its valid records end: appending after a torn write
+    // could make stale records after it look valid again.
+    for (const t of tails) {
+      if (t === undefined) continue;
+      this.slotState[t.slot] = SLOT_OPEN;
+      this.sealingPerStream[t.stream]!++;
+      t.sealClock = this.userClock;
+      this.appendsEndedGen[t.slot] = this.snapshotGen;
+      this.enqueue(() => this.sealSegment(t)).catch(() => undefined);
+    }
+    this.ensureStreams();
+    await this.checkpoint();
+    this.recovery.millis = Date.now() - started;
+  }
+
+  private async readMetaRecord(ref: RecordRef, kind: RecordKind, key: number | undefined, what: string): Promise<Uint8Array> {
+    const bytes = await this.store.read(ref.slot, ref.offset, RECORD_HEADER_BYTES + ref.length);
+    const view = viewOf(bytes);
+    const h = peekRecordHeader(view, 0, bytes.length);
+    const where = { segment: ref.slot, offset: ref.offset };
+    if (h === undefined || h.kind !== kind || h.length !== ref.length || (key !== undefined && h.key !== key)) {
+      throw new CorruptionError(where, `${what}: malformed record`);
+    }
+    if (!recordChecksumOk(bytes, view, 0, ref.length, segmentSeed(ref.seq, ref.slot))) throw new CorruptionError(where, `${what}: checksum mismatch`);
+    return bytes.subarray(RECORD_HEADER_BYTES);
+  }
+
+  private async loadCheckpoint(sb: Superblock): Promise<CheckpointBody> {
+    const rootBytes = await this.readMetaRecord(sb.root, RecordKind.CheckpointRoot, sb.generation, `checkpoint ${sb.generation} root`);
+    const root = decodeRoot(rootBytes);
+    if (typeof root === 'string') throw new CorruptionError({ segment: sb.root.slot, offset: sb.root.offset }, root);
+    const body = new Uint8Array(root.bodyBytes);
+    let o = 0;
+    for (let i = 0; i < root.chunks.length; i++) {
+      const c = root.chunks[i]!;
+      const piece = await this.readMetaRecord(c, RecordKind.CheckpointChunk, i, `checkpoint ${sb.generation} chunk ${i}`);
+      if (o + piece.length > body.length) throw new CorruptionError({ segment: c.slot, offset: c.offset }, 'checkpoint chunks overrun the body');
+      body.set(piece, o);
+      o += piece.length;
+    }
+    if (o !== body.length || crc32c(body) !== root.bodyCrc) throw new CorruptionError({ segment: sb.root.slot, offset: sb.root.offset }, 'checkpoint body checksum mismatch');
+    const decoded = decodeCheckpointBody(body);
+    if (typeof decoded === 'string') throw new CorruptionError({ segment: sb.root.slot, offset: sb.root.offset }, decoded);
+    if (decoded.slots.length !== this.segmentCount) throw new CorruptionError({ segment: sb.root.slot, offset: sb.root.offset }, 'checkpoint slot table does not match the store');
+    for (const d of decoded.directory) {
+      const bytes = await this.readMetaRecord(d, RecordKind.MapPage, d.pageNo, `map page ${d.pageNo}`);
+      this.map.installPage(d.pageNo, MapPage.decode(bytes));
+      this.directory.set(d.pageNo, d);
+    }
+    this.currentCheckpointRefs = [...root.chunks, sb.root];
+    return decoded;
+  }
+
+  /** Replay one stream from `head`. Returns its tail (the last segment reached, if valid). */
+  private async replayStream(
+    stream: number, head: StreamHead, modified: Set<number>, report: (m: string) => void,
+  ): Promise<{ report: StreamRecovery; tail: OpenSegment | undefined; maxSeq: number }> {
+    const r: StreamRecovery = { stream, segments: 0, records: 0, droppedRecords: 0, droppedBytes: 0, end: '' };
+    let slot = head.slot;
+    let seq = head.seq;
+    let from = head.offset;
+    let pending: { h: RecordHeader; slot: number; offset: number }[] = [];
+    let pendingBytes = 0;
+    let tail: OpenSegment | undefined;
+    let maxSeq = 0;
+    const prev = NO_LOC();
+    const apply = (h: RecordHeader, s: number, off: number): void => {
+      r.records++;
+      if (h.kind === RecordKind.Put) {
+        this.map.set(h.key, s, off, h.length, prev);
+        modified.add(h.key);
+        this.userClock += RECORD_HEADER_BYTES + h.length;
+      } else if (h.kind === RecordKind.Trim) {
+        this.map.delete(h.key, prev);
+        modified.add(h.key);
+        this.userClock += RECORD_HEADER_BYTES;
+      } else if (h.kind === RecordKind.Relocate) {
+        // Applies only if the address still holds the checkpoint's mapping into the source
+        // segment incarnation: a later user write or trim (in any stream order) wins.
+        if (modified.has(h.key)) return;
+        const cur = this.map.slotOf(h.key);
+        if (cur === NO_SLOT || this.slotSeq[cur]! % 0x100000000 !== h.aux) return;
+        this.map.set(h.key, s, off, h.length, prev);
+        modified.add(h.key);
+      }
+      // Metadata records are the checkpoint's own business: nothing to replay.
+    };
+    const take = (h: RecordHeader, s: number, off: number): void => {
+      pending.push({ h, slot: s, offset: off });
+      pendingBytes += RECORD_HEADER_BYTES + h.length;
+      if (h.flags & FLAG_BATCH_END) {
+        for (const p of pending) apply(p.h, p.slot, p.offset);
+        pending = [];
+        pendingBytes = 0;
+      }
+    };
+    for (let hops = 0; hops <= this.segmentCount; hops++) {
+      const bytes = await this.store.read(slot, 0, this.segmentBytes);
+      const header = decodeSegmentHeader(bytes);
+      if (header === undefined || header.seq !== seq || header.slot !== slot || header.stream !== stream) {
+        r.end = `segment ${slot}: no segment with seq ${seq} (never written, or its header was torn)`;
+        break;
+      }
+      r.segments++;
+      maxSeq = Math.max(maxSeq, seq);
+      this.slotState[slot] = SLOT_OPEN;
+      this.slotStream[slot] = stream;
+      this.slotSeq[slot] = seq;
+      this.slotOpenClock[slot] = header.openClock;
+      this.slotFlags[slot] = 0;
+      const seed = segmentSeed(seq, slot);
+      const view = viewOf(bytes);
+      const footer = decodeFooter(bytes, this.segmentBytes);
+      const sumStart = footer === undefined ? 0 : summaryOffset(this.segmentBytes, footer.entries);
+      if (footer !== undefined && footer.seq === seq && footer.slot === slot &&
+          crc32c(bytes.subarray(sumStart, this.segmentBytes - FOOTER_BYTES), seed) === footer.summaryCrc) {
+        // Sealed: its summary is authoritative (the seal protocol synced the data first).
+        let off = SEGMENT_HEADER_BYTES;
+        for (let i = 0; i < footer.entries; i++) {
+          const e = decodeSummaryEntry(view, sumStart + i * SUMMARY_ENTRY_BYTES);
+          if (off >= from) take(e, slot, off);
+          off += RECORD_HEADER_BYTES + e.length;
+        }
+        this.slotState[slot] = SLOT_SEALED;
+        this.slotSealClock[slot] = footer.sealClock;
+        if (footer.nextSlot === NO_SLOT) {
+          r.end = `segment ${slot}: sealed with no successor`;
+          break;
+        }
+        slot = footer.nextSlot;
+        seq = seq + 1;
+        from = 0;
+        continue;
+      }
+      // Not sealed: scan records until the first that does not check out.
+      const seg = new OpenSegment(stream, slot, seq, header.openClock);
+      let off = SEGMENT_HEADER_BYTES;
+      const limit = this.segmentBytes - FOOTER_BYTES;
+      let why = 'end of segment';
+      while (true) {
+        const h = peekRecordHeader(view, off, limit);
+        if (h === undefined) {
+          why = `no valid record header at offset ${off}`;
+          break;
+        }
+        if (off + RECORD_HEADER_BYTES + h.length + (seg.entryCount + 1) * SUMMARY_ENTRY_BYTES > limit) {
+          why = `record at offset ${off} would overlap the summary`;
+          break;
+        }
+        if (!recordChecksumOk(bytes, view, off, h.length, seed)) {
+          why = `checksum mismatch at offset ${off}`;
+          break;
+        }
+        if (off >= from) take(h, slot, off);
+        seg.addEntry(h);
+        off += RECORD_HEADER_BYTES + h.length;
+      }
+      seg.writeOff = off;
+      seg.flushedOff = off;
+      seg.buf = bytes;
+      seg.view = view;
+      this.buffered.set(slot, seg);
+      tail = seg;
+      r.end = `segment ${slot}: log ends at offset ${off} (${why})`;
+      break;
+    }
+    if (pending.length > 0) {
+      r.droppedRecords = pending.length;
+      r.droppedBytes = pendingBytes;
+      report(`stream ${stream}: dropped ${pending.length} records (${pendingBytes} bytes) of a batch that was never completed`);
+    }
+    if (tail !== undefined && tail.entryCount === 0) {
+      // Nothing valid in it at all: it is simply free again.
+      this.buffered.delete(tail.slot);
+      this.slotState[tail.slot] = SLOT_FREE;
+      tail = undefined;
+    }
+    return { report: r, tail, maxSeq };
+  }
+
+  // =====================================================================================
+  // Stats and inspection
+  // =====================================================================================
+
+  private liveDataBytes(): number {
+    let sum = 0;
+    for (let s = 0; s < this.segmentCount; s++) sum += this.dataLive[s]!;
+    return sum;
+  }
+
+  stats(): GrassStats {
+    const c = this.counters;
+    const sealedUtil: number[] = [];
+    let sealed = 0;
+    let open = 0;
+    let pending = 0;
+    for (let s = 0; s < this.segmentCount; s++) {
+      if (this.pendingFree[s] !== 0) pending++;
+      else if (this.slotState[s] === SLOT_SEALED) {
+        sealed++;
+        sealedUtil.push((this.dataLive[s]! + this.metaLive[s]!) / this.usableBytes);
+      } else if (this.slotState[s] === SLOT_OPEN) open++;
+    }
+    return {
+      segmentBytes: this.segmentBytes,
+      segmentCount: this.segmentCount,
+      freeSegments: this.freeSlots.length,
+      openSegments: open,
+      sealedSegments: sealed,
+      pendingFreeSegments: pending,
+      reserveSegments: this.reserveSegments(),
+      liveRecords: this.map.size,
+      liveBytes: this.liveDataBytes(),
+      userRecords: c.userRecords,
+      userBytes: c.userBytes,
+      userPayloadBytes: c.userPayloadBytes,
+      trims: c.trims,
+      batches: c.batches,
+      cleanerRecords: c.cleanerRecords,
+      cleanerBytes: c.cleanerBytes,
+      cleanerReadBytes: c.cleanerReadBytes,
+      checkpointBytes: c.checkpointBytes,
+      checkpoints: c.checkpoints,
+      writeAmplification: c.userBytes === 0 ? 1 : (c.userBytes + c.cleanerBytes) / c.userBytes,
+      cleanerRounds: c.cleanerRounds,
+      segmentsCleaned: c.segmentsCleaned,
+      foregroundCleans: c.foregroundCleans,
+      damagedSegments: c.damagedSegments,
+      flushes: c.flushes,
+      syncs: c.syncs,
+      reads: c.reads,
+      readBytes: c.readBytes,
+      corruptReads: c.corruptReads,
+      noSpaceErrors: c.noSpaceErrors,
+      mapMemoryBytes: this.map.memoryBytes,
+      utilizationHistogram: utilizationHistogram(sealedUtil),
+      policy: this.policy.name,
+      generation: this.generation,
+    };
+  }
+
+  /** Read-only views for fsck and tests. Not part of the Grass interface. */
+  inspect(): GrassInspection {
+    return {
+      map: this.map,
+      directory: this.directory,
+      checkpointRefs: this.currentCheckpointRefs,
+      slotState: this.slotState,
+      slotSeq: this.slotSeq,
+      slotFlags: this.slotFlags,
+      dataLive: this.dataLive,
+      metaLive: this.metaLive,
+      pendingFree: this.pendingFree,
+      buffered: new Set(this.buffered.keys()),
+      freeSlots: this.freeSlots.length,
+    };
+  }
+}
+
+export interface GrassInspection {
+  map: AddressMap;
+  directory: ReadonlyMap<number, DirectoryEntry>;
+  checkpointRefs: readonly RecordRef[];
+  slotState: Uint8Array;
+  slotSeq: Float64Array;
+  slotFlags: Uint16Array;
+  dataLive: Float64Array;
+  metaLive: Float64Array;
+  pendingFree: Uint8Array;
+  buffered: ReadonlySet<number>;
+  freeSlots: number;
+}
+
+function checkAddress(gaddr: number): void {
+  if (!Number.isSafeInteger(gaddr) || gaddr < 1 || gaddr > MAX_GADDR) {
+    throw new InvalidArgumentError(`Grass address must be an integer in [1, ${MAX_GADDR}], got ${gaddr}`);
+  }
+}

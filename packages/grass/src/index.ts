@@ -1,0 +1,12 @@
+export { GrassLog, type Grass, type BatchOp, type GrassOptions, type GrassInspection, MAX_BATCH_OPS, MAX_BATCH_BYTES } from './grass.ts';
+export type { SegmentStore, StoreGeometry } from './segment-store.ts';
+export { MemorySegmentStore } from './stores/memory.ts';
+export { FileSegmentStore } from './stores/file.ts';
+export { FaultySegmentStore, CrashedError, InjectedError, type FaultOptions } from './stores/faulty.ts';
+export { POLICIES, policyByName, greedy, costBenefit, type CleanerPolicy, type SegmentInfo } from './policies.ts';
+export type { GrassStats, RecoveryReport, StreamRecovery } from './stats.ts';
+export * from './errors.ts';
+export { Rng } from './rng.ts';
+export { crc32c, crc32cImplementation } from './crc32c.ts';
+export { MAX_USER_RECORD_BYTES, MAX_GADDR } from './format.ts';
+export { fsck, type FsckReport } from './fsck.ts';

@@ -1,0 +1,261 @@
+/**
+ * FileSegmentStore: the embedded default. A directory holding
+ *
+ *   store.json   geometry and format version (validated with zod when read)
+ *   segments     one sparse file of segmentCount x segmentBytes; segment s at s*segmentBytes
+ *   superblock   two SUPERBLOCK_BYTES slots
+ *   lock         {pid, host, since} of the process that holds the store
+ *
+ * Durability: `sync` and `seal` are fdatasync(2) of `segments`; `writeSuperblock` is a
+ * positioned write plus fdatasync of `superblock`. Files are created once, at `create`, and
+ * the directory is fsynced then, so later syncs need no directory sync.
+ */
+import { open, mkdir, readFile, writeFile, unlink, rename, readdir } from 'node:fs/promises';
+import type { FileHandle } from 'node:fs/promises';
+import { hostname } from 'node:os';
+import { join } from 'node:path';
+import { z } from 'zod';
+import { checkRange, type SegmentStore } from '../segment-store.ts';
+import { FORMAT_VERSION, MAX_SEGMENT_BYTES, MAX_SEGMENT_COUNT, MIN_SEGMENT_BYTES, SUPERBLOCK_BYTES } from '../format.ts';
+import { FormatError, InvalidArgumentError, StoreLockedError } from '../errors.ts';
+
+const StoreManifest = z.object({
+  kind: z.literal('pasture-grass-file-store'),
+  formatVersion: z.literal(FORMAT_VERSION),
+  segmentBytes: z.number().int().min(MIN_SEGMENT_BYTES).max(MAX_SEGMENT_BYTES),
+  segmentCount: z.number().int().min(4).max(MAX_SEGMENT_COUNT),
+  createdAt: z.string(),
+});
+type StoreManifest = z.infer<typeof StoreManifest>;
+
+const LockFile = z.object({ pid: z.number().int(), host: z.string(), since: z.string() });
+
+export interface FileStoreOptions {
+  segmentBytes: number;
+  segmentCount: number;
+}
+
+export class FileSegmentStore implements SegmentStore {
+  private closed = false;
+
+  private constructor(
+    readonly dir: string,
+    readonly segmentBytes: number,
+    readonly segmentCount: number,
+    private readonly segments: FileHandle,
+    private readonly superblock: FileHandle,
+    private readonly lockPath: string,
+  ) {}
+
+  /** True if `dir` holds a file store. */
+  static async exists(dir: string): Promise<boolean> {
+    try {
+      await readFile(join(dir, 'store.json'));
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  /** Make a new, empty store in `dir` (created if missing; must not already hold a store). */
+  static async create(dir: string, options: FileStoreOptions): Promise<FileSegmentStore> {
+    const manifest: StoreManifest = {
+      kind: 'pasture-grass-file-store',
+      formatVersion: FORMAT_VERSION,
+      segmentBytes: options.segmentBytes,
+      segmentCount: options.segmentCount,
+      createdAt: new Date().toISOString(),
+    };
+    const parsed = StoreManifest.safeParse(manifest);
+    if (!parsed.success) throw new InvalidArgumentError(`bad store geometry: ${parsed.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`);
+    await mkdir(dir, { recursive: true });
+    if (await FileSegmentStore.exists(dir)) throw new InvalidArgumentError(`${dir} already holds a Pasture store`);
+    const seg = await open(join(dir, 'segments'), 'w');
+    await seg.truncate(options.segmentBytes * options.segmentCount);
+    await seg.sync();
+    await seg.close();
+    const sb = await open(join(dir, 'superblock'), 'w');
+    await sb.truncate(2 * SUPERBLOCK_BYTES);
+    await sb.sync();
+    await sb.close();
+    // store.json last, via rename: its presence means the store is complete.
+    await writeFile(join(dir, 'store.json.tmp'), JSON.stringify(manifest, null, 2) + '\n');
+    const tmp = await open(join(dir, 'store.json.tmp'), 'r');
+    await tmp.sync();
+    await tmp.close();
+    await rename(join(dir, 'store.json.tmp'), join(dir, 'store.json'));
+    await syncDir(dir);
+    return FileSegmentStore.open(dir);
+  }
+
+  /** Open an existing store and take its lock. */
+  static async open(dir: string): Promise<FileSegmentStore> {
+    let raw: string;
+    try {
+      raw = await readFile(join(dir, 'store.json'), 'utf8');
+    } catch {
+      throw new InvalidArgumentError(`${dir} holds no Pasture store (no store.json); create one with 'pasture init'`);
+    }
+    let json: unknown;
+    try {
+      json = JSON.parse(raw);
+    } catch (e) {
+      throw new FormatError(`${join(dir, 'store.json')} is not valid JSON: ${(e as Error).message}`);
+    }
+    const parsed = StoreManifest.safeParse(json);
+    if (!parsed.success) throw new FormatError(`${join(dir, 'store.json')} is not a store manifest this version understands: ${parsed.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`);
+    const m = parsed.data;
+    const lockPath = join(dir, 'lock');
+    await takeLock(lockPath);
+    try {
+      const segments = await open(join(dir, 'segments'), 'r+');
+      const superblock = await open(join(dir, 'superblock'), 'r+');
+      const st = await segments.stat();
+      if (st.size < m.segmentBytes * m.segmentCount) {
+        await segments.close();
+        await superblock.close();
+        throw new FormatError(`${join(dir, 'segments')} is ${st.size} bytes, expected ${m.segmentBytes * m.segmentCount}`);
+      }
+      return new FileSegmentStore(dir, m.segmentBytes, m.segmentCount, segments, superblock, lockPath);
+    } catch (e) {
+      await unlink(lockPath).catch(() => undefined);
+      throw e;
+    }
+  }
+
+  describe(): string {
+    return `file:${this.dir} (${this.segmentCount} x ${this.segmentBytes} B)`;
+  }
+
+  private live(): void {
+    if (this.closed) throw new Error(`file segment store ${this.dir} is closed`);
+  }
+
+  async write(segment: number, offset: number, data: Uint8Array): Promise<void> {
+    this.live();
+    checkRange(this, segment, offset, data.length);
+    let done = 0;
+    const base = segment * this.segmentBytes + offset;
+    while (done < data.length) {
+      const { bytesWritten } = await this.segments.write(data, done, data.length - done, base + done);
+      if (bytesWritten <= 0) throw new Error(`short write to ${this.dir}/segments at ${base + done}`);
+      done += bytesWritten;
+    }
+  }
+
+  async sync(): Promise<void> {
+    this.live();
+    await this.segments.datasync();
+  }
+
+  async seal(segment: number): Promise<void> {
+    this.live();
+    checkRange(this, segment, 0, 0);
+    await this.segments.datasync();
+  }
+
+  async read(segment: number, offset: number, length: number): Promise<Uint8Array> {
+    this.live();
+    checkRange(this, segment, offset, length);
+    const buf = Buffer.allocUnsafe(length);
+    let done = 0;
+    const base = segment * this.segmentBytes + offset;
+    while (done < length) {
+      const { bytesRead } = await this.segments.read(buf, done, length - done, base + done);
+      if (bytesRead === 0) {
+        buf.fill(0, done);
+        break;
+      }
+      done += bytesRead;
+    }
+    return buf;
+  }
+
+  async release(segment: number): Promise<void> {
+    this.live();
+    checkRange(this, segment, 0, 0);
+    // Node has no fallocate(PUNCH_HOLE); the space is simply rewritten when the slot is reused.
+  }
+
+  async readSuperblock(slot: 0 | 1): Promise<Uint8Array | undefined> {
+    this.live();
+    const buf = Buffer.alloc(SUPERBLOCK_BYTES);
+    const { bytesRead } = await this.superblock.read(buf, 0, SUPERBLOCK_BYTES, slot * SUPERBLOCK_BYTES);
+    if (bytesRead < SUPERBLOCK_BYTES || buf.every((b) => b === 0)) return undefined;
+    return buf;
+  }
+
+  async writeSuperblock(slot: 0 | 1, data: Uint8Array): Promise<void> {
+    this.live();
+    if (data.length !== SUPERBLOCK_BYTES) throw new RangeError('superblock must be SUPERBLOCK_BYTES long');
+    await this.superblock.write(data, 0, SUPERBLOCK_BYTES, slot * SUPERBLOCK_BYTES);
+    await this.superblock.datasync();
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.segments.close();
+    await this.superblock.close();
+    await unlink(this.lockPath).catch(() => undefined);
+  }
+}
+
+async function syncDir(dir: string): Promise<void> {
+  const h = await open(dir, 'r');
+  try {
+    await h.sync();
+  } finally {
+    await h.close();
+  }
+}
+
+function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/**
+ * Take the store's lock file, or explain who holds it. A lock left by a dead process on this
+ * host is stale and is taken over; a lock from another host is never broken automatically.
+ */
+async function takeLock(lockPath: string): Promise<void> {
+  const me = { pid: process.pid, host: hostname(), since: new Date().toISOString() };
+  for (let attempt = 0; attempt < 3; attempt++) {
+    try {
+      const h = await open(lockPath, 'wx');
+      await h.writeFile(JSON.stringify(me) + '\n');
+      await h.sync();
+      await h.close();
+      return;
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+    }
+    let holder: z.infer<typeof LockFile> | undefined;
+    try {
+      const parsed = LockFile.safeParse(JSON.parse(await readFile(lockPath, 'utf8')));
+      holder = parsed.success ? parsed.data : undefined;
+    } catch {
+      holder = undefined;
+    }
+    if (holder !== undefined && holder.host === me.host && holder.pid !== process.pid && !pidAlive(holder.pid)) {
+      await unlink(lockPath).catch(() => undefined);
+      continue;
+    }
+    if (holder === undefined) {
+      throw new StoreLockedError(`store is locked by ${lockPath}, whose contents are unreadable; remove it if no process uses the store`);
+    }
+    const who = holder.pid === process.pid && holder.host === me.host ? 'this process' : `process ${holder.pid} on ${holder.host}`;
+    throw new StoreLockedError(`store is in use by ${who} since ${holder.since} (lock file ${lockPath})`);
+  }
+  throw new StoreLockedError(`could not take the lock ${lockPath}`);
+}
+
+/** List the entries of a store directory (for fsck and tests). */
+export async function listStoreFiles(dir: string): Promise<string[]> {
+  return (await readdir(dir)).sort();
+}
