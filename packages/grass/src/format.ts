@@ -5,7 +5,7 @@
  * A segment store holds `segmentCount` segments of `segmentBytes` each, plus two superblock
  * slots. A segment is:
  *
- *   [segment header: 64 B][record]...[free space][summary: 16 B x entries][footer: 48 B]
+ *   [segment header: 64 B][record]...[free space][summary: 16 B x entries][footer: 64 B]
  *
  * Records are appended front to back; the summary and footer are written once, when the
  * segment is sealed, and end exactly at `segmentBytes`.
@@ -71,7 +71,7 @@ export const SE_AUX = 12; //   u32
 
 // --- Segment footer, the last bytes of a sealed segment. ---------------------------------
 export const FOOTER_MAGIC = 0x46535247; // "GRSF"
-export const FOOTER_BYTES = 48;
+export const FOOTER_BYTES = 64;
 export const SF_MAGIC = 0; //       u32
 export const SF_VERSION = 4; //     u16
 export const SF_SEQ = 8; //         u64 must equal the header's seq
@@ -80,8 +80,9 @@ export const SF_ENTRIES = 20; //    u32 number of summary entries (= records)
 export const SF_DATA_END = 24; //   u32 end offset of the last record
 export const SF_NEXT_SLOT = 28; //  u32 slot of the stream's next segment (NO_SLOT if none)
 export const SF_CLOCK = 32; //      u64 user clock when sealed
-export const SF_SUMMARY_CRC = 40; // u32 CRC-32C of the summary bytes, seeded with the segment seed
-export const SF_CRC = 44; //        u32 CRC-32C of footer bytes [0, 44)
+export const SF_NEXT_SEQ = 40; //   u64 seq of the stream's next segment (seqs are global, not per stream)
+export const SF_SUMMARY_CRC = 48; // u32 CRC-32C of the summary bytes, seeded with the segment seed
+export const SF_CRC = 60; //        u32 CRC-32C of footer bytes [0, 60)
 
 export const NO_SLOT = 0xffffffff;
 

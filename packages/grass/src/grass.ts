@@ -100,6 +100,7 @@ class OpenSegment {
   entriesView = viewOf(this.entries);
   entryCount = 0;
   nextSlot = NO_SLOT;
+  nextSeq = 0;
   sealClock = 0;
   readonly seed: number;
 
@@ -192,6 +193,8 @@ export class GrassLog implements Grass {
   private checkpointQueued: Promise<void> | undefined;
   private cleanerRunning: Promise<void> | undefined;
   private sealWaiters: (() => void)[] = [];
+  /** Segments closed for appends whose seal has not completed, oldest first. */
+  private readonly sealQueue: OpenSegment[] = [];
 
   // --- Tunables (derived in the constructor). ------------------------------------------
   private readonly cleanStart: number;
@@ -415,16 +418,27 @@ export class GrassLog implements Grass {
   }
 
   private applyBatch(ops: readonly BatchOp[]): void {
-    // Skip trims of unmapped addresses: they change nothing. The batch-end flag goes on the
-    // last record actually written.
+    // A trim of an address that is unmapped at that point of the batch changes nothing and is
+    // not written. The batch-end flag goes on the last record actually written.
+    const write = new Array<boolean>(ops.length);
+    const touched = new Map<number, boolean>(); // gaddr -> mapped after the ops so far
     let last = -1;
     for (let i = 0; i < ops.length; i++) {
       const op = ops[i]!;
-      if (op.op === 'put' || this.map.slotOf(op.gaddr) !== NO_SLOT) last = i;
+      if (op.op === 'put') {
+        write[i] = true;
+        touched.set(op.gaddr, true);
+      } else {
+        const mapped = touched.get(op.gaddr) ?? this.map.slotOf(op.gaddr) !== NO_SLOT;
+        write[i] = mapped;
+        touched.set(op.gaddr, false);
+      }
+      if (write[i]) last = i;
     }
     const prev = NO_LOC();
     const empty = new Uint8Array(0);
     for (let i = 0; i <= last; i++) {
+      if (!write[i]) continue;
       const op = ops[i]!;
       const flags = i === last ? FLAG_BATCH_END : 0;
       if (op.op === 'put') {
@@ -437,7 +451,6 @@ export class GrassLog implements Grass {
         this.counters.userPayloadBytes += op.data.length;
         this.userClock += recordBytes;
       } else {
-        if (this.map.slotOf(op.gaddr) === NO_SLOT && i !== last) continue;
         this.append(STREAM_USER, RecordKind.Trim, flags, op.gaddr, 0, empty);
         if (this.map.delete(op.gaddr, prev)) this.dataLive[prev.slot]! -= RECORD_HEADER_BYTES + prev.length;
         this.counters.trims++;
@@ -469,23 +482,38 @@ export class GrassLog implements Grass {
     this.pendingFlush = d;
     this.enqueue(async () => {
       if (this.pendingFlush === d) this.pendingFlush = undefined;
-      await this.writeOpenSegments();
-      await this.store.sync();
-      this.counters.syncs++;
+      await this.syncAll();
     }).then(d.resolve, d.reject);
     this.counters.flushes++;
     return d.promise;
   }
 
-  /** Write the unwritten bytes of every open segment (no sync). Runs inside the I/O queue. */
-  private async writeOpenSegments(): Promise<void> {
+  /**
+   * Make every record appended so far durable. Runs inside the I/O queue: first the seals of
+   * segments already rolled over (in order: a stream's next segment is reachable only through
+   * its predecessor's footer), then, captured in the same synchronous step as the check that
+   * no seal is left, the unwritten tails of the open segments, then one sync.
+   */
+  private async syncAll(): Promise<void> {
+    await this.drainSeals();
+    const work: { seg: OpenSegment; from: number; to: number }[] = [];
     for (const seg of this.streams) {
-      if (seg === undefined || seg.buf === undefined) continue;
-      const end = seg.writeOff;
-      if (seg.flushedOff < end) {
-        await this.store.write(seg.slot, seg.flushedOff, seg.buf.subarray(seg.flushedOff, end));
-        seg.flushedOff = end;
-      }
+      if (seg === undefined || seg.buf === undefined || seg.flushedOff >= seg.writeOff) continue;
+      work.push({ seg, from: seg.flushedOff, to: seg.writeOff });
+    }
+    for (const w of work) {
+      await this.store.write(w.seg.slot, w.from, w.seg.buf!.subarray(w.from, w.to));
+      w.seg.flushedOff = Math.max(w.seg.flushedOff, w.to);
+    }
+    await this.store.sync();
+    this.counters.syncs++;
+  }
+
+  /** Seal every rolled-over segment, oldest first. Runs inside the I/O queue only. */
+  private async drainSeals(): Promise<void> {
+    while (this.sealQueue.length > 0) {
+      await this.sealSegment(this.sealQueue[0]!);
+      this.sealQueue.shift();
     }
   }
 
@@ -538,10 +566,12 @@ export class GrassLog implements Grass {
     assert(old.entryCount > 0, 'rollover of an empty segment');
     const next = this.openSegment(old.stream);
     old.nextSlot = next.slot;
+    old.nextSeq = next.seq;
     old.sealClock = this.userClock;
     this.appendsEndedGen[old.slot] = this.snapshotGen;
     this.sealingPerStream[old.stream]!++;
-    this.enqueue(() => this.sealSegment(old)).catch(() => undefined);
+    this.sealQueue.push(old);
+    this.enqueue(() => this.drainSeals()).catch(() => undefined);
     return next;
   }
 
@@ -559,7 +589,7 @@ export class GrassLog implements Grass {
     assert(start >= seg.writeOff, 'summary overlaps records');
     buf.set(seg.entries.subarray(0, seg.entryCount * SUMMARY_ENTRY_BYTES), start);
     encodeFooter(buf, {
-      seq: seg.seq, slot: seg.slot, entries: seg.entryCount, dataEnd: seg.writeOff, nextSlot: seg.nextSlot,
+      seq: seg.seq, slot: seg.slot, entries: seg.entryCount, dataEnd: seg.writeOff, nextSlot: seg.nextSlot, nextSeq: seg.nextSeq,
       sealClock: seg.sealClock, summaryCrc: crc32c(buf.subarray(start, this.segmentBytes - FOOTER_BYTES), seg.seed),
     });
     await this.store.write(seg.slot, start, buf.subarray(start));
@@ -655,8 +685,11 @@ export class GrassLog implements Grass {
     for (let s = 0; s < this.segmentCount; s++) {
       const pending = this.pendingFree[s] !== 0;
       if (pending) freedBySnapshot.push({ slot: s, seq: this.slotSeq[s]! });
+      // A segment open but no longer a stream's head is being sealed; its seal is queued ahead
+      // of this checkpoint's superblock, so the checkpoint may call it sealed.
+      const sealing = this.slotState[s] === SLOT_OPEN && this.streams[this.slotStream[s]!]?.slot !== s;
       slots[s] = {
-        state: pending ? SLOT_FREE : this.slotState[s]!,
+        state: pending ? SLOT_FREE : sealing ? SLOT_SEALED : this.slotState[s]!,
         stream: this.slotStream[s]!,
         flags: this.slotFlags[s]!,
         seq: this.slotSeq[s]!,
@@ -701,9 +734,7 @@ export class GrassLog implements Grass {
     // --- Make it durable, then point a superblock at it. ---
     const sb: Superblock = { generation, segmentBytes: this.segmentBytes, segmentCount: this.segmentCount, root };
     await this.enqueue(async () => {
-      await this.writeOpenSegments();
-      await this.store.sync();
-      this.counters.syncs++;
+      await this.syncAll();
       await this.store.writeSuperblock((generation % 2) as 0 | 1, encodeSuperblock(sb));
     });
     // --- Durable: the previous checkpoint's records are dead; cleaned slots are free. ---
@@ -928,13 +959,16 @@ export class GrassLog implements Grass {
     }
     // Roll each stream forward from its head.
     const modified = new Set<number>();
+    // Relocations refer to segment incarnations as the checkpoint knew them; replay may visit a
+    // reused slot (and so change slotSeq) before it replays the relocation out of the old one.
+    const checkpointSeq = Float64Array.from(body.slots, (e) => e.seq);
     const streamReports: StreamRecovery[] = [];
     const tails: (OpenSegment | undefined)[] = new Array(MAX_STREAMS).fill(undefined);
     let maxSeq = 0;
     for (let stream = 0; stream < MAX_STREAMS; stream++) {
       const head = body.heads[stream]!;
       if (head.slot === NO_SLOT) continue;
-      const r = await this.replayStream(stream, head, modified, report);
+      const r = await this.replayStream(stream, head, modified, checkpointSeq, report);
       streamReports.push(r.report);
       tails[stream] = r.tail;
       maxSeq = Math.max(maxSeq, r.maxSeq);
@@ -982,7 +1016,8 @@ export class GrassLog implements Grass {
       this.sealingPerStream[t.stream]!++;
       t.sealClock = this.userClock;
       this.appendsEndedGen[t.slot] = this.snapshotGen;
-      this.enqueue(() => this.sealSegment(t)).catch(() => undefined);
+      this.sealQueue.push(t);
+      this.enqueue(() => this.drainSeals()).catch(() => undefined);
     }
     this.ensureStreams();
     await this.checkpoint();
@@ -1029,7 +1064,7 @@ export class GrassLog implements Grass {
 
   /** Replay one stream from `head`. Returns its tail (the last segment reached, if valid). */
   private async replayStream(
-    stream: number, head: StreamHead, modified: Set<number>, report: (m: string) => void,
+    stream: number, head: StreamHead, modified: Set<number>, checkpointSeq: Float64Array, report: (m: string) => void,
   ): Promise<{ report: StreamRecovery; tail: OpenSegment | undefined; maxSeq: number }> {
     const r: StreamRecovery = { stream, segments: 0, records: 0, droppedRecords: 0, droppedBytes: 0, end: '' };
     let slot = head.slot;
@@ -1055,7 +1090,7 @@ export class GrassLog implements Grass {
         // segment incarnation: a later user write or trim (in any stream order) wins.
         if (modified.has(h.key)) return;
         const cur = this.map.slotOf(h.key);
-        if (cur === NO_SLOT || this.slotSeq[cur]! % 0x100000000 !== h.aux) return;
+        if (cur === NO_SLOT || checkpointSeq[cur]! % 0x100000000 !== h.aux) return;
         this.map.set(h.key, s, off, h.length, prev);
         modified.add(h.key);
       }
@@ -1104,7 +1139,7 @@ export class GrassLog implements Grass {
           break;
         }
         slot = footer.nextSlot;
-        seq = seq + 1;
+        seq = footer.nextSeq;
         from = 0;
         continue;
       }

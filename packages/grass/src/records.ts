@@ -8,7 +8,7 @@ import {
   FLAG_BATCH_END, FOOTER_BYTES, FOOTER_MAGIC, FORMAT_VERSION, MAX_META_RECORD_BYTES, RECORD_HEADER_BYTES,
   RH_AUX, RH_CRC, RH_FLAGS, RH_KEY, RH_KIND, RH_LENGTH, RecordKind, SE_AUX, SE_FLAGS, SE_KEY, SE_KIND, SE_LENGTH,
   SEGMENT_HEADER_BYTES, SEGMENT_MAGIC, SF_CLOCK, SF_CRC, SF_DATA_END, SF_ENTRIES, SF_MAGIC, SF_NEXT_SLOT, SF_SEQ,
-  SF_SLOT, SF_SUMMARY_CRC, SF_VERSION, SH_CLOCK, SH_CRC, SH_MAGIC, SH_SEQ, SH_SLOT, SH_STREAM, SH_VERSION,
+  SF_SLOT, SF_NEXT_SEQ, SF_SUMMARY_CRC, SF_VERSION, SH_CLOCK, SH_CRC, SH_MAGIC, SH_SEQ, SH_SLOT, SH_STREAM, SH_VERSION,
   SUMMARY_ENTRY_BYTES, getU64, putU64, viewOf,
 } from './format.ts';
 
@@ -121,6 +121,7 @@ export interface SegmentFooter {
   entries: number;
   dataEnd: number;
   nextSlot: number;
+  nextSeq: number;
   sealClock: number;
   summaryCrc: number;
 }
@@ -138,6 +139,7 @@ export function encodeFooter(seg: Uint8Array, f: SegmentFooter): void {
   v.setUint32(at + SF_DATA_END, f.dataEnd, true);
   v.setUint32(at + SF_NEXT_SLOT, f.nextSlot, true);
   putU64(v, at + SF_CLOCK, f.sealClock);
+  putU64(v, at + SF_NEXT_SEQ, f.nextSeq);
   v.setUint32(at + SF_SUMMARY_CRC, f.summaryCrc, true);
   v.setUint32(at + SF_CRC, crc32c(seg.subarray(at, at + SF_CRC)), true);
 }
@@ -157,6 +159,7 @@ export function decodeFooter(tail: Uint8Array, segmentBytes: number): SegmentFoo
     dataEnd: v.getUint32(at + SF_DATA_END, true),
     nextSlot: v.getUint32(at + SF_NEXT_SLOT, true),
     sealClock: getU64(v, at + SF_CLOCK),
+    nextSeq: getU64(v, at + SF_NEXT_SEQ),
     summaryCrc: v.getUint32(at + SF_SUMMARY_CRC, true),
   };
   const summaryStart = segmentBytes - FOOTER_BYTES - f.entries * SUMMARY_ENTRY_BYTES;
