@@ -81,6 +81,8 @@ export interface GrassOptions {
   readOnly?: boolean;
   /** Called for each problem recovery finds (LevelDB's corruption reporter). */
   onRecoveryProblem?: (message: string) => void;
+  /** Debug trace of internal events (allocation, seals, cleaning, checkpoints). */
+  trace?: (event: string) => void;
 }
 
 /** Largest batch: bounds memory and keeps one batch far smaller than the free-space reserve. */
@@ -242,7 +244,10 @@ export class GrassLog implements Grass {
     this.checkpointInterval = options.checkpointIntervalBytes ?? Math.min(1 << 30, Math.max(64 << 20, Math.floor(capacity / 8)));
     this.background = options.backgroundCleaner ?? true;
     this.readOnly = options.readOnly ?? false;
+    this.trace = options.trace;
   }
+
+  private readonly trace: ((event: string) => void) | undefined;
 
   // =====================================================================================
   // Opening and creating
@@ -269,13 +274,19 @@ export class GrassLog implements Grass {
     return g;
   }
 
+  /**
+   * Free segments user writes may not take. They guarantee that the cleaner can always run
+   * (one spill segment per cleaner stream), that a checkpoint always fits (every map page, the
+   * slot table and the directory), and that a reopen after a crash can start a fresh segment
+   * for every stream while the old tails stay sealed in place.
+   */
   private reserveSegments(): number {
-    // One segment per stream that the cleaner and checkpoints write, plus room for a whole
-    // checkpoint (every map page, the slot table and the directory), plus slack for seals in flight.
     const pages = Math.max(1, this.map?.pageCount ?? 1);
     const checkpointBytes = pages * (MAP_PAGE_ENTRIES * MAP_ENTRY_BYTES + RECORD_HEADER_BYTES + SUMMARY_ENTRY_BYTES + 28) + this.segmentCount * 28 + 4096;
     const checkpointSegments = Math.ceil(checkpointBytes / (this.segmentBytes - SEGMENT_HEADER_BYTES - FOOTER_BYTES - 1024)) + 1;
-    return 2 + (this.policy?.gcStreams ?? 1) + checkpointSegments;
+    const gcStreams = this.policy?.gcStreams ?? 1;
+    const streams = STREAM_GC_FIRST + gcStreams;
+    return streams + gcStreams + checkpointSegments + 1;
   }
 
   private allocSlot(): number {
@@ -298,6 +309,7 @@ export class GrassLog implements Grass {
     this.metaLive[slot] = 0;
     this.appendsEndedGen[slot] = Infinity;
     this.streams[stream] = seg;
+    this.trace?.(`open stream ${stream} slot ${slot} seq ${seg.seq}`);
     return seg;
   }
 
@@ -331,7 +343,11 @@ export class GrassLog implements Grass {
         at = 0;
       }
       const problem = this.checkRecord(bytes, at, gaddr, loc.length, segmentSeed(seq, loc.slot));
-      if (problem === undefined) return bytes.slice(at + RECORD_HEADER_BYTES, at + RECORD_HEADER_BYTES + loc.length);
+      if (problem === undefined) {
+        const out = new Uint8Array(loc.length);
+        out.set(bytes.subarray(at + RECORD_HEADER_BYTES, at + RECORD_HEADER_BYTES + loc.length));
+        return out;
+      }
       // The segment may have been cleaned and reused while we read: look again.
       const now = this.map.get(gaddr);
       const moved = now === undefined || now.slot !== loc.slot || now.offset !== loc.offset || this.slotSeq[loc.slot] !== seq;
@@ -495,13 +511,19 @@ export class GrassLog implements Grass {
    * no seal is left, the unwritten tails of the open segments, then one sync.
    */
   private async syncAll(): Promise<void> {
-    await this.drainSeals();
+    // The loop is inline, not a call to drainSeals(): an `await` of even an empty async call
+    // yields, and a rollover in that gap would escape both the seals and the capture below.
+    while (this.sealQueue.length > 0) {
+      await this.sealSegment(this.sealQueue[0]!);
+      this.sealQueue.shift();
+    }
     const work: { seg: OpenSegment; from: number; to: number }[] = [];
     for (const seg of this.streams) {
       if (seg === undefined || seg.buf === undefined || seg.flushedOff >= seg.writeOff) continue;
       work.push({ seg, from: seg.flushedOff, to: seg.writeOff });
     }
     for (const w of work) {
+      this.trace?.(`write slot ${w.seg.slot} [${w.from}, ${w.to})`);
       await this.store.write(w.seg.slot, w.from, w.seg.buf!.subarray(w.from, w.to));
       w.seg.flushedOff = Math.max(w.seg.flushedOff, w.to);
     }
@@ -579,6 +601,7 @@ export class GrassLog implements Grass {
   private async sealSegment(seg: OpenSegment): Promise<void> {
     const buf = seg.buf!;
     if (seg.flushedOff < seg.writeOff) {
+      this.trace?.(`seal-write slot ${seg.slot} [${seg.flushedOff}, ${seg.writeOff})`);
       await this.store.write(seg.slot, seg.flushedOff, buf.subarray(seg.flushedOff, seg.writeOff));
       seg.flushedOff = seg.writeOff;
     }
@@ -596,6 +619,7 @@ export class GrassLog implements Grass {
     await this.store.seal(seg.slot);
     this.slotState[seg.slot] = SLOT_SEALED;
     this.slotSealClock[seg.slot] = seg.sealClock;
+    this.trace?.(`sealed slot ${seg.slot} seq ${seg.seq} entries ${seg.entryCount} next ${seg.nextSlot}/${seg.nextSeq}`);
     this.buffered.delete(seg.slot);
     this.bufferPool.push(buf);
     seg.buf = undefined;
@@ -675,6 +699,7 @@ export class GrassLog implements Grass {
   private async writeCheckpoint(): Promise<void> {
     this.checkWritable();
     // --- The snapshot, taken synchronously: this is instant T. ---
+    this.trace?.(`checkpoint snapshot`);
     this.snapshotGen++;
     const snapshotGen = this.snapshotGen;
     const generation = this.generation + 1;
@@ -744,6 +769,7 @@ export class GrassLog implements Grass {
     for (const r of released) this.metaLive[r.slot]! -= RECORD_HEADER_BYTES + r.length;
     for (const f of freedBySnapshot) if (this.slotSeq[f.slot] === f.seq) this.releaseSlot(f.slot);
     this.counters.checkpoints++;
+    this.trace?.(`checkpoint ${generation} durable (snapshot ${snapshotGen}, heads ${JSON.stringify(heads.filter((h) => h.slot !== NO_SLOT))}, freed ${freedBySnapshot.map((f) => f.slot).join(',')})`);
   }
 
   private appendMeta(kind: RecordKind, key: number, payload: Uint8Array): { slot: number; offset: number } {
@@ -762,6 +788,7 @@ export class GrassLog implements Grass {
     this.dataLive[s] = 0;
     this.metaLive[s] = 0;
     this.freeSlots.push(s);
+    this.trace?.(`free slot ${s} seq ${this.slotSeq[s]}`);
     this.store.release(s).catch(() => undefined);
   }
 
@@ -784,8 +811,10 @@ export class GrassLog implements Grass {
     const run = (async () => {
       let idle = 0;
       while (this.freeSlots.length < target && this.failed === undefined && !this.closed) {
-        const freed = await this.cleanRound(foreground);
-        if (freed > 0) {
+        const before = this.freeSlots.length;
+        await this.cleanRound(foreground);
+        // Progress is net: a round that frees one segment while filling another gained nothing.
+        if (this.freeSlots.length > before) {
           idle = 0;
         } else {
           // Segments sealed since the last checkpoint cannot be cleaned yet: a checkpoint makes them eligible.
@@ -913,6 +942,7 @@ export class GrassLog implements Grass {
     if (bad) return damaged('a live record failed its checksum');
     if (this.metaLive[slot]! > 0) needCheckpoint = true;
     this.pendingFree[slot] = needCheckpoint ? 2 : 1;
+    this.trace?.(`cleaned slot ${slot} seq ${seq} -> stream ${gcStream}, pending ${this.pendingFree[slot]}`);
     return needCheckpoint ? 'checkpoint' : 'sync';
   }
 
@@ -962,13 +992,14 @@ export class GrassLog implements Grass {
     // Relocations refer to segment incarnations as the checkpoint knew them; replay may visit a
     // reused slot (and so change slotSeq) before it replays the relocation out of the old one.
     const checkpointSeq = Float64Array.from(body.slots, (e) => e.seq);
+    const visited = new Set<number>();
     const streamReports: StreamRecovery[] = [];
     const tails: (OpenSegment | undefined)[] = new Array(MAX_STREAMS).fill(undefined);
     let maxSeq = 0;
     for (let stream = 0; stream < MAX_STREAMS; stream++) {
       const head = body.heads[stream]!;
       if (head.slot === NO_SLOT) continue;
-      const r = await this.replayStream(stream, head, modified, checkpointSeq, report);
+      const r = await this.replayStream(stream, head, modified, checkpointSeq, visited, report);
       streamReports.push(r.report);
       tails[stream] = r.tail;
       maxSeq = Math.max(maxSeq, r.maxSeq);
@@ -991,6 +1022,16 @@ export class GrassLog implements Grass {
       if (this.slotState[s] === SLOT_FREE && (this.dataLive[s]! > 0 || this.metaLive[s]! > 0)) {
         report(`segment ${s} is marked free but holds live records; keeping it`);
         this.slotState[s] = SLOT_SEALED;
+      }
+    }
+    // Sealed segments with nothing live are free: at once if the checkpoint already covered
+    // them; after the post-recovery checkpoint if replay read them (their trims still count).
+    if (!this.readOnly) {
+      for (let s = 0; s < this.segmentCount; s++) {
+        if (this.slotState[s] !== SLOT_SEALED || this.dataLive[s]! > 0 || this.metaLive[s]! > 0) continue;
+        if (tails.some((t) => t?.slot === s)) continue;
+        if (visited.has(s)) this.pendingFree[s] = 2;
+        else this.slotState[s] = SLOT_FREE;
       }
     }
     for (let s = this.segmentCount - 1; s >= 0; s--) if (this.slotState[s] === SLOT_FREE) this.freeSlots.push(s);
@@ -1022,6 +1063,8 @@ export class GrassLog implements Grass {
     this.ensureStreams();
     await this.checkpoint();
     this.recovery.millis = Date.now() - started;
+    // Crashes leave sealed tails behind: let the cleaner catch up before users need the space.
+    if (this.background && this.freeSlots.length <= this.cleanStart) this.cleanUntil(this.cleanTarget, false).catch(() => undefined);
   }
 
   private async readMetaRecord(ref: RecordRef, kind: RecordKind, key: number | undefined, what: string): Promise<Uint8Array> {
@@ -1064,7 +1107,7 @@ export class GrassLog implements Grass {
 
   /** Replay one stream from `head`. Returns its tail (the last segment reached, if valid). */
   private async replayStream(
-    stream: number, head: StreamHead, modified: Set<number>, checkpointSeq: Float64Array, report: (m: string) => void,
+    stream: number, head: StreamHead, modified: Set<number>, checkpointSeq: Float64Array, visited: Set<number>, report: (m: string) => void,
   ): Promise<{ report: StreamRecovery; tail: OpenSegment | undefined; maxSeq: number }> {
     const r: StreamRecovery = { stream, segments: 0, records: 0, droppedRecords: 0, droppedBytes: 0, end: '' };
     let slot = head.slot;
@@ -1113,6 +1156,7 @@ export class GrassLog implements Grass {
         break;
       }
       r.segments++;
+      visited.add(slot);
       maxSeq = Math.max(maxSeq, seq);
       this.slotState[slot] = SLOT_OPEN;
       this.slotStream[slot] = stream;

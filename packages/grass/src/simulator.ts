@@ -91,7 +91,7 @@ export async function runSimulation(params: SimParams, log: (line: string) => vo
   let state = new Map<number, number>(); // gaddr -> tag
   let durable = 0; // batches covered by the last completed flush
   let nextTag = 1;
-  const options = { policy, backgroundCleaner: true, cleanerBatchSegments: 1 + rng.int(4) };
+  const options = { policy, backgroundCleaner: true, cleanerBatchSegments: 1 + rng.int(4), ...(process.env.PASTURE_TRACE ? { trace: (e: string) => log(`  trace: ${e}`) } : {}) };
   let faulty = new FaultySegmentStore(inner, { seed: rng.u32(), crashAtOp: 0 });
   let g = await GrassLog.create(faulty, options);
   const fail = (why: string): SimResult => {
@@ -175,6 +175,7 @@ export async function runSimulation(params: SimParams, log: (line: string) => vo
     }
     // Crash now (if the scheduled point was not reached) and let everything in flight settle.
     if (!faulty.isCrashed) await faulty.crash();
+    log(`crash after op ${faulty.mutatingOpCount}: ${JSON.stringify(faulty.lastCrash)}`);
     await Promise.all(background);
     const st = g.stats();
     result.cleanerRecords += st.cleanerRecords;

@@ -1,0 +1,85 @@
+/** A full store says ENOSPC cleanly, keeps its data, and works again once space is freed. */
+import test from 'ava';
+import { GrassLog } from './grass.ts';
+import { MemorySegmentStore } from './stores/memory.ts';
+import { NoSpaceError } from './errors.ts';
+import { fsck } from './fsck.ts';
+import { greedy } from './policies.ts';
+
+function block(tag: number): Uint8Array {
+  return new Uint8Array(4096).map((_, i) => (tag * 7 + i) & 255);
+}
+
+test('fill to ENOSPC, keep every acknowledged record, free space, write again', async (t) => {
+  const store = new MemorySegmentStore(128 * 1024, 40);
+  const g = await GrassLog.create(store, { policy: greedy });
+  let written = 0;
+  let error: unknown;
+  for (let i = 1; i <= 2000; i++) {
+    try {
+      await g.put(i, block(i));
+      written = i;
+    } catch (e) {
+      error = e;
+      break;
+    }
+  }
+  t.true(error instanceof NoSpaceError, String(error));
+  t.regex((error as Error).message, /store is full/);
+  t.true(written > 400, `wrote ${written} records before ENOSPC`);
+  // Still usable: reads of everything acknowledged, overwrites fail cleanly too.
+  for (const i of [1, Math.floor(written / 2), written]) t.deepEqual(await g.read(i), block(i));
+  await t.throwsAsync(g.put(written + 1, block(0)), { instanceOf: NoSpaceError });
+  await g.flush();
+  // Free half the records: the cleaner reclaims space and writes succeed again.
+  for (let i = 1; i <= written; i += 2) await g.trim(i);
+  for (let i = 1; i <= written; i += 4) await g.put(i, block(i + 1));
+  await g.flush();
+  const expect = (i: number): Uint8Array | undefined => (i % 4 === 1 ? block(i + 1) : i % 2 === 1 ? undefined : block(i));
+  for (let i = 1; i <= written; i++) t.deepEqual(await g.read(i), expect(i), `record ${i}`);
+  const st = g.stats();
+  t.true(st.cleanerRecords > 0 || st.segmentsCleaned > 0);
+  t.true(st.noSpaceErrors >= 2);
+  await g.close();
+  store.reopen();
+  const report = await fsck(store);
+  t.true(report.ok, report.problems.join('\n'));
+  t.is(report.mappedAddresses, Math.ceil(written / 4) + Math.floor(written / 2));
+});
+
+test('the cleaner keeps up on a nearly full store (overwrite loop at 70% of raw capacity)', async (t) => {
+  const store = new MemorySegmentStore(128 * 1024, 48);
+  const g = await GrassLog.create(store, { policy: greedy });
+  const usable = 48 * 128 * 1024;
+  const n = Math.floor((usable * 0.7) / (4096 + 36));
+  for (let i = 1; i <= n; i++) await g.put(i, block(i));
+  let x = 12345;
+  for (let k = 0; k < n * 6; k++) {
+    x = (x * 1103515245 + 12345) >>> 0;
+    const i = 1 + (x % n);
+    await g.put(i, block(i + k));
+    if (k % 997 === 0) await g.flush();
+  }
+  const st = g.stats();
+  t.true(st.segmentsCleaned > 50, `cleaned ${st.segmentsCleaned}`);
+  t.is(st.noSpaceErrors, 0);
+  t.is(st.liveRecords, n);
+  await g.close();
+  store.reopen();
+  t.true((await fsck(store)).ok);
+});
+
+test('bad arguments are rejected with clear errors and change nothing', async (t) => {
+  const store = new MemorySegmentStore(128 * 1024, 16);
+  const g = await GrassLog.create(store);
+  await t.throwsAsync(g.put(0, block(1)), { code: 'EINVAL', message: /Grass address/ });
+  await t.throwsAsync(g.put(-1, block(1)), { code: 'EINVAL' });
+  await t.throwsAsync(g.put(1.5, block(1)), { code: 'EINVAL' });
+  await t.throwsAsync(g.put(2 ** 53, block(1)), { code: 'EINVAL' });
+  await t.throwsAsync(g.put(1, new Uint8Array(4097)), { code: 'EINVAL', message: /exceeds the limit of 4096/ });
+  await t.throwsAsync(g.batch([{ op: 'put', gaddr: 1, data: block(1) }, { op: 'put', gaddr: 0, data: block(1) }]), { code: 'EINVAL' });
+  t.is(await g.read(1), undefined, 'the valid half of a rejected batch was not applied');
+  t.is(g.stats().userRecords, 0);
+  await g.close();
+  await t.throwsAsync(g.read(1), { code: 'ESHUTDOWN' });
+});
