@@ -14,10 +14,24 @@ import { MAP_ENTRY_BYTES, MAP_PAGE_ENTRIES, MAP_PAGE_SHIFT, NO_SLOT } from './fo
 
 const PAGE_MASK = MAP_PAGE_ENTRIES - 1;
 
+/** Temperature units: the user clock in 4 KiB steps, modulo 2^32 (wraps after 16 TiB written). */
+export const CLOCK_UNIT_BYTES = 4096;
+/** prevLife: not written since this process opened the store (lastWrite meaningless). */
+export const LIFE_UNSEEN = 255;
+/** prevLife: written once since open; the life of the version before is unknown. */
+export const LIFE_UNKNOWN = 254;
+
 export class MapPage {
   readonly slot = new Uint32Array(MAP_PAGE_ENTRIES).fill(NO_SLOT);
   readonly offset = new Uint32Array(MAP_PAGE_ENTRIES);
   readonly length = new Uint16Array(MAP_PAGE_ENTRIES);
+  /**
+   * Write temperature, kept in memory only (a heuristic for the cleaner, rebuilt as data is
+   * rewritten): when the address was last written by a user, and log2 of how long the
+   * version that write replaced had lived. 5 bytes per address.
+   */
+  readonly lastWrite = new Uint32Array(MAP_PAGE_ENTRIES);
+  readonly prevLife = new Uint8Array(MAP_PAGE_ENTRIES).fill(LIFE_UNSEEN);
   mapped = 0;
   dirty = true;
 
@@ -72,7 +86,7 @@ export class AddressMap {
 
   /** Bytes of typed arrays held (the map's memory, without the JS object overheads). */
   get memoryBytes(): number {
-    return this.pages.size * MAP_PAGE_ENTRIES * 10;
+    return this.pages.size * MAP_PAGE_ENTRIES * 15;
   }
 
   /** Slot of `gaddr`'s record, or NO_SLOT. */
@@ -150,6 +164,35 @@ export class AddressMap {
     // Empty pages stay (dirty) so that the next checkpoint records the emptiness; the
     // checkpoint drops them afterwards via dropEmptyPages().
     return true;
+  }
+
+  /**
+   * Note a user write of `gaddr` (already mapped by set()) at user clock `now` (bytes):
+   * remember when, and how long the version it replaced had lived.
+   */
+  noteUserWrite(gaddr: number, now: number): void {
+    const p = this.pages.get(Math.floor(gaddr / MAP_PAGE_ENTRIES));
+    if (p === undefined) return;
+    const i = gaddr & PAGE_MASK;
+    const units = Math.floor(now / CLOCK_UNIT_BYTES) % 0x100000000;
+    if (p.prevLife[i] === LIFE_UNSEEN) {
+      p.prevLife[i] = LIFE_UNKNOWN;
+    } else {
+      const lived = (units - p.lastWrite[i]! + 0x100000000) % 0x100000000;
+      p.prevLife[i] = Math.min(64, Math.ceil(Math.log2(lived + 1)));
+    }
+    p.lastWrite[i] = units;
+  }
+
+  /** Bytes of user clock since `gaddr` was last written (Infinity if never seen), and the log2 lifespan of the version before it. */
+  temperature(gaddr: number, now: number): { sinceWrite: number; prevLifespan: number } {
+    const p = this.pages.get(Math.floor(gaddr / MAP_PAGE_ENTRIES));
+    if (p === undefined) return { sinceWrite: Infinity, prevLifespan: Infinity };
+    const i = gaddr & PAGE_MASK;
+    const life = p.prevLife[i]!;
+    const units = Math.floor(now / CLOCK_UNIT_BYTES) % 0x100000000;
+    const since = life === LIFE_UNSEEN ? Infinity : ((units - p.lastWrite[i]! + 0x100000000) % 0x100000000) * CLOCK_UNIT_BYTES;
+    return { sinceWrite: since, prevLifespan: life >= LIFE_UNKNOWN ? Infinity : (2 ** life - 1) * CLOCK_UNIT_BYTES };
   }
 
   /** Page numbers, ascending. */

@@ -9,12 +9,13 @@ import { defaultSimParams, runSimulation } from './simulator.ts';
 import { Rng } from './rng.ts';
 
 const base = Rng.seedFromEnv();
-const crashesPerRun = Number(process.env.PASTURE_SIM_CRASHES ?? 250);
+const crashesPerRun = Number(process.env.PASTURE_SIM_CRASHES ?? 400);
 
 const variants = [
+  { name: 'sepbit, two cleaner streams', policy: 'sepbit', segmentCount: 48, addresses: 400, ioErrorRate: 0 },
   { name: 'cost-benefit, small segments', policy: 'cost-benefit', segmentCount: 48, addresses: 400, ioErrorRate: 0 },
   { name: 'greedy, tight store', policy: 'greedy', segmentCount: 40, addresses: 500, ioErrorRate: 0 },
-  { name: 'cost-benefit, sparse addresses', policy: 'cost-benefit', segmentCount: 64, addresses: 3000, ioErrorRate: 0 },
+  { name: 'cost-benefit, sparse addresses', policy: 'cost-benefit', segmentCount: 64, addresses: 2500, ioErrorRate: 0 },
   { name: 'greedy, with injected EIO', policy: 'greedy', segmentCount: 48, addresses: 400, ioErrorRate: 0.01 },
 ];
 
@@ -24,7 +25,7 @@ for (const [i, v] of variants.entries()) {
     const params = { ...defaultSimParams(seed), crashes: crashesPerRun, policy: v.policy, segmentCount: v.segmentCount, addresses: v.addresses, ioErrorRate: v.ioErrorRate };
     t.log(`seed ${seed}: ${JSON.stringify(params)}`);
     const r = await runSimulation(params);
-    t.log(`${r.crashes} crashes, ${r.steps} steps, ${r.batches} batches, ${r.readsChecked} reads checked, ${r.cleanerRecords} records cleaned, ${r.checkpoints} checkpoints; unflushed batches kept ${r.unflushedSurvived}, lost ${r.unflushedLost}`);
+    t.log(`${r.crashes} crashes, ${r.steps} steps, ${r.batches} batches, ${r.readsChecked} reads checked, ${r.cleanerRecords} records cleaned, ${r.checkpoints} checkpoints, ${r.noSpace} batches refused for ENOSPC; unflushed batches kept ${r.unflushedSurvived}, lost ${r.unflushedLost}`);
     t.true(r.ok, r.failure);
     t.is(r.reopenChecks, params.crashes);
     // The run must have exercised what it claims to: crashes that lose unflushed work and keep

@@ -31,7 +31,7 @@ import {
   RECORD_HEADER_BYTES, RecordKind, SEGMENT_HEADER_BYTES, STREAM_GC_FIRST, STREAM_META, STREAM_USER,
   SUMMARY_ENTRY_BYTES, viewOf,
 } from './format.ts';
-import { costBenefit, type CleanerPolicy, type SegmentInfo } from './policies.ts';
+import { costBenefit, type CleanerContext, type CleanerPolicy, type SegmentInfo } from './policies.ts';
 import {
   decodeFooter, decodeSegmentHeader, decodeSummaryEntry, encodeFooter, encodeRecord, encodeSegmentHeader,
   encodeSummaryEntry, peekRecordHeader, recordChecksumOk, segmentSeed, summaryOffset, type RecordHeader,
@@ -67,10 +67,10 @@ export interface Grass {
 export interface GrassOptions {
   /** Victim selection and output placement. Default: cost-benefit. */
   policy?: CleanerPolicy;
-  /** Start background cleaning when free segments fall to this many (default: reserve + max(4, 1%)). */
-  cleanStartFreeSegments?: number;
-  /** Background cleaning stops when free segments reach this many (default: start + max(4, 1%)). */
-  cleanTargetFreeSegments?: number;
+  /** Background cleaning starts when free segments fall to the reserve plus this many (default max(4, 1%)). */
+  cleanStartSlackSegments?: number;
+  /** ...and stops when they reach the start level plus this many (default max(4, 1%)). */
+  cleanBatchFreeSegments?: number;
   /** Victims per cleaning round; one sync (and, for metadata, one checkpoint) per round. Default 8. */
   cleanerBatchSegments?: number;
   /** Write a checkpoint after this many log bytes (default: clamp(capacity/8, 64 MiB, 1 GiB)). */
@@ -199,8 +199,8 @@ export class GrassLog implements Grass {
   private readonly sealQueue: OpenSegment[] = [];
 
   // --- Tunables (derived in the constructor). ------------------------------------------
-  private readonly cleanStart: number;
-  private readonly cleanTarget: number;
+  private readonly cleanStartSlack: number;
+  private readonly cleanTargetSlack: number;
   private readonly cleanerBatch: number;
   private readonly checkpointInterval: number;
   private readonly background: boolean;
@@ -237,8 +237,8 @@ export class GrassLog implements Grass {
     this.appendsEndedGen = new Float64Array(n);
     this.pendingFree = new Uint8Array(n);
     const onePercent = Math.ceil(n / 100);
-    this.cleanStart = options.cleanStartFreeSegments ?? this.reserveSegments() + Math.max(4, onePercent);
-    this.cleanTarget = Math.max(this.cleanStart + 1, options.cleanTargetFreeSegments ?? this.cleanStart + Math.max(4, onePercent));
+    this.cleanStartSlack = options.cleanStartSlackSegments ?? Math.max(4, onePercent);
+    this.cleanTargetSlack = Math.max(1, options.cleanBatchFreeSegments ?? Math.max(4, onePercent));
     this.cleanerBatch = options.cleanerBatchSegments ?? 8;
     const capacity = this.segmentBytes * n;
     this.checkpointInterval = options.checkpointIntervalBytes ?? Math.min(1 << 30, Math.max(64 << 20, Math.floor(capacity / 8)));
@@ -287,6 +287,15 @@ export class GrassLog implements Grass {
     const gcStreams = this.policy?.gcStreams ?? 1;
     const streams = STREAM_GC_FIRST + gcStreams;
     return streams + gcStreams + checkpointSegments + 1;
+  }
+
+  /** Background cleaning starts at this many free segments (the reserve grows with the map). */
+  private get cleanStart(): number {
+    return this.reserveSegments() + this.cleanStartSlack;
+  }
+
+  private get cleanTarget(): number {
+    return this.cleanStart + this.cleanTargetSlack;
   }
 
   private allocSlot(): number {
@@ -461,6 +470,7 @@ export class GrassLog implements Grass {
         const loc = this.append(STREAM_USER, RecordKind.Put, flags, op.gaddr, 0, op.data);
         const recordBytes = RECORD_HEADER_BYTES + op.data.length;
         if (this.map.set(op.gaddr, loc.slot, loc.offset, op.data.length, prev)) this.dataLive[prev.slot]! -= RECORD_HEADER_BYTES + prev.length;
+        this.map.noteUserWrite(op.gaddr, this.userClock);
         this.dataLive[loc.slot]! += recordBytes;
         this.counters.userRecords++;
         this.counters.userBytes += recordBytes;
@@ -906,7 +916,16 @@ export class GrassLog implements Grass {
     if (footer === undefined || footer.seq !== seq || footer.slot !== slot) return damaged('bad footer');
     const sumStart = summaryOffset(this.segmentBytes, footer.entries);
     if (crc32c(bytes.subarray(sumStart, this.segmentBytes - FOOTER_BYTES), seed) !== footer.summaryCrc) return damaged('bad summary checksum');
-    const gcStream = STREAM_GC_FIRST + Math.min(this.policy.gcStreams - 1, Math.max(0, this.policy.outputStream(info, this.userClock)));
+    if (info.stream === STREAM_USER) {
+      // Sample how long user segments live, for policies that separate by lifespan.
+      this.lifespanSamples.push(this.userClock - info.openClock);
+      if (this.lifespanSamples.length > 16) this.lifespanSamples.shift();
+    }
+    const ctx: CleanerContext = {
+      now: this.userClock,
+      userSegmentLifespan: this.lifespanSamples.length === 0 ? this.segmentBytes * this.segmentCount : this.lifespanSamples.reduce((a, b) => a + b, 0) / this.lifespanSamples.length,
+    };
+    const lastGc = this.policy.gcStreams - 1;
     let needCheckpoint = false;
     let bad = false;
     const prev = NO_LOC();
@@ -922,6 +941,7 @@ export class GrassLog implements Grass {
           continue;
         }
         const payload = bytes.subarray(at + RECORD_HEADER_BYTES, at + RECORD_HEADER_BYTES + e.length);
+        const gcStream = STREAM_GC_FIRST + Math.min(lastGc, Math.max(0, this.policy.outputStream(info, this.map.temperature(e.key, this.userClock), ctx)));
         const loc = this.append(gcStream, RecordKind.Relocate, FLAG_BATCH_END, e.key, seq % 0x100000000, payload);
         this.map.set(e.key, loc.slot, loc.offset, e.length, prev);
         const recordBytes = RECORD_HEADER_BYTES + e.length;
@@ -942,11 +962,12 @@ export class GrassLog implements Grass {
     if (bad) return damaged('a live record failed its checksum');
     if (this.metaLive[slot]! > 0) needCheckpoint = true;
     this.pendingFree[slot] = needCheckpoint ? 2 : 1;
-    this.trace?.(`cleaned slot ${slot} seq ${seq} -> stream ${gcStream}, pending ${this.pendingFree[slot]}`);
+    this.trace?.(`cleaned slot ${slot} seq ${seq}, pending ${this.pendingFree[slot]}`);
     return needCheckpoint ? 'checkpoint' : 'sync';
   }
 
   private onProblem: ((m: string) => void) | undefined;
+  private readonly lifespanSamples: number[] = [];
 
   // =====================================================================================
   // Recovery

@@ -3,7 +3,7 @@ export type { SegmentStore, StoreGeometry } from './segment-store.ts';
 export { MemorySegmentStore } from './stores/memory.ts';
 export { FileSegmentStore } from './stores/file.ts';
 export { FaultySegmentStore, CrashedError, InjectedError, type FaultOptions } from './stores/faulty.ts';
-export { POLICIES, policyByName, greedy, costBenefit, type CleanerPolicy, type SegmentInfo } from './policies.ts';
+export { POLICIES, policyByName, greedy, costBenefit, sepbit, type CleanerPolicy, type CleanerContext, type RecordInfo, type SegmentInfo } from './policies.ts';
 export type { GrassStats, RecoveryReport, StreamRecovery } from './stats.ts';
 export * from './errors.ts';
 export { Rng } from './rng.ts';

@@ -16,6 +16,25 @@ export interface SegmentInfo {
   sealClock: number;
 }
 
+/** What the cleaner knows of one live record it is about to move. */
+export interface RecordInfo {
+  /** User-clock bytes since a user last wrote this address (Infinity if not since open). */
+  sinceWrite: number;
+  /** How long the version before the current one lived, in user-clock bytes (Infinity if unknown). */
+  prevLifespan: number;
+}
+
+export interface CleanerContext {
+  /** User clock now (user bytes written). */
+  now: number;
+  /** Mean lifespan (reclaim time minus open time) of recently cleaned user-stream segments. */
+  userSegmentLifespan: number;
+}
+
+/** Stream numbers a policy sees in SegmentInfo.stream. */
+export const USER_STREAM = 0;
+export const FIRST_GC_STREAM = 2;
+
 export interface CleanerPolicy {
   readonly name: string;
   readonly description: string;
@@ -23,8 +42,8 @@ export interface CleanerPolicy {
   readonly gcStreams: number;
   /** Victim score: higher is cleaned first. */
   score(seg: SegmentInfo, now: number): number;
-  /** Output stream, 0 .. gcStreams-1, for the live records of `victim`. */
-  outputStream(victim: SegmentInfo, now: number): number;
+  /** Output stream, 0 .. gcStreams-1, for one live record of `victim`. */
+  outputStream(victim: SegmentInfo, record: RecordInfo, ctx: CleanerContext): number;
 }
 
 const utilization = (s: SegmentInfo): number => Math.min(1, s.liveBytes / s.usableBytes);
@@ -53,7 +72,36 @@ export const costBenefit: CleanerPolicy = {
   outputStream: () => 0,
 };
 
-export const POLICIES: readonly CleanerPolicy[] = [greedy, costBenefit];
+/**
+ * Lifespan-separated cost-benefit ("deferred SepBIT"), the policy for skewed workloads.
+ * User writes stay in one ordered log; the separation happens at their first cleaning:
+ * - a record from a user segment goes to the hot cleaner stream if the version it replaced
+ *   lived less than 3x the recent user-segment lifespan (it is being rewritten often), else
+ *   to the cold stream; a record in the hot stream that has not been rewritten for 4x that
+ *   lifespan moves to the cold stream;
+ * - victims by (1-u)/u x age, which favours emptier segments more than LFS's (1-u)/(1+u).
+ * Simulated on 90/10 hot/cold at 80% utilization: WA 1.60 against 1.94 for LFS cost-benefit
+ * with separate cleaner output and 3.2 for greedy (the study is summarized in the README).
+ */
+export const sepbit: CleanerPolicy = {
+  name: 'sepbit',
+  description: 'cost-benefit (1-u)/u*age with hot/cold cleaner streams split by record lifespan (deferred SepBIT)',
+  gcStreams: 2,
+  score: (s, now) => {
+    const u = utilization(s);
+    return ((1 - u) / Math.max(u, 1e-9)) * Math.max(1, now - s.sealClock);
+  },
+  outputStream: (victim, record, ctx) => {
+    const HOT = 0;
+    const COLD = 1;
+    const l = ctx.userSegmentLifespan;
+    if (victim.stream === USER_STREAM) return record.prevLifespan < 3 * l ? HOT : COLD;
+    if (victim.stream === FIRST_GC_STREAM + HOT) return record.sinceWrite < 4 * l ? HOT : COLD;
+    return COLD;
+  },
+};
+
+export const POLICIES: readonly CleanerPolicy[] = [greedy, costBenefit, sepbit];
 
 export function policyByName(name: string): CleanerPolicy | undefined {
   return POLICIES.find((p) => p.name === name);

@@ -46,10 +46,24 @@ export interface SimResult {
   unflushedLost: number;
   cleanerRecords: number;
   checkpoints: number;
+  /** Batches refused with ENOSPC (the store was full; nothing applied). */
+  noSpace: number;
 }
 
-/** Deterministic payload for (tag): its length and bytes are a function of the tag. */
+const payloadCache = new Map<number, Uint8Array>();
+
+/** Deterministic payload for (tag): its length and bytes are a function of the tag. Cached. */
 function payloadFor(tag: number): Uint8Array {
+  let p = payloadCache.get(tag);
+  if (p === undefined) {
+    if (payloadCache.size > 50000) payloadCache.clear();
+    p = makePayload(tag);
+    payloadCache.set(tag, p);
+  }
+  return p;
+}
+
+function makePayload(tag: number): Uint8Array {
   const rng = new Rng(tag);
   const pick = rng.int(10);
   const len = pick < 5 ? MAX_USER_RECORD_BYTES : pick < 8 ? rng.range(1, 600) : rng.range(0, MAX_USER_RECORD_BYTES);
@@ -74,7 +88,7 @@ interface ModelBatch {
 }
 
 export function defaultSimParams(seed: number): SimParams {
-  return { seed, crashes: 50, stepsPerCrash: 120, segmentBytes: 128 * 1024, segmentCount: 48, addresses: 400, policy: 'cost-benefit', ioErrorRate: 0 };
+  return { seed, crashes: 50, stepsPerCrash: 60, segmentBytes: 128 * 1024, segmentCount: 48, addresses: 400, policy: 'cost-benefit', ioErrorRate: 0 };
 }
 
 export async function runSimulation(params: SimParams, log: (line: string) => void = () => undefined): Promise<SimResult> {
@@ -84,7 +98,7 @@ export async function runSimulation(params: SimParams, log: (line: string) => vo
   const inner = new MemorySegmentStore(params.segmentBytes, params.segmentCount);
   const result: SimResult = {
     params, ok: true, crashes: 0, steps: 0, batches: 0, reopenChecks: 0, readsChecked: 0,
-    unflushedSurvived: 0, unflushedLost: 0, cleanerRecords: 0, checkpoints: 0,
+    unflushedSurvived: 0, unflushedLost: 0, cleanerRecords: 0, checkpoints: 0, noSpace: 0,
   };
   // The model: committed batches in order, and the state they produce.
   let history: ModelBatch[] = [];
@@ -135,6 +149,12 @@ export async function runSimulation(params: SimParams, log: (line: string) => vo
           } catch (e) {
             // A batch that failed was not appended unless the instance failed mid-way; the
             // reopen check allows either outcome for the last batch.
+            if ((e as { code?: string }).code === 'ENOSPC' && g.failure === undefined && !faulty.isCrashed) {
+              // A full store refuses the whole batch and stays usable.
+              history.pop();
+              result.noSpace++;
+              continue;
+            }
             if (!isFault(e) && !faulty.isCrashed) throw e;
             if (g.failure === undefined && !faulty.isCrashed) history.pop();
             dead = true;

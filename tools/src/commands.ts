@@ -1,0 +1,281 @@
+/** The pasture commands. Each parses its own options with node:util's parseArgs. */
+import { parseArgs, type ParseArgsConfig } from 'node:util';
+import { mkdir, rm } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
+import {
+  FileSegmentStore, GrassLog, POLICIES, Rng, fsck, policyByName,
+} from '@pasture/grass';
+import { benchCleaning, benchMapMemory, benchRecovery, benchThroughput } from '@pasture/grass/bench';
+import { defaultSimParams, runSimulation } from '@pasture/grass/simulator';
+
+export interface Command {
+  name: string;
+  summary: string;
+  run(argv: string[]): Promise<number>;
+}
+
+class UsageError extends Error {}
+
+type Options = NonNullable<ParseArgsConfig['options']>;
+
+type Parsed = { [k: string]: string | boolean | string[] | undefined; _: string[] };
+
+function parse(argv: string[], options: Options, help: string): Parsed {
+  let parsed;
+  try {
+    parsed = parseArgs({ args: argv, options: { ...options, help: { type: 'boolean', short: 'h' } }, allowPositionals: true, strict: true });
+  } catch (e) {
+    throw new UsageError(`${(e as Error).message}\n\n${help}`);
+  }
+  if (parsed.values.help) {
+    process.stdout.write(help);
+    process.exit(0);
+  }
+  return { ...(parsed.values as Record<string, string | boolean | undefined>), _: parsed.positionals } as Parsed;
+}
+
+function num(v: Parsed[string], what: string, dflt: number): number {
+  if (v === undefined) return dflt;
+  const n = Number(v);
+  if (typeof v !== 'string' || !Number.isFinite(n)) throw new UsageError(`--${what} takes a number, got '${String(v)}'`);
+  return n;
+}
+
+/** Parse a size like 4096, 64K, 8M, 1G. */
+function size(v: Parsed[string], what: string, dflt: number): number {
+  if (v === undefined) return dflt;
+  const m = typeof v === 'string' ? /^(\d+(?:\.\d+)?)([KMGT]i?B?)?$/i.exec(v) : null;
+  if (m === null) throw new UsageError(`--${what} takes a size such as 4096, 64K, 8M or 1G, got '${String(v)}'`);
+  const mult = { K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 }[(m[2] ?? '').charAt(0).toUpperCase() as 'K'] ?? 1;
+  return Math.round(Number(m[1]) * mult);
+}
+
+function storeDir(v: Parsed[string]): string {
+  if (typeof v !== 'string') throw new UsageError('--store is required, e.g. --store file:./mypool');
+  if (v.startsWith('file:')) return resolve(v.slice(5));
+  if (/^[a-z0-9]+:\/\//i.test(v)) throw new UsageError(`store '${v}': only file:DIR stores exist yet`);
+  return resolve(v);
+}
+
+function out(json: boolean, obj: unknown, text: () => string): void {
+  process.stdout.write(json ? JSON.stringify(obj) + '\n' : text());
+}
+
+async function wrap(fn: () => Promise<number>): Promise<number> {
+  try {
+    return await fn();
+  } catch (e) {
+    if (e instanceof UsageError) {
+      process.stderr.write(`pasture: ${e.message}\n`);
+      return 2;
+    }
+    process.stderr.write(`pasture: ${e instanceof Error ? e.message : String(e)}\n`);
+    return 1;
+  }
+}
+
+const initHelp = `Usage: pnpm pasture init --store file:DIR [--segment-bytes 8M] [--segments 1024]
+
+Create a new, empty Grass store in DIR: a directory with a sparse segment file of
+segments x segment-bytes, two superblocks and a lock file.
+`;
+
+const init: Command = {
+  name: 'init',
+  summary: 'create a new store (file:DIR)',
+  run: (argv) => wrap(async () => {
+    const o = parse(argv, { store: { type: 'string' }, 'segment-bytes': { type: 'string' }, segments: { type: 'string' }, json: { type: 'boolean' } }, initHelp);
+    const dir = storeDir(o.store);
+    const store = await FileSegmentStore.create(dir, { segmentBytes: size(o['segment-bytes'], 'segment-bytes', 8 << 20), segmentCount: num(o.segments, 'segments', 1024) });
+    const g = await GrassLog.create(store);
+    const st = g.stats();
+    await g.close();
+    out(!!o.json, { store: dir, segmentBytes: st.segmentBytes, segmentCount: st.segmentCount }, () => `created ${dir}: ${st.segmentCount} segments of ${st.segmentBytes} bytes\n`);
+    return 0;
+  }),
+};
+
+const fsckHelp = `Usage: pnpm pasture fsck --store file:DIR [--json]
+
+Check a store without changing it: every sealed segment's header, summary and records,
+every mapping, and the live-byte counts. Prints each problem; exits 1 if there are any.
+`;
+
+const fsckCmd: Command = {
+  name: 'fsck',
+  summary: 'check a store; non-zero exit if anything is wrong',
+  run: (argv) => wrap(async () => {
+    const o = parse(argv, { store: { type: 'string' }, json: { type: 'boolean' } }, fsckHelp);
+    const dir = storeDir(o.store);
+    const report = await fsck(await FileSegmentStore.open(dir));
+    out(!!o.json, report, () =>
+      [
+        `${dir}: ${report.segmentsChecked} sealed segments, ${report.recordsChecked} records, ${report.mappedAddresses} mapped addresses checked`,
+        ...report.problems.map((p) => `problem: ${p}`),
+        report.ok ? 'no problems found' : `${report.problems.length} problem(s) found`,
+        '',
+      ].join('\n'),
+    );
+    return report.ok ? 0 : 1;
+  }),
+};
+
+const statsHelp = `Usage: pnpm pasture stats --store file:DIR [--json]
+
+Open a store read-only and print its counters: segments free and used, live records,
+utilization histogram, recovery report.
+`;
+
+const stats: Command = {
+  name: 'stats',
+  summary: 'print a store\'s statistics',
+  run: (argv) => wrap(async () => {
+    const o = parse(argv, { store: { type: 'string' }, json: { type: 'boolean' } }, statsHelp);
+    const g = await GrassLog.open(await FileSegmentStore.open(storeDir(o.store)), { readOnly: true });
+    const st = g.stats();
+    const rec = g.recovery;
+    await g.close();
+    out(!!o.json, { ...st, recovery: rec }, () => Object.entries(st).map(([k, v]) => `${k}: ${Array.isArray(v) ? v.join(' ') : v}`).join('\n') + '\n');
+    return 0;
+  }),
+};
+
+const benchHelp = `Usage: pnpm pasture bench grass [options]
+
+Modes (--mode, default cleaning):
+  cleaning     write amplification of a workload at a live utilization, on a memory store
+               --workload uniform|hotcold   (hotcold: 90% of writes to 10% of addresses)
+               --utilization U              live bytes / capacity (default 0.8)
+               --policy NAME                (see --list-policies; default greedy)
+               --segment-bytes 256K --segments 2048 --multiple N (overwrites, x capacity;
+               default 20 for uniform, 30 for hotcold) --seed N
+  throughput   4 KiB puts, a flush every 256 records, on the file store in --dir, against
+               fio's sequential write bandwidth there (--bytes 1G, --per-flush 256)
+  recovery     reopen time after an unclean stop with --bytes (default 1G) of log since the
+               last checkpoint
+  map-memory   memory per live record with --records (default 10000000) records
+               (run under node --expose-gc for a precise figure)
+
+  --json            print one JSON object
+  --list-policies   print the cleaner policy names, one a line
+`;
+
+const bench: Command = {
+  name: 'bench',
+  summary: 'benchmarks: bench grass --help',
+  run: (argv) => wrap(async () => {
+    const o = parse(argv, {
+      mode: { type: 'string' }, workload: { type: 'string' }, utilization: { type: 'string' }, policy: { type: 'string' },
+      'segment-bytes': { type: 'string' }, segments: { type: 'string' }, multiple: { type: 'string' }, seed: { type: 'string' },
+      bytes: { type: 'string' }, 'per-flush': { type: 'string' }, dir: { type: 'string' }, records: { type: 'string' },
+      json: { type: 'boolean' }, 'list-policies': { type: 'boolean' },
+    }, benchHelp);
+    if (o['list-policies']) {
+      process.stdout.write(POLICIES.map((p) => p.name).join('\n') + '\n');
+      return 0;
+    }
+    const layer = o._[0] ?? 'grass';
+    if (layer !== 'grass') throw new UsageError(`no benchmark for '${layer}' yet; try 'bench grass'`);
+    const json = !!o.json;
+    const mode = (o.mode as string | undefined) ?? 'cleaning';
+    const dir = typeof o.dir === 'string' ? o.dir : undefined;
+    if (mode === 'cleaning') {
+      const workload = (o.workload as string | undefined) ?? 'uniform';
+      if (workload !== 'uniform' && workload !== 'hotcold') throw new UsageError(`--workload is uniform or hotcold, got '${workload}'`);
+      const policy = (o.policy as string | undefined) ?? 'greedy';
+      if (policyByName(policy) === undefined) throw new UsageError(`unknown policy '${policy}'; --list-policies shows them`);
+      const utilization = num(o.utilization, 'utilization', 0.8);
+      if (!(utilization > 0 && utilization < 0.95)) throw new UsageError('--utilization must be in (0, 0.95)');
+      const r = await benchCleaning({
+        workload, utilization, policy,
+        segmentBytes: size(o['segment-bytes'], 'segment-bytes', 256 << 10),
+        segmentCount: num(o.segments, 'segments', 2048),
+        capacityMultiple: num(o.multiple, 'multiple', workload === 'uniform' ? 20 : 30),
+        seed: num(o.seed, 'seed', 1),
+      }, json ? undefined : (l) => process.stderr.write(l + '\n'));
+      out(json, r, () => `${r.workload} U=${r.utilization} policy=${r.policy}: write amplification ${r.writeAmplification.toFixed(3)} (steady state; ${r.writeAmplificationAll.toFixed(3)} over the whole run), checkpoint bytes ${(r.checkpointBytesPerUserByte * 100).toFixed(2)}% of user bytes, ${r.userMBps.toFixed(0)} MB/s user writes, ${r.segmentsCleaned} segments cleaned, ${r.seconds.toFixed(1)} s\n`);
+      return 0;
+    }
+    if (mode === 'throughput') {
+      const r = await benchThroughput({ dir, bytes: size(o.bytes, 'bytes', 1 << 30), perFlush: num(o['per-flush'], 'per-flush', 256), segmentBytes: size(o['segment-bytes'], 'segment-bytes', 8 << 20) });
+      out(json, r, () => `4 KiB puts, flush every ${r.recordsPerFlush}: ${r.grassMBps.toFixed(0)} MB/s; fio sequential write: ${r.fioMBps?.toFixed(0) ?? 'n/a (fio not installed)'} MB/s; ratio ${r.ratio?.toFixed(2) ?? 'n/a'}\n`);
+      return 0;
+    }
+    if (mode === 'recovery') {
+      const r = await benchRecovery({ dir, bytes: size(o.bytes, 'bytes', 1 << 30), segmentBytes: size(o['segment-bytes'], 'segment-bytes', 8 << 20) });
+      out(json, r, () => `reopen after an unclean stop with ${(r.logBytesSinceCheckpoint / 2 ** 20).toFixed(0)} MiB of log since the checkpoint: ${r.reopenMillis.toFixed(0)} ms (${r.segmentsReplayed} segments, ${r.replayedRecords} records replayed)\n`);
+      return 0;
+    }
+    if (mode === 'map-memory') {
+      const r = await benchMapMemory({ dir, records: num(o.records, 'records', 10_000_000) });
+      out(json, r, () => `${r.records} records: ${r.bytesPerRecord.toFixed(2)} bytes of memory per record (map arrays ${r.mapArrayBytesPerRecord.toFixed(2)})\n`);
+      return 0;
+    }
+    throw new UsageError(`unknown --mode '${mode}'`);
+  }),
+};
+
+const simHelp = `Usage: pnpm pasture sim grass [--seed N] [--crashes M] [--policy NAME] [--json] [--verbose]
+
+Run the seeded crash simulator (the one the tests run): random batches, flushes,
+checkpoints and cleaning on a fault-injecting store, crashes at random points, reopen and
+check against a model. The same seed replays a run exactly.
+`;
+
+const sim: Command = {
+  name: 'sim',
+  summary: 'seeded crash simulator: sim grass --seed N',
+  run: (argv) => wrap(async () => {
+    const o = parse(argv, { seed: { type: 'string' }, crashes: { type: 'string' }, policy: { type: 'string' }, json: { type: 'boolean' }, verbose: { type: 'boolean' }, 'io-error-rate': { type: 'string' } }, simHelp);
+    const seed = num(o.seed, 'seed', Rng.seedFromEnv());
+    const params = { ...defaultSimParams(seed), crashes: num(o.crashes, 'crashes', 50), policy: (o.policy as string | undefined) ?? 'cost-benefit', ioErrorRate: num(o['io-error-rate'], 'io-error-rate', 0) };
+    if (!o.json) process.stderr.write(`seed ${seed}: ${JSON.stringify(params)}\n`);
+    const r = await runSimulation(params, o.verbose ? (l) => process.stderr.write(l + '\n') : undefined);
+    out(!!o.json, r, () => (r.ok ? `ok: ${r.crashes} crashes, ${r.batches} batches, ${r.readsChecked} reads checked\n` : `FAILED: ${r.failure}\n`));
+    return r.ok ? 0 : 1;
+  }),
+};
+
+const demoHelp = `Usage: pnpm pasture demo [--dir .pasture/demo]
+
+The main job until the NBD server lands: create a Grass store in DIR, write and overwrite
+records, stop without closing (a crash), reopen, show what recovery did, check the store
+with fsck and print its statistics.
+`;
+
+const demo: Command = {
+  name: 'demo',
+  summary: 'create a store, write, crash, recover, fsck',
+  run: (argv) => wrap(async () => {
+    const o = parse(argv, { dir: { type: 'string' }, json: { type: 'boolean' } }, demoHelp);
+    const dir = resolve(typeof o.dir === 'string' ? o.dir : join('.pasture', 'demo'));
+    await rm(dir, { recursive: true, force: true });
+    await mkdir(dir, { recursive: true });
+    const say = (s: string): void => {
+      if (!o.json) process.stdout.write(s + '\n');
+    };
+    const store = await FileSegmentStore.create(dir, { segmentBytes: 1 << 20, segmentCount: 256 });
+    const g = await GrassLog.create(store);
+    const rng = new Rng(42);
+    const n = 20000;
+    for (let i = 1; i <= n; i++) await g.put(i, rng.bytes(4096));
+    for (let k = 0; k < 3 * n; k++) await g.put(1 + rng.int(n / 10), rng.bytes(4096));
+    await g.flush();
+    for (let i = 1; i <= 100; i++) await g.put(i, new Uint8Array(4096).fill(7)); // not flushed
+    say(`wrote ${n} records and ${3 * n} overwrites into ${dir}; write amplification ${g.stats().writeAmplification.toFixed(2)}`);
+    await store.close(); // a crash: no closing checkpoint, the last 100 records unflushed
+    const g2 = await GrassLog.open(await FileSegmentStore.open(dir));
+    const rec = g2.recovery!;
+    say(`reopened after the crash in ${rec.millis} ms: ${rec.replayedRecords} records replayed; ${rec.streams.map((s) => `stream ${s.stream}: ${s.end}`).join('; ')}`);
+    await g2.close();
+    const report = await fsck(await FileSegmentStore.open(dir));
+    say(`fsck: ${report.ok ? 'no problems' : report.problems.join('; ')} (${report.segmentsChecked} segments, ${report.mappedAddresses} addresses)`);
+    const g3 = await GrassLog.open(await FileSegmentStore.open(dir), { readOnly: true });
+    const st = g3.stats();
+    await g3.close();
+    out(!!o.json, { dir, recovery: rec, fsck: report.ok, stats: st }, () => `segments: ${st.freeSegments} free, ${st.sealedSegments} sealed; utilization histogram ${st.utilizationHistogram.join(' ')}\nnext: pnpm pasture stats --store file:${dir}\n`);
+    return report.ok ? 0 : 1;
+  }),
+};
+
+export const commands: Command[] = [demo, init, stats, fsckCmd, bench, sim];

@@ -1,0 +1,43 @@
+#!/usr/bin/env -S node --import tsx
+/**
+ * pasture: the command-line tool. `pnpm pasture <command> --help` explains each command.
+ * Every listing and benchmark takes --json and then prints exactly one JSON object.
+ */
+import { commands, type Command } from './commands.ts';
+
+async function main(argv: string[]): Promise<number> {
+  const [name, ...rest] = argv;
+  if (name === undefined || name === '--help' || name === '-h' || name === 'help') {
+    process.stdout.write(usage());
+    return name === undefined ? 2 : 0;
+  }
+  const cmd: Command | undefined = commands.find((c) => c.name === name);
+  if (cmd === undefined) {
+    process.stderr.write(`pasture: unknown command '${name}'. Run 'pnpm pasture --help' for the list.\n`);
+    return 2;
+  }
+  return cmd.run(rest);
+}
+
+function usage(): string {
+  const width = Math.max(...commands.map((c) => c.name.length));
+  return [
+    'pasture: a layered block-storage stack (Grass / Cow / Human / NBD)',
+    '',
+    'Usage: pnpm pasture <command> [options]     (each command takes --help)',
+    '',
+    'Commands:',
+    ...commands.map((c) => `  ${c.name.padEnd(width)}  ${c.summary}`),
+    '',
+  ].join('\n');
+}
+
+main(process.argv.slice(2)).then(
+  (code) => {
+    process.exitCode = code;
+  },
+  (e: unknown) => {
+    process.stderr.write(`pasture: ${e instanceof Error ? e.message : String(e)}\n`);
+    process.exitCode = 1;
+  },
+);
