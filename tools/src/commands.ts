@@ -147,8 +147,10 @@ Modes (--mode, default cleaning):
                --workload uniform|hotcold   (hotcold: 90% of writes to 10% of addresses)
                --utilization U              live bytes / capacity (default 0.8)
                --policy NAME                (see --list-policies; default greedy)
-               --segment-bytes 256K --segments 2048 --multiple N (overwrites, x capacity;
+               --segment-bytes 256K --segments 4096 --multiple N (overwrites, x capacity;
                default 20 for uniform, 30 for hotcold) --seed N
+               Utilization counts the bytes live records occupy (header, payload,
+               summary entry); the JSON also gives payloadUtilization.
   throughput   4 KiB puts, a flush every 256 records, on the file store in --dir, against
                fio's sequential write bandwidth there (--bytes 1G, --per-flush 256)
   recovery     reopen time after an unclean stop with --bytes (default 1G) of log since the
@@ -189,7 +191,7 @@ const bench: Command = {
       const r = await benchCleaning({
         workload, utilization, policy,
         segmentBytes: size(o['segment-bytes'], 'segment-bytes', 256 << 10),
-        segmentCount: num(o.segments, 'segments', 2048),
+        segmentCount: num(o.segments, 'segments', 4096),
         capacityMultiple: num(o.multiple, 'multiple', workload === 'uniform' ? 20 : 30),
         seed: num(o.seed, 'seed', 1),
       }, json ? undefined : (l) => process.stderr.write(l + '\n'));

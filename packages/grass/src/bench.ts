@@ -17,9 +17,10 @@ import { MemorySegmentStore } from './stores/memory.ts';
 import { FileSegmentStore } from './stores/file.ts';
 import { policyByName } from './policies.ts';
 import { Rng } from './rng.ts';
-import { MAX_USER_RECORD_BYTES } from './format.ts';
+import { MAX_USER_RECORD_BYTES, RECORD_HEADER_BYTES, SUMMARY_ENTRY_BYTES } from './format.ts';
 
 const RECORD = MAX_USER_RECORD_BYTES;
+const RECORD_OVERHEAD = RECORD_HEADER_BYTES + SUMMARY_ENTRY_BYTES;
 
 export interface CleaningBenchOptions {
   workload: 'uniform' | 'hotcold';
@@ -36,6 +37,8 @@ export interface CleaningBenchResult {
   workload: string;
   policy: string;
   utilization: number;
+  /** Live payload bytes over capacity (utilization counts record headers and summaries too). */
+  payloadUtilization: number;
   segmentBytes: number;
   segmentCount: number;
   liveRecords: number;
@@ -45,7 +48,6 @@ export interface CleaningBenchResult {
   writeAmplificationAll: number;
   checkpointBytesPerUserByte: number;
   userMBps: number;
-  cleanerSecondsShare: number;
   segmentsCleaned: number;
   seconds: number;
   seed: number;
@@ -57,7 +59,9 @@ export async function benchCleaning(o: CleaningBenchOptions, progress?: (line: s
   if (policy === undefined) throw new Error(`unknown policy '${o.policy}'`);
   const store = new MemorySegmentStore(o.segmentBytes, o.segmentCount);
   const capacity = o.segmentBytes * o.segmentCount;
-  const n = Math.floor((o.utilization * capacity) / RECORD);
+  // Utilization is what the cleaner sees: bytes live records occupy in segments (header,
+  // payload and summary entry) over raw capacity. payloadUtilization reports the stricter view.
+  const n = Math.floor((o.utilization * capacity) / (RECORD + RECORD_OVERHEAD));
   // Clean just in time: free segments held back raise the effective utilization.
   const log = await GrassLog.create(store, { policy, cleanStartSlackSegments: 2, cleanBatchFreeSegments: 2, cleanerBatchSegments: 4 });
   const rng = new Rng(o.seed);
@@ -92,6 +96,7 @@ export async function benchCleaning(o: CleaningBenchOptions, progress?: (line: s
     workload: o.workload,
     policy: o.policy,
     utilization: o.utilization,
+    payloadUtilization: (n * RECORD) / capacity,
     segmentBytes: o.segmentBytes,
     segmentCount: o.segmentCount,
     liveRecords: n,
@@ -99,7 +104,6 @@ export async function benchCleaning(o: CleaningBenchOptions, progress?: (line: s
     writeAmplificationAll: wa(s0, end),
     checkpointBytesPerUserByte: (end.checkpointBytes - mid.checkpointBytes) / (end.userBytes - mid.userBytes),
     userMBps: (end.userBytes - s0.userBytes) / 1e6 / seconds,
-    cleanerSecondsShare: 0,
     segmentsCleaned: end.segmentsCleaned - s0.segmentsCleaned,
     seconds: (Date.now() - started) / 1000,
     seed: o.seed,

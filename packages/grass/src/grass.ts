@@ -820,17 +820,22 @@ export class GrassLog implements Grass {
     }
     const run = (async () => {
       let idle = 0;
+      let rounds = 0;
+      const freeAtStart = this.freeSlots.length;
       while (this.freeSlots.length < target && this.failed === undefined && !this.closed) {
-        const before = this.freeSlots.length;
-        await this.cleanRound(foreground);
-        // Progress is net: a round that frees one segment while filling another gained nothing.
-        if (this.freeSlots.length > before) {
-          idle = 0;
-        } else {
+        const { freed, candidates } = await this.cleanRound(foreground);
+        rounds++;
+        if (candidates === 0) {
           // Segments sealed since the last checkpoint cannot be cleaned yet: a checkpoint makes them eligible.
           if (++idle > 2) break;
           await this.checkpoint();
+        } else if (freed === 0) {
+          if (++idle > 2) break;
+        } else {
+          idle = 0;
         }
+        // Progress is net: rounds that free segments while filling as many gain nothing.
+        if (rounds >= 8 && this.freeSlots.length <= freeAtStart) break;
         if (!foreground) await new Promise((r) => setImmediate(r));
       }
     })();
@@ -842,7 +847,7 @@ export class GrassLog implements Grass {
   }
 
   /** One cleaning round: up to cleanerBatch victims, then one sync (and a checkpoint if needed). Returns segments freed. */
-  async cleanRound(_foreground = false): Promise<number> {
+  async cleanRound(_foreground = false): Promise<{ freed: number; candidates: number }> {
     this.checkWritable();
     const now = this.userClock;
     const candidates: { slot: number; score: number }[] = [];
@@ -854,7 +859,7 @@ export class GrassLog implements Grass {
       if (info.liveBytes >= this.usableBytes - RECORD_HEADER_BYTES) continue; // nothing to gain
       candidates.push({ slot: s, score: info.liveBytes === 0 ? Infinity : this.policy.score(info, now) });
     }
-    if (candidates.length === 0) return 0;
+    if (candidates.length === 0) return { freed: 0, candidates: 0 };
     candidates.sort((a, b) => b.score - a.score);
     // Bound the bytes copied per round so that the cleaner's output always fits in the free
     // segments it may use: victims are freed only at the end of the round.
@@ -890,7 +895,7 @@ export class GrassLog implements Grass {
       freed += Math.max(0, this.freeSlots.length - before);
     }
     this.counters.segmentsCleaned += freed;
-    return freed;
+    return { freed, candidates: candidates.length };
   }
 
   /** Move the live records out of `slot`. Returns what it takes to free it. */
