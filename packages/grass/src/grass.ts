@@ -631,7 +631,8 @@ export class GrassLog implements Grass {
     this.slotSealClock[seg.slot] = seg.sealClock;
     this.trace?.(`sealed slot ${seg.slot} seq ${seg.seq} entries ${seg.entryCount} next ${seg.nextSlot}/${seg.nextSeq}`);
     this.buffered.delete(seg.slot);
-    this.bufferPool.push(buf);
+    // Keep a couple of buffers for reuse; more would only hold memory after a burst of seals.
+    if (this.bufferPool.length < 2 && buf.length === this.segmentBytes) this.bufferPool.push(buf);
     seg.buf = undefined;
     seg.view = undefined;
     this.sealingPerStream[seg.stream]!--;
