@@ -199,6 +199,8 @@ export interface MapMemoryResult {
   records: number;
   /** Growth of V8 heap + ArrayBuffers while the records were written, per record. */
   bytesPerRecord: number;
+  /** Growth between half and all of the records, per record: excludes fixed costs (segment buffers). */
+  marginalBytesPerRecord: number;
   /** The map's own typed arrays, per record. */
   mapArrayBytesPerRecord: number;
 }
@@ -220,16 +222,22 @@ export async function benchMapMemory(o: { dir?: string; records: number }): Prom
     };
     const before = measure();
     const data = new Uint8Array(recordBytes);
+    const half = Math.floor(o.records / 2);
+    let atHalf = 0;
     for (let i = 1; i <= o.records; i++) {
       data[0] = i & 255;
       await g.put(i, data);
       if (i % 4096 === 0) await g.flush();
+      if (i === half) {
+        await g.flush();
+        atHalf = measure();
+      }
     }
     await g.flush();
     const after = measure();
     const st = g.stats();
     await g.close();
-    return { records: o.records, bytesPerRecord: (after - before) / o.records, mapArrayBytesPerRecord: st.mapMemoryBytes / st.liveRecords };
+    return { records: o.records, bytesPerRecord: (after - before) / o.records, marginalBytesPerRecord: (after - atHalf) / (o.records - half), mapArrayBytesPerRecord: st.mapMemoryBytes / st.liveRecords };
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
