@@ -2,8 +2,8 @@
  * AddressMap: Grass address -> where the latest version of its record lives
  * (segment slot, byte offset, payload length).
  *
- * Memory: 10 bytes per address in pages of MAP_PAGE_ENTRIES, allocated only where addresses
- * are used, so a dense address range costs ~10.1 B per live record (limit: 16 B, measured by
+ * Memory: 10 bytes per address (plus 4 of write temperature) in pages of MAP_PAGE_ENTRIES, allocated only where addresses
+ * are used, so a dense address range costs ~15 B per live record (limit: 16 B, measured by
  * `pasture bench grass --map-memory`). A page is also the unit a checkpoint writes, so each
  * page carries a dirty bit.
  *
@@ -14,8 +14,9 @@ import { MAP_ENTRY_BYTES, MAP_PAGE_ENTRIES, MAP_PAGE_SHIFT, NO_SLOT } from './fo
 
 const PAGE_MASK = MAP_PAGE_ENTRIES - 1;
 
-/** Temperature units: the user clock in 4 KiB steps, modulo 2^32 (wraps after 16 TiB written). */
-export const CLOCK_UNIT_BYTES = 4096;
+/** Temperature units: the user clock in 64 KiB steps, modulo 2^24 (ages wrap after 1 TiB written). */
+export const CLOCK_UNIT_BYTES = 65536;
+const CLOCK_MOD = 2 ** 24;
 /** prevLife: not written since this process opened the store (lastWrite meaningless). */
 export const LIFE_UNSEEN = 255;
 /** prevLife: written once since open; the life of the version before is unknown. */
@@ -27,11 +28,10 @@ export class MapPage {
   readonly length = new Uint16Array(MAP_PAGE_ENTRIES);
   /**
    * Write temperature, kept in memory only (a heuristic for the cleaner, rebuilt as data is
-   * rewritten): when the address was last written by a user, and log2 of how long the
-   * version that write replaced had lived. 5 bytes per address.
+   * rewritten): when the address was last written by a user (24 bits) and log2 of how long
+   * the version that write replaced had lived (8 bits), packed in 4 bytes per address.
    */
-  readonly lastWrite = new Uint32Array(MAP_PAGE_ENTRIES);
-  readonly prevLife = new Uint8Array(MAP_PAGE_ENTRIES).fill(LIFE_UNSEEN);
+  readonly temp = new Uint32Array(MAP_PAGE_ENTRIES).fill(LIFE_UNSEEN);
   mapped = 0;
   dirty = true;
 
@@ -86,7 +86,7 @@ export class AddressMap {
 
   /** Bytes of typed arrays held (the map's memory, without the JS object overheads). */
   get memoryBytes(): number {
-    return this.pages.size * MAP_PAGE_ENTRIES * 15;
+    return this.pages.size * MAP_PAGE_ENTRIES * 14;
   }
 
   /** Slot of `gaddr`'s record, or NO_SLOT. */
@@ -174,25 +174,28 @@ export class AddressMap {
     const p = this.pages.get(Math.floor(gaddr / MAP_PAGE_ENTRIES));
     if (p === undefined) return;
     const i = gaddr & PAGE_MASK;
-    const units = Math.floor(now / CLOCK_UNIT_BYTES) % 0x100000000;
-    if (p.prevLife[i] === LIFE_UNSEEN) {
-      p.prevLife[i] = LIFE_UNKNOWN;
+    const units = Math.floor(now / CLOCK_UNIT_BYTES) % CLOCK_MOD;
+    const t = p.temp[i]!;
+    let life: number;
+    if ((t & 255) === LIFE_UNSEEN) {
+      life = LIFE_UNKNOWN;
     } else {
-      const lived = (units - p.lastWrite[i]! + 0x100000000) % 0x100000000;
-      p.prevLife[i] = Math.min(64, Math.ceil(Math.log2(lived + 1)));
+      const lived = (units - (t >>> 8) + CLOCK_MOD) % CLOCK_MOD;
+      life = Math.min(64, Math.ceil(Math.log2(lived + 1)));
     }
-    p.lastWrite[i] = units;
+    p.temp[i] = ((units << 8) | life) >>> 0;
   }
 
-  /** Bytes of user clock since `gaddr` was last written (Infinity if never seen), and the log2 lifespan of the version before it. */
+  /** Bytes of user clock since `gaddr` was last written (Infinity if never seen), and the lifespan of the version before it (upper bound). */
   temperature(gaddr: number, now: number): { sinceWrite: number; prevLifespan: number } {
     const p = this.pages.get(Math.floor(gaddr / MAP_PAGE_ENTRIES));
     if (p === undefined) return { sinceWrite: Infinity, prevLifespan: Infinity };
-    const i = gaddr & PAGE_MASK;
-    const life = p.prevLife[i]!;
-    const units = Math.floor(now / CLOCK_UNIT_BYTES) % 0x100000000;
-    const since = life === LIFE_UNSEEN ? Infinity : ((units - p.lastWrite[i]! + 0x100000000) % 0x100000000) * CLOCK_UNIT_BYTES;
-    return { sinceWrite: since, prevLifespan: life >= LIFE_UNKNOWN ? Infinity : (2 ** life - 1) * CLOCK_UNIT_BYTES };
+    const t = p.temp[gaddr & PAGE_MASK]!;
+    const life = t & 255;
+    if (life === LIFE_UNSEEN) return { sinceWrite: Infinity, prevLifespan: Infinity };
+    const units = Math.floor(now / CLOCK_UNIT_BYTES) % CLOCK_MOD;
+    const since = ((units - (t >>> 8) + CLOCK_MOD) % CLOCK_MOD) * CLOCK_UNIT_BYTES;
+    return { sinceWrite: since, prevLifespan: life === LIFE_UNKNOWN ? Infinity : 2 ** life * CLOCK_UNIT_BYTES };
   }
 
   /** Page numbers, ascending. */

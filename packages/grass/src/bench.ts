@@ -13,6 +13,7 @@ import { join } from 'node:path';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import { GrassLog } from './grass.ts';
+import { AddressMap } from './address-map.ts';
 import { MemorySegmentStore } from './stores/memory.ts';
 import { FileSegmentStore } from './stores/file.ts';
 import { policyByName } from './policies.ts';
@@ -201,8 +202,29 @@ export interface MapMemoryResult {
   bytesPerRecord: number;
   /** Growth between half and all of the records, per record: excludes fixed costs (segment buffers). */
   marginalBytesPerRecord: number;
+  /** The address map alone, filled with the same records, measured as heap + ArrayBuffers growth. */
+  mapBytesPerRecord: number;
   /** The map's own typed arrays, per record. */
   mapArrayBytesPerRecord: number;
+}
+
+function measureMemory(): number {
+  (globalThis as { gc?: () => void }).gc?.();
+  const m = process.memoryUsage();
+  return m.heapUsed + m.arrayBuffers;
+}
+
+/** The address map alone with `records` dense addresses. */
+function mapOnly(records: number): number {
+  const before = measureMemory();
+  const m = new AddressMap();
+  for (let i = 1; i <= records; i++) {
+    m.set(i, 5, (i * 44) % 8000000, 8);
+    m.noteUserWrite(i, i * 44);
+  }
+  const bytes = measureMemory() - before;
+  if (m.size !== records) throw new Error('map lost records');
+  return bytes / records;
 }
 
 /** Put `records` small records on a file store and measure the memory that grew with them. */
@@ -214,12 +236,8 @@ export async function benchMapMemory(o: { dir?: string; records: number }): Prom
     const segmentCount = Math.ceil((o.records * (recordBytes + 36) * 1.3) / segmentBytes) + 32;
     const store = await FileSegmentStore.create(join(dir, 'store'), { segmentBytes, segmentCount });
     const g = await GrassLog.create(store, { checkpointIntervalBytes: 1 << 40, backgroundCleaner: false });
-    const gc = (globalThis as { gc?: () => void }).gc;
-    const measure = (): number => {
-      gc?.();
-      const m = process.memoryUsage();
-      return m.heapUsed + m.arrayBuffers;
-    };
+    const mapBytesPerRecord = mapOnly(o.records);
+    const measure = measureMemory;
     const before = measure();
     const data = new Uint8Array(recordBytes);
     const half = Math.floor(o.records / 2);
@@ -237,7 +255,7 @@ export async function benchMapMemory(o: { dir?: string; records: number }): Prom
     const after = measure();
     const st = g.stats();
     await g.close();
-    return { records: o.records, bytesPerRecord: (after - before) / o.records, marginalBytesPerRecord: (after - atHalf) / (o.records - half), mapArrayBytesPerRecord: st.mapMemoryBytes / st.liveRecords };
+    return { records: o.records, bytesPerRecord: (after - before) / o.records, marginalBytesPerRecord: (after - atHalf) / (o.records - half), mapBytesPerRecord, mapArrayBytesPerRecord: st.mapMemoryBytes / st.liveRecords };
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
