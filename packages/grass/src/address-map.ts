@@ -4,13 +4,13 @@
  *
  * Memory: 10 bytes per address (plus 4 of write temperature) in pages of MAP_PAGE_ENTRIES, allocated only where addresses
  * are used, so a dense address range costs ~15 B per live record (limit: 16 B, measured by
- * `pasture bench grass --map-memory`). A page is also the unit a checkpoint writes, so each
+ * `pasture bench grass --mode map-memory`). A page is also the unit a checkpoint writes, so each
  * page carries a dirty bit.
  *
  * Not thread-safe; Grass calls it from its single JavaScript thread only.
  */
 import { assert } from './assert.ts';
-import { MAP_ENTRY_BYTES, MAP_PAGE_ENTRIES, MAP_PAGE_SHIFT, NO_SLOT } from './format.ts';
+import { MAP_ENTRY_BYTES, MAP_PAGE_ENTRIES, NO_SLOT } from './format.ts';
 
 const PAGE_MASK = MAP_PAGE_ENTRIES - 1;
 
@@ -244,4 +244,3 @@ export class AddressMap {
   }
 }
 
-export { MAP_PAGE_SHIFT };

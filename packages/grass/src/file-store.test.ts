@@ -7,9 +7,17 @@ import { FileSegmentStore } from './stores/file.ts';
 import { GrassLog } from './grass.ts';
 import { StoreLockedError } from './errors.ts';
 
-test('create, write, close, reopen from disk', async (t) => {
+async function withTempDir(fn: (dir: string) => Promise<void>): Promise<void> {
   const dir = await mkdtemp(join(tmpdir(), 'pasture-file-'));
   try {
+    await fn(dir);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+test('create, write, close, reopen from disk', async (t) => {
+  await withTempDir(async (dir) => {
     const store = await FileSegmentStore.create(dir, { segmentBytes: 1 << 20, segmentCount: 16 });
     const g = await GrassLog.create(store);
     for (let i = 1; i <= 500; i++) await g.put(i, new Uint8Array(3000).fill(i & 255));
@@ -18,14 +26,11 @@ test('create, write, close, reopen from disk', async (t) => {
     const g2 = await GrassLog.open(await FileSegmentStore.open(dir));
     for (const i of [1, 250, 500]) t.deepEqual(await g2.read(i), new Uint8Array(3000).fill(i & 255));
     await g2.close();
-  } finally {
-    await rm(dir, { recursive: true, force: true });
-  }
+  });
 });
 
 test('a second writer is refused with a message naming the holder', async (t) => {
-  const dir = await mkdtemp(join(tmpdir(), 'pasture-file-'));
-  try {
+  await withTempDir(async (dir) => {
     const store = await FileSegmentStore.create(dir, { segmentBytes: 1 << 20, segmentCount: 8 });
     const err = await t.throwsAsync(FileSegmentStore.open(dir), { instanceOf: StoreLockedError });
     t.regex(err!.message, new RegExp(`in use by this process`));
@@ -34,14 +39,11 @@ test('a second writer is refused with a message naming the holder', async (t) =>
     await store.close();
     const again = await FileSegmentStore.open(dir);
     await again.close();
-  } finally {
-    await rm(dir, { recursive: true, force: true });
-  }
+  });
 });
 
 test('a lock left by a dead process is taken over; a bad manifest is a clear error', async (t) => {
-  const dir = await mkdtemp(join(tmpdir(), 'pasture-file-'));
-  try {
+  await withTempDir(async (dir) => {
     const store = await FileSegmentStore.create(dir, { segmentBytes: 1 << 20, segmentCount: 8 });
     await store.close();
     const { writeFile } = await import('node:fs/promises');
@@ -52,7 +54,5 @@ test('a lock left by a dead process is taken over; a bad manifest is a clear err
     await writeFile(join(dir, 'store.json'), '{"kind":"something else"}');
     await t.throwsAsync(FileSegmentStore.open(dir), { message: /not a store manifest/ });
     await t.throwsAsync(FileSegmentStore.open(join(dir, 'nope')), { message: /holds no Pasture store/ });
-  } finally {
-    await rm(dir, { recursive: true, force: true });
-  }
+  });
 });

@@ -14,7 +14,7 @@
 import { GrassLog, SLOT_FREE, SLOT_SEALED } from './grass.ts';
 import type { SegmentStore } from './segment-store.ts';
 import { crc32c } from './crc32c.ts';
-import { FOOTER_BYTES, RECORD_HEADER_BYTES, RecordKind, SEGMENT_HEADER_BYTES, SUMMARY_ENTRY_BYTES, viewOf } from './format.ts';
+import { FOOTER_BYTES, RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES, SUMMARY_ENTRY_BYTES, viewOf } from './format.ts';
 import { decodeFooter, decodeSegmentHeader, decodeSummaryEntry, peekRecordHeader, recordChecksumOk, segmentSeed, summaryOffset } from './records.ts';
 import type { RecoveryReport } from './stats.ts';
 
@@ -27,6 +27,7 @@ export interface FsckReport {
   recovery: RecoveryReport | undefined;
 }
 
+/** Check `store`; it is closed afterwards (fsck owns it for the duration). */
 export async function fsck(store: SegmentStore, options: { maxProblems?: number } = {}): Promise<FsckReport> {
   const maxProblems = options.maxProblems ?? 1000;
   const problems: string[] = [];
@@ -86,27 +87,31 @@ export async function fsck(store: SegmentStore, options: { maxProblems?: number 
     if (off !== f.dataEnd) problem(`segment ${s}: summary ends at ${off}, footer says ${f.dataEnd}`);
     recordAt.set(s, offsets);
   }
-  // 2. Every mapping.
+  // 2. Every mapping (addresses collected first: reads are awaited, a bounded number at a time).
   const live = new Float64Array(store.segmentCount);
-  const reads: Promise<void>[] = [];
+  const addresses: number[] = [];
   ins.map.forEach((gaddr, slot, offset, length) => {
     live[slot]! += RECORD_HEADER_BYTES + length;
     if (ins.slotState[slot] === SLOT_FREE) problem(`address ${gaddr}: maps into free segment ${slot}`);
     const offsets = recordAt.get(slot);
     if (offsets !== undefined && !offsets.has(offset)) problem(`address ${gaddr}: maps to segment ${slot} offset ${offset}, where no record starts`);
-    reads.push(
-      g.read(gaddr).then(
-        () => undefined,
-        (e: Error) => problem(`address ${gaddr}: ${e.message}`),
+    addresses.push(gaddr);
+  });
+  const READS_IN_FLIGHT = 64;
+  for (let i = 0; i < addresses.length; i += READS_IN_FLIGHT) {
+    await Promise.all(
+      addresses.slice(i, i + READS_IN_FLIGHT).map((gaddr) =>
+        g.read(gaddr).then(
+          () => undefined,
+          (e: Error) => problem(`address ${gaddr}: ${e.message}`),
+        ),
       ),
     );
-  });
-  await Promise.all(reads);
+  }
   for (let s = 0; s < store.segmentCount; s++) {
     if (Math.abs(live[s]! - ins.dataLive[s]!) > 0.5) problem(`segment ${s}: live bytes ${ins.dataLive[s]} in the table, ${live[s]} by the map`);
   }
   const mappedAddresses = ins.map.size;
-  void RecordKind;
   await g.close();
   return { ok: problems.length === 0, problems, segmentsChecked, recordsChecked, mappedAddresses, recovery: rec };
 }

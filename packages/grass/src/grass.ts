@@ -88,6 +88,8 @@ export interface GrassOptions {
 /** Largest batch: bounds memory and keeps one batch far smaller than the free-space reserve. */
 export const MAX_BATCH_OPS = 65536;
 export const MAX_BATCH_BYTES = 64 * 1024 * 1024;
+/** Background cleaning leaves segments fuller than this alone (foreground cleaning does not). */
+const BACKGROUND_MAX_UTILIZATION = 0.95;
 /** Segments kept per stream beyond the open one while seals are in flight. */
 const MAX_SEALING_PER_STREAM = 4;
 
@@ -351,7 +353,8 @@ export class GrassLog implements Grass {
         bytes = await this.store.read(loc.slot, loc.offset, RECORD_HEADER_BYTES + loc.length);
         at = 0;
       }
-      const problem = this.checkRecord(bytes, at, gaddr, loc.length, segmentSeed(seq, loc.slot));
+      const seed = buffered !== undefined && buffered.seq === seq ? buffered.seed : segmentSeed(seq, loc.slot);
+      const problem = this.checkRecord(bytes, at, gaddr, loc.length, seed);
       if (problem === undefined) {
         const out = new Uint8Array(loc.length);
         out.set(bytes.subarray(at + RECORD_HEADER_BYTES, at + RECORD_HEADER_BYTES + loc.length));
@@ -446,17 +449,17 @@ export class GrassLog implements Grass {
     // A trim of an address that is unmapped at that point of the batch changes nothing and is
     // not written. The batch-end flag goes on the last record actually written.
     const write = new Array<boolean>(ops.length);
-    const touched = new Map<number, boolean>(); // gaddr -> mapped after the ops so far
+    // gaddr -> mapped after the ops so far; a one-op batch (the common case) needs none.
+    const touched = ops.length > 1 ? new Map<number, boolean>() : undefined;
     let last = -1;
     for (let i = 0; i < ops.length; i++) {
       const op = ops[i]!;
       if (op.op === 'put') {
         write[i] = true;
-        touched.set(op.gaddr, true);
+        touched?.set(op.gaddr, true);
       } else {
-        const mapped = touched.get(op.gaddr) ?? this.map.slotOf(op.gaddr) !== NO_SLOT;
-        write[i] = mapped;
-        touched.set(op.gaddr, false);
+        write[i] = touched?.get(op.gaddr) ?? this.map.slotOf(op.gaddr) !== NO_SLOT;
+        touched?.set(op.gaddr, false);
       }
       if (write[i]) last = i;
     }
@@ -823,7 +826,9 @@ export class GrassLog implements Grass {
       let idle = 0;
       let rounds = 0;
       const freeAtStart = this.freeSlots.length;
-      while (this.freeSlots.length < target && this.failed === undefined && !this.closed) {
+      // Each useful round gains at least a segment: more rounds than that would mean cycling.
+      const maxRounds = 4 * Math.max(1, target - freeAtStart) + 8;
+      while (this.freeSlots.length < target && this.failed === undefined && !this.closed && rounds < maxRounds) {
         const { freed, candidates } = await this.cleanRound(foreground);
         rounds++;
         if (candidates === 0) {
@@ -848,7 +853,11 @@ export class GrassLog implements Grass {
   }
 
   /** One cleaning round: up to cleanerBatch victims, then one sync (and a checkpoint if needed). Returns segments freed. */
-  async cleanRound(_foreground = false): Promise<{ freed: number; candidates: number }> {
+  /**
+   * One cleaning round. In the background only segments at most BACKGROUND_MAX_UTILIZATION
+   * full are taken: emptying a nearly full segment costs a segment's copy to gain a sliver.
+   */
+  async cleanRound(foreground = true): Promise<{ freed: number; candidates: number }> {
     this.checkWritable();
     const now = this.userClock;
     const candidates: { slot: number; score: number }[] = [];
@@ -857,7 +866,7 @@ export class GrassLog implements Grass {
       if (this.appendsEndedGen[s]! >= this.durableSnapshotGen) continue;
       if ((this.slotFlags[s]! & SLOT_FLAG_DAMAGED) !== 0) continue;
       const info = this.segmentInfo(s);
-      if (info.liveBytes >= this.usableBytes - RECORD_HEADER_BYTES) continue; // nothing to gain
+      if (info.liveBytes >= this.usableBytes * (foreground ? 1 : BACKGROUND_MAX_UTILIZATION) - RECORD_HEADER_BYTES) continue; // little or nothing to gain
       candidates.push({ slot: s, score: info.liveBytes === 0 ? Infinity : this.policy.score(info, now) });
     }
     if (candidates.length === 0) return { freed: 0, candidates: 0 };
@@ -961,9 +970,8 @@ export class GrassLog implements Grass {
           this.map.markDirty(e.key);
           needCheckpoint = true;
         }
-      } else if (e.kind === RecordKind.CheckpointChunk || e.kind === RecordKind.CheckpointRoot) {
-        if (this.metaLive[slot]! > 0) needCheckpoint = true;
       }
+      // Checkpoint chunks and roots need no copy: the next checkpoint supersedes them (below).
     }
     if (bad) return damaged('a live record failed its checksum');
     if (this.metaLive[slot]! > 0) needCheckpoint = true;
