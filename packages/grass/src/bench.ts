@@ -208,21 +208,29 @@ export interface MapMemoryResult {
   mapArrayBytesPerRecord: number;
 }
 
-function measureMemory(): number {
-  (globalThis as { gc?: () => void }).gc?.();
+/**
+ * Heap + ArrayBuffer bytes after a full GC. V8 releases ArrayBuffer backing stores after the
+ * collection, so measure twice with a pause between: a single synchronous gc() counts buffers
+ * that are already garbage (that read 26 B/record here where the truth was 16).
+ */
+async function measureMemory(): Promise<number> {
+  const gc = (globalThis as { gc?: () => void }).gc;
+  gc?.();
+  await new Promise((r) => setTimeout(r, 200));
+  gc?.();
   const m = process.memoryUsage();
   return m.heapUsed + m.arrayBuffers;
 }
 
 /** The address map alone with `records` dense addresses. */
-function mapOnly(records: number): number {
-  const before = measureMemory();
+async function mapOnly(records: number): Promise<number> {
+  const before = await measureMemory();
   const m = new AddressMap();
   for (let i = 1; i <= records; i++) {
     m.set(i, 5, (i * 44) % 8000000, 8);
     m.noteUserWrite(i, i * 44);
   }
-  const bytes = measureMemory() - before;
+  const bytes = (await measureMemory()) - before;
   if (m.size !== records) throw new Error('map lost records');
   return bytes / records;
 }
@@ -236,9 +244,8 @@ export async function benchMapMemory(o: { dir?: string; records: number }): Prom
     const segmentCount = Math.ceil((o.records * (recordBytes + 36) * 1.3) / segmentBytes) + 32;
     const store = await FileSegmentStore.create(join(dir, 'store'), { segmentBytes, segmentCount });
     const g = await GrassLog.create(store, { checkpointIntervalBytes: 1 << 40, backgroundCleaner: false });
-    const mapBytesPerRecord = mapOnly(o.records);
-    const measure = measureMemory;
-    const before = measure();
+    const mapBytesPerRecord = await mapOnly(o.records);
+    const before = await measureMemory();
     const data = new Uint8Array(recordBytes);
     const half = Math.floor(o.records / 2);
     let atHalf = 0;
@@ -248,11 +255,11 @@ export async function benchMapMemory(o: { dir?: string; records: number }): Prom
       if (i % 4096 === 0) await g.flush();
       if (i === half) {
         await g.flush();
-        atHalf = measure();
+        atHalf = await measureMemory();
       }
     }
     await g.flush();
-    const after = measure();
+    const after = await measureMemory();
     const st = g.stats();
     await g.close();
     return { records: o.records, bytesPerRecord: (after - before) / o.records, marginalBytesPerRecord: (after - atHalf) / (o.records - half), mapBytesPerRecord, mapArrayBytesPerRecord: st.mapMemoryBytes / st.liveRecords };
