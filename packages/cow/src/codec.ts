@@ -1,0 +1,114 @@
+/**
+ * Block codec: how Cow stores one 4096-byte block in a Grass record (see FORMAT.md).
+ *
+ * - An all-zero block is stored as nothing at all: the caller unmaps it.
+ * - A record of exactly BLOCK_BYTES is the raw block (its length is its codec tag; a tag
+ *   byte would not fit in Grass's 4096-byte record limit).
+ * - A shorter record starts with a codec tag byte: CODEC_LZ4 is followed by a u32
+ *   little-endian original size (always BLOCK_BYTES) and a raw LZ4 block.
+ * - A block is stored compressed only if that saves at least 1/8 (MIN_SAVING_BYTES).
+ *
+ * LZ4 comes from lz4-napi (docs/rfcs/0002), with lz4-wasm-nodejs as the portable fallback;
+ * both write the same bytes' format. Neither checks its input, so decode() checks the size
+ * prefix before decompressing and the length after. Grass has already verified the record's
+ * CRC-32C, so corrupt compressed bytes never reach here unnoticed.
+ */
+import { createRequire } from 'node:module';
+
+export const BLOCK_BYTES = 4096;
+export const CODEC_LZ4 = 1;
+/** Compression must save at least this much to be used. */
+export const MIN_SAVING_BYTES = BLOCK_BYTES / 8;
+
+export class CodecError extends Error {
+  override name = 'CodecError';
+  readonly code = 'EIO';
+}
+
+interface Lz4 {
+  name: string;
+  compress(data: Uint8Array): Uint8Array;
+  decompress(data: Uint8Array): Uint8Array;
+}
+
+const require = createRequire(import.meta.url);
+
+function asBuffer(u: Uint8Array): Buffer {
+  return Buffer.isBuffer(u) ? u : Buffer.from(u.buffer, u.byteOffset, u.byteLength);
+}
+
+function loadNapi(): Lz4 | undefined {
+  try {
+    const m = require('lz4-napi') as { compressSync(b: Buffer): Buffer; uncompressSync(b: Buffer): Buffer };
+    return {
+      name: 'lz4-napi',
+      compress: (d) => m.compressSync(asBuffer(d)),
+      decompress: (d) => {
+        try {
+          return m.uncompressSync(asBuffer(d));
+        } catch (e) {
+          throw new CodecError(`lz4 decompression failed: ${(e as Error).message}`);
+        }
+      },
+    };
+  } catch {
+    return undefined;
+  }
+}
+
+/** The portable implementation (WebAssembly). */
+export function loadWasm(): Lz4 {
+  const m = require('lz4-wasm-nodejs') as { compress(b: Uint8Array): Uint8Array; decompress(b: Uint8Array): Uint8Array };
+  return {
+    name: 'lz4-wasm-nodejs',
+    compress: (d) => m.compress(d),
+    decompress: (d) => {
+      try {
+        return m.decompress(d);
+      } catch (e) {
+        // It throws strings, not Errors.
+        throw new CodecError(`lz4 decompression failed: ${String(e)}`);
+      }
+    },
+  };
+}
+
+const lz4: Lz4 = (process.env.PASTURE_LZ4 === 'wasm' ? undefined : loadNapi()) ?? loadWasm();
+/** Which LZ4 implementation is in use. */
+export const lz4Implementation = lz4.name;
+
+const ZERO_BLOCK = Buffer.alloc(BLOCK_BYTES);
+
+export function isZeroBlock(block: Uint8Array): boolean {
+  return Buffer.compare(asBuffer(block), ZERO_BLOCK) === 0;
+}
+
+/** The record to store for `block`, or undefined for an all-zero block (store nothing). */
+export function encodeBlock(block: Uint8Array, impl: Lz4 = lz4): Uint8Array | undefined {
+  if (block.length !== BLOCK_BYTES) throw new RangeError(`a block is ${BLOCK_BYTES} bytes, got ${block.length}`);
+  if (isZeroBlock(block)) return undefined;
+  const c = impl.compress(block);
+  if (1 + c.length <= BLOCK_BYTES - MIN_SAVING_BYTES) {
+    const out = new Uint8Array(1 + c.length);
+    out[0] = CODEC_LZ4;
+    out.set(c, 1);
+    return out;
+  }
+  return block.slice();
+}
+
+/** The block a stored record holds. Throws CodecError for anything it cannot vouch for. */
+export function decodeBlock(record: Uint8Array, impl: Lz4 = lz4): Uint8Array {
+  if (record.length === BLOCK_BYTES) return record.slice();
+  if (record.length < 1 + 4) throw new CodecError(`stored block of ${record.length} bytes is too short`);
+  const tag = record[0]!;
+  if (tag !== CODEC_LZ4) throw new CodecError(`unknown block codec ${tag}`);
+  const body = record.subarray(1);
+  const size = body[0]! | (body[1]! << 8) | (body[2]! << 16) | (body[3]! << 24);
+  if (size !== BLOCK_BYTES) throw new CodecError(`compressed block claims ${size >>> 0} bytes, expected ${BLOCK_BYTES}`);
+  const out = impl.decompress(body);
+  if (out.length !== BLOCK_BYTES) throw new CodecError(`compressed block decoded to ${out.length} bytes, expected ${BLOCK_BYTES}`);
+  return out instanceof Buffer ? new Uint8Array(out.buffer, out.byteOffset, out.length).slice() : out;
+}
+
+export { lz4 as defaultLz4, loadNapi, type Lz4 };
