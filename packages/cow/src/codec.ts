@@ -14,6 +14,7 @@
  * CRC-32C, so corrupt compressed bytes never reach here unnoticed.
  */
 import { createRequire } from 'node:module';
+import { CowCorruptionError } from './errors.ts';
 
 export const BLOCK_BYTES = 4096;
 export const CODEC_LZ4 = 1;
@@ -112,3 +113,30 @@ export function decodeBlock(record: Uint8Array, impl: Lz4 = lz4): Uint8Array {
 }
 
 export { lz4 as defaultLz4, loadNapi, type Lz4 };
+
+// ---------------------------------------------------------------------------------------------
+// Metadata compression (format.ts): refcount pages are mostly runs of equal counts and
+// compress a lot; nodes less. A body is stored compressed when that saves at least 1/8.
+// ---------------------------------------------------------------------------------------------
+
+/** LZ4 of `body` with a u32 size prefix, or undefined if that does not save at least 1/8. */
+export function compressMeta(body: Uint8Array): Uint8Array | undefined {
+  if (body.length < 64) return undefined;
+  const c = lz4.compress(body);
+  return c.length <= body.length - body.length / 8 ? c : undefined;
+}
+
+/** Inverse of compressMeta; checks the size prefix against `maxBytes` before decompressing. */
+export function decompressMeta(packed: Uint8Array, maxBytes: number, what: string): Uint8Array {
+  if (packed.length < 4) throw new CowCorruptionError(`${what}: compressed body is truncated`);
+  const size = (packed[0]! | (packed[1]! << 8) | (packed[2]! << 16) | (packed[3]! << 24)) >>> 0;
+  if (size > maxBytes) throw new CowCorruptionError(`${what}: compressed body claims ${size} bytes, at most ${maxBytes} allowed`);
+  let out: Uint8Array;
+  try {
+    out = lz4.decompress(packed);
+  } catch (e) {
+    throw new CowCorruptionError(`${what}: ${(e as Error).message}`);
+  }
+  if (out.length !== size) throw new CowCorruptionError(`${what}: decompressed to ${out.length} bytes, expected ${size}`);
+  return out;
+}

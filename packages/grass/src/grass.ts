@@ -54,6 +54,8 @@ export interface Grass {
   readonly maxRecordBytes: number;
   /** The record at `gaddr`, or undefined if none. Throws CorruptionError rather than return wrong bytes. */
   read(gaddr: number): Promise<Uint8Array | undefined>;
+  /** Payload length of the record at `gaddr`, or undefined if none; from memory, no I/O. */
+  size(gaddr: number): number | undefined;
   put(gaddr: number, data: Uint8Array): Promise<void>;
   trim(gaddr: number): Promise<void>;
   /** Apply all ops atomically: after a crash, all or none of them. */
@@ -378,6 +380,12 @@ export class GrassLog implements Grass {
     if (h.length !== length) return `record length ${h.length}, map says ${length}`;
     if (!recordChecksumOk(bytes, view, at, length, seed)) return 'checksum mismatch';
     return undefined;
+  }
+
+  size(gaddr: number): number | undefined {
+    this.checkOpen();
+    checkAddress(gaddr);
+    return this.map.get(gaddr)?.length;
   }
 
   put(gaddr: number, data: Uint8Array): Promise<void> {

@@ -1,0 +1,218 @@
+/**
+ * Cow's behaviour, one property per test: sharing isolation, O(log n) BLOCK-COPY, atomic
+ * transactions, address reuse, a bounded cache, persistence, and clear errors for bad input.
+ */
+import test from 'ava';
+import { GrassLog, MemorySegmentStore } from '@pasture/grass';
+import { BLOCK_BYTES } from './codec.ts';
+import { CowStore } from './cow.ts';
+import { fsckCow } from './fsck.ts';
+import { blockFor } from './simulator.ts';
+
+async function fresh(options: { cacheBytes?: number; segments?: number } = {}): Promise<{ cow: CowStore; store: MemorySegmentStore }> {
+  const store = new MemorySegmentStore(256 * 1024, options.segments ?? 512);
+  const cow = await CowStore.create(await GrassLog.create(store, {}), { backgroundReaper: false, ...(options.cacheBytes ? { cacheBytes: options.cacheBytes } : {}) });
+  return { cow, store };
+}
+
+function tagAt(b: Uint8Array | undefined): number | undefined {
+  return b === undefined ? undefined : new DataView(b.buffer, b.byteOffset, 8).getFloat64(0, true);
+}
+
+/** Fill [start, start + n) with tag = base + offset, 256 blocks per transaction. */
+async function fill(cow: CowStore, start: bigint, n: number, base: number): Promise<void> {
+  for (let i = 0; i < n; i += 256) {
+    await cow.transaction(async (tx) => {
+      for (let j = i; j < Math.min(n, i + 256); j++) await tx.write(start + BigInt(j), blockFor(base + j));
+    });
+  }
+}
+
+async function healthy(t: { true: (v: boolean, m?: string) => void }, cow: CowStore): Promise<void> {
+  const f = await fsckCow(cow);
+  t.true(f.ok, f.problems.join('; '));
+}
+
+test('after BLOCK-COPY, writing either side never changes the other', async (t) => {
+  const { cow } = await fresh();
+  await fill(cow, 1000n, 3000, 1);
+  const dst = (1n << 64n) + 1000n; // same alignment: subtrees are shared
+  const odd = (1n << 90n) + 77n; // different alignment: blocks are shared one by one
+  await cow.copy(1000n, dst, 3000n);
+  await cow.copy(1000n, odd, 3000n);
+  const scan = await cow.scan();
+  t.is(scan.mappedBlocks, 9000);
+  t.is(scan.sharedBlocks, 9000);
+  // Write the source at some places, each copy at others.
+  for (let i = 0; i < 3000; i += 7) await cow.write(1000n + BigInt(i), blockFor(100000 + i));
+  for (let i = 3; i < 3000; i += 11) await cow.write(dst + BigInt(i), blockFor(200000 + i));
+  for (let i = 5; i < 3000; i += 13) await cow.write(odd + BigInt(i), blockFor(300000 + i));
+  for (let i = 0; i < 3000; i++) {
+    const want = (w: number, tag: number, step: number, from: number): number => ((i - from) % step === 0 && i >= from ? w + i : tag);
+    t.is(tagAt(await cow.read(1000n + BigInt(i))), want(100000, 1 + i, 7, 0), `source ${i}`);
+    t.is(tagAt(await cow.read(dst + BigInt(i))), want(200000, 1 + i, 11, 3), `aligned copy ${i}`);
+    t.is(tagAt(await cow.read(odd + BigInt(i))), want(300000, 1 + i, 13, 5), `misaligned copy ${i}`);
+  }
+  // Trimming the source leaves both copies whole.
+  await cow.trim(0n, 1n << 63n);
+  await cow.reap();
+  t.is(await cow.read(1500n), undefined);
+  t.is(tagAt(await cow.read(dst + 1n)), 2);
+  t.is(tagAt(await cow.read(odd + 1n)), 2);
+  await healthy(t, cow);
+});
+
+test('BLOCK-COPY of an aligned range writes O(log n) records, not one per block', async (t) => {
+  const { cow } = await fresh({ segments: 1024 });
+  const n = 1 << 16;
+  await fill(cow, 0n, n, 1);
+  const before = cow.grass.stats().userRecords;
+  await cow.copy(0n, 1n << 80n, BigInt(n));
+  const written = cow.grass.stats().userRecords - before;
+  t.log(`copy of ${n} blocks wrote ${written} Grass records`);
+  t.true(written <= 2 * 16 + 4, `${written} records`);
+  t.is(tagAt(await cow.read((1n << 80n) + 12345n)), 12346);
+  // Overwriting the destination later frees the old destination subtree through the reaper.
+  await cow.copy(1000n, 1n << 80n, BigInt(n));
+  t.true(cow.stats().pendingReap > 0 || (await fsckCow(cow)).ok);
+  await cow.reap();
+  t.is(tagAt(await cow.read((1n << 80n) + 5n)), 1006);
+  await healthy(t, cow);
+});
+
+test('a transaction commits all of its operations or, if it throws, none', async (t) => {
+  const { cow } = await fresh();
+  await fill(cow, 0n, 10, 1);
+  const batchesBefore = cow.grass.stats().batches;
+  await cow.transaction(async (tx) => {
+    await tx.write(100n, blockFor(500));
+    await tx.copy(0n, 200n, 10n);
+    await tx.exchange(0n, 300n, 5n);
+    await tx.trim(9n, 1n);
+  });
+  t.is(cow.grass.stats().batches - batchesBefore, 1, 'one transaction is one Grass batch');
+  t.is(tagAt(await cow.read(300n)), 1);
+  t.is(await cow.read(0n), undefined);
+  t.is(tagAt(await cow.read(205n)), 6);
+  const snapshot = async (): Promise<(number | undefined)[]> => Promise.all([0n, 5n, 9n, 100n, 200n, 300n, 400n].map(async (a) => tagAt(await cow.read(a))));
+  const before = await snapshot();
+  const statsBefore = cow.stats();
+  await t.throwsAsync(
+    cow.transaction(async (tx) => {
+      await tx.write(400n, blockFor(9));
+      await tx.trim(0n, 1000n);
+      t.is(await tx.read(300n), undefined, 'reads inside see the transaction');
+      throw new Error('changed my mind');
+    }),
+    { message: 'changed my mind' },
+  );
+  t.deepEqual(await snapshot(), before);
+  t.is(cow.stats().physicalBytes, statsBefore.physicalBytes);
+  await healthy(t, cow);
+});
+
+test('freed Grass addresses are reused: write/trim cycles do not raise the high water', async (t) => {
+  const { cow } = await fresh();
+  await fill(cow, 0n, 600, 1);
+  await cow.trim(0n, 600n);
+  await cow.reap();
+  const high = cow.stats().allocator.highWater;
+  for (let round = 0; round < 5; round++) {
+    await fill(cow, 0n, 600, 1000 * round);
+    await cow.trim(0n, 1n << 40n);
+    await cow.reap();
+  }
+  t.is(cow.stats().allocator.highWater, high);
+  t.is(cow.stats().dataRecords, 0);
+  await healthy(t, cow);
+});
+
+test('all-zero blocks take no space, and compressible blocks take less', async (t) => {
+  const { cow } = await fresh();
+  await cow.write(1n, new Uint8Array(BLOCK_BYTES));
+  t.is(await cow.read(1n), undefined);
+  t.is(cow.stats().dataRecords, 0);
+  await cow.write(2n, blockFor(1)); // compressible
+  await cow.write(3n, blockFor(3)); // random
+  const s = cow.stats();
+  t.is(s.dataRecords, 2);
+  t.true(s.dataBytes < BLOCK_BYTES + BLOCK_BYTES / 8, `${s.dataBytes} bytes`);
+  // Zeroing a mapped block unmaps it and frees its record.
+  await cow.write(2n, new Uint8Array(BLOCK_BYTES));
+  t.is(await cow.read(2n), undefined);
+  t.is(cow.stats().dataRecords, 1);
+  await healthy(t, cow);
+});
+
+test('the node cache stays within its bound however much is mapped', async (t) => {
+  const { cow } = await fresh({ cacheBytes: 64 * 1024, segments: 1024 });
+  // 40 leaves' worth spread over the space, far more metadata than 64 KiB of cache.
+  for (let k = 0; k < 40; k++) await fill(cow, BigInt(k) << BigInt(3 * k), 40, k * 1000);
+  t.true(cow.cache.usedBytes <= 64 * 1024, `${cow.cache.usedBytes} bytes cached`);
+  for (let k = 0; k < 40; k++) t.is(tagAt(await cow.read((BigInt(k) << BigInt(3 * k)) + 7n)), k * 1000 + 7);
+  t.true(cow.stats().cache.misses > 0);
+  await healthy(t, cow);
+});
+
+test('the space survives close and reopen, at the far ends of the address space', async (t) => {
+  const { cow, store } = await fresh();
+  const top = (1n << 128n) - 1n;
+  await cow.write(top, blockFor(42));
+  await cow.write(0n, blockFor(43));
+  await cow.copy(top, 1n << 127n, 1n);
+  await cow.flush();
+  const stats = cow.stats();
+  await cow.close();
+  const again = await CowStore.open(await GrassLog.open(store.reopen(), {}), {});
+  t.is(tagAt(await again.read(top)), 42);
+  t.is(tagAt(await again.read(0n)), 43);
+  t.is(tagAt(await again.read(1n << 127n)), 42);
+  t.is(again.stats().treeDepth, 16);
+  t.is(again.stats().dataBytes, stats.dataBytes);
+  t.deepEqual(await again.extents(0n, 1n << 128n), [
+    { start: 0n, count: 1n },
+    { start: 1n << 127n, count: 1n },
+    { start: top, count: 1n },
+  ]);
+  await healthy(t, again);
+  await again.close();
+});
+
+test('bad input gets a clear error and changes nothing', async (t) => {
+  const { cow } = await fresh();
+  await cow.write(5n, blockFor(1));
+  await t.throwsAsync(cow.write(6n, new Uint8Array(100)), { code: 'EINVAL' } as never);
+  await t.throwsAsync(cow.write(1n << 128n, blockFor(2)), { code: 'EINVAL', message: /outside the 128-bit block space/ } as never);
+  await t.throwsAsync(cow.read(-1n), { code: 'EINVAL' } as never);
+  await t.throwsAsync(cow.trim((1n << 128n) - 1n, 2n), { code: 'EINVAL' } as never);
+  await t.throwsAsync(cow.exchange(0n, 10n, 20n), { code: 'EINVAL', message: /overlap/ } as never);
+  await t.throwsAsync(cow.copy(0n, 1n, -1n), { code: 'EINVAL' } as never);
+  t.is(tagAt(await cow.read(5n)), 1);
+  await healthy(t, cow);
+  await cow.close();
+  await t.throwsAsync(cow.read(5n), { code: 'ESHUTDOWN' } as never);
+});
+
+test('fsck reports a refcount that disagrees with the tree', async (t) => {
+  const { cow } = await fresh();
+  await fill(cow, 0n, 20, 1);
+  await cow.copy(0n, 1000n, 20n);
+  await healthy(t, cow);
+  // Damage a refcount page behind Cow's back: raise the count of the first data record.
+  const g = (await cow.extents(0n, 1n))[0]!;
+  t.truthy(g);
+  const page = (await cow.loadRefcounts(0)).slice();
+  const target = page.findIndex((c, i) => i >= 2 && c === 1);
+  page[target] = 3;
+  const { encodeRefcounts, RC_BASE_GADDR } = await import('./format.ts');
+  await cow.grass.put(RC_BASE_GADDR, encodeRefcounts(page));
+  cow.cache.delete(RC_BASE_GADDR);
+  const f = await fsckCow(cow);
+  t.false(f.ok);
+  t.is(f.counts.refcountMismatches, 1, f.problems.join('; '));
+  page[target] = 0;
+  await cow.grass.put(RC_BASE_GADDR, encodeRefcounts(page));
+  cow.cache.delete(RC_BASE_GADDR);
+  const f2 = await fsckCow(cow);
+  t.is(f2.counts.doubleReferences, 1, f2.problems.join('; '));
+});

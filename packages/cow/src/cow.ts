@@ -1,0 +1,422 @@
+/**
+ * CowStore: a sparse 128-bit space of 4096-byte blocks on Grass, with refcounted sharing
+ * (BLOCK-COPY, BLOCK-EXCHANGE), TRIM, always-on compression and atomic transactions.
+ *
+ * The map is a copy-on-write radix B+tree (tree.ts explains the shape): every node of height h
+ * covers an aligned run of 256^(h+1) blocks, so a subtree can be shared into any position with
+ * the same alignment by one refcount increment. Nodes and data blocks carry reference counts in
+ * refcount pages (Grass records updated in place). A transaction collects its changes and
+ * commits them as one Grass batch, so after a crash Cow holds a prefix of its transactions.
+ *
+ * Ownership: CowStore owns the Grass it is given and closes it. Thread-safety: all calls may
+ * be made concurrently; reads share a lock, transactions take it exclusively.
+ */
+import type { Grass } from '@pasture/grass';
+import { assert } from './assert.ts';
+import { Allocator } from './allocator.ts';
+import { NODE_ENTRY_BYTES, NodeCache, REFCOUNT_ENTRY_BYTES } from './cache.ts';
+import { BLOCK_BYTES, decodeBlock } from './codec.ts';
+import { CowClosedError, CowCorruptionError, CowInvalidArgumentError, NotACowStoreError } from './errors.ts';
+import {
+  CowNode,
+  GRAVE_BASE_GADDR,
+  GRAVE_ENTRIES_MAX,
+  GRAVE_PAGE_ENTRIES,
+  RC_BASE_GADDR,
+  RC_PAGE_ENTRIES,
+  SUPERBLOCK_GADDR,
+  SUPERBLOCK_RECORD_BYTES,
+  type Superblock,
+  decodeGrave,
+  decodeRefcounts,
+  decodeSuperblock,
+  emptySuperblock,
+  encodeSuperblock,
+  spanOf,
+} from './format.ts';
+import { RwLock } from './rwlock.ts';
+import { Txn, checkRange, digit } from './txn.ts';
+
+export interface Extent {
+  start: bigint;
+  count: bigint;
+}
+
+/** What a transaction can do; reads inside it see its own changes. */
+export interface CowTransaction {
+  /** The block at `addr`, or undefined if unmapped (the layer above reads zeros). */
+  read(addr: bigint): Promise<Uint8Array | undefined>;
+  /** Map `addr` to a copy of `block` (4096 bytes). An all-zero block unmaps it. */
+  write(addr: bigint, block: Uint8Array): Promise<void>;
+  /** Unmap [addr, addr + count). */
+  trim(addr: bigint, count: bigint): Promise<void>;
+  /** BLOCK-COPY: make [dst, dst + count) map what [src, src + count) maps (memmove semantics). */
+  copy(src: bigint, dst: bigint, count: bigint): Promise<void>;
+  /** BLOCK-EXCHANGE: swap the mappings of two disjoint ranges. */
+  exchange(a: bigint, b: bigint, count: bigint): Promise<void>;
+}
+
+/** The interface Cow offers the layer above (Human) and research users. */
+export interface Cow extends CowTransaction {
+  /** Run `fn` as one transaction: all of its changes commit atomically, or none if it throws. */
+  transaction<T>(fn: (tx: CowTransaction) => Promise<T>): Promise<T>;
+  /** Mapped runs within [start, start + count), in order, at most `maxExtents` of them. */
+  extents(start: bigint, count: bigint, maxExtents?: number): Promise<Extent[]>;
+  /** Durability barrier: every transaction committed before it survives a crash. */
+  flush(): Promise<void>;
+  stats(): CowStats;
+  close(): Promise<void>;
+}
+
+export interface CowOptions {
+  /** Bytes of decoded nodes and refcount pages to cache (default 64 MiB). */
+  cacheBytes?: number;
+  /** Reap dead subtrees in the background (default true); otherwise call reap(). */
+  backgroundReaper?: boolean;
+  /** Open without writing (fsck, inspection). */
+  readOnly?: boolean;
+  /** Called when the background reaper fails (the next transaction will usually fail too). */
+  onBackgroundError?: (e: unknown) => void;
+}
+
+export interface CowStats {
+  /** Distinct data records and the bytes they occupy in Grass (after compression). */
+  dataRecords: number;
+  dataBytes: number;
+  /** Metadata records (tree nodes, refcount and graveyard pages, superblock) and bytes. */
+  metaRecords: number;
+  metaBytes: number;
+  physicalBytes: number;
+  /** Uncompressed over compressed size of the stored data records. */
+  compressionRatio: number;
+  /** Levels in the tree (0 when empty). */
+  treeDepth: number;
+  /** Dead subtrees waiting for the reaper. */
+  pendingReap: number;
+  transactions: number;
+  reapedNodes: number;
+  cache: { entries: number; bytes: number; capacityBytes: number; hits: number; misses: number; hitRate: number };
+  allocator: { highWater: number; freeKnown: number; pagesUnknown: number };
+}
+
+/** Figures that need a walk of the tree (CowStore.scan). */
+export interface CowScan {
+  /** Logical blocks mapped. */
+  mappedBlocks: number;
+  /** Logical blocks whose data is also mapped at another address. */
+  sharedBlocks: number;
+  nodes: number;
+  treeDepth: number;
+}
+
+/** Decrements reaped per background step: bounds one reaper transaction. */
+const REAP_STEP_DECREMENTS = 4096;
+
+export class CowStore implements Cow {
+  readonly grass: Grass;
+  sb: Superblock;
+  /** Committed graveyard (dead nodes whose children still need a decrement). */
+  grave: number[];
+  readonly cache: NodeCache<CowNode | Uint32Array>;
+  readonly allocator: Allocator;
+  readonly options: CowOptions;
+  private readonly lock = new RwLock();
+  private closed = false;
+  private reapScheduled = false;
+  private reapRunning: Promise<void> | undefined;
+  private counters = { transactions: 0, reapedNodes: 0 };
+
+  private constructor(grass: Grass, sb: Superblock, grave: number[], options: CowOptions) {
+    this.grass = grass;
+    this.sb = sb;
+    this.grave = grave;
+    this.options = options;
+    this.cache = new NodeCache(options.cacheBytes ?? 64 * 1024 * 1024);
+    this.allocator = new Allocator(sb.nextGaddr, (p) => this.loadRefcounts(p));
+  }
+
+  /** Format an empty Cow space on a Grass store that has none, durably. */
+  static async create(grass: Grass, options: CowOptions = {}): Promise<CowStore> {
+    if (grass.size(SUPERBLOCK_GADDR) !== undefined) throw new CowInvalidArgumentError('this Grass store already holds a Cow space');
+    const sb = emptySuperblock();
+    sb.metaRecords = 1;
+    sb.metaBytes = SUPERBLOCK_RECORD_BYTES;
+    await grass.batch([{ op: 'put', gaddr: SUPERBLOCK_GADDR, data: encodeSuperblock(sb) }]);
+    await grass.flush(); // a created space exists durably, even if empty
+    const cow = new CowStore(grass, sb, [], options);
+    return cow;
+  }
+
+  /** Open the Cow space on `grass`. */
+  static async open(grass: Grass, options: CowOptions = {}): Promise<CowStore> {
+    const rec = await grass.read(SUPERBLOCK_GADDR);
+    if (rec === undefined) throw new NotACowStoreError('this Grass store holds no Cow space (create one first)');
+    const sb = decodeSuperblock(rec);
+    const grave: number[] = [];
+    for (let i = 0; i * GRAVE_PAGE_ENTRIES < sb.graveCount; i++) {
+      const g = GRAVE_BASE_GADDR + i;
+      const page = await grass.read(g);
+      if (page === undefined) throw new CowCorruptionError(`graveyard page ${i} is missing`);
+      const entries = decodeGrave(page, g);
+      const want = Math.min(GRAVE_PAGE_ENTRIES, sb.graveCount - i * GRAVE_PAGE_ENTRIES);
+      if (entries.length !== want) throw new CowCorruptionError(`graveyard page ${i} holds ${entries.length} entries, expected ${want}`);
+      grave.push(...entries);
+    }
+    const cow = new CowStore(grass, sb, grave, options);
+    cow.scheduleReap();
+    return cow;
+  }
+
+  // ===========================================================================================
+  // Committed state, read through the cache
+  // ===========================================================================================
+
+  async loadNode(g: number, height: number): Promise<CowNode> {
+    const c = this.cache.get(g);
+    if (c !== undefined) {
+      if (!(c instanceof CowNode) || c.height !== height) throw new CowCorruptionError(`address ${g} is not a node of height ${height}`);
+      return c;
+    }
+    const rec = await this.grass.read(g);
+    if (rec === undefined) throw new CowCorruptionError(`node at address ${g} (height ${height}) is missing`);
+    const node = CowNode.decode(rec, g);
+    if (node.height !== height) throw new CowCorruptionError(`node at address ${g} has height ${node.height}, its parent expects ${height}`);
+    this.cache.set(g, node, NODE_ENTRY_BYTES);
+    return node;
+  }
+
+  async loadRefcounts(p: number): Promise<Uint32Array> {
+    const g = RC_BASE_GADDR + p;
+    const c = this.cache.get(g);
+    if (c !== undefined) {
+      assert(c instanceof Uint32Array);
+      return c;
+    }
+    const rec = await this.grass.read(g);
+    const page = rec === undefined ? new Uint32Array(RC_PAGE_ENTRIES) : decodeRefcounts(rec, g);
+    this.cache.set(g, page, REFCOUNT_ENTRY_BYTES);
+    return page;
+  }
+
+  async refcount(g: number): Promise<number> {
+    return (await this.loadRefcounts(Math.floor(g / RC_PAGE_ENTRIES)))[g % RC_PAGE_ENTRIES]!;
+  }
+
+  // ===========================================================================================
+  // The Cow interface
+  // ===========================================================================================
+
+  async read(addr: bigint): Promise<Uint8Array | undefined> {
+    checkRange(addr, 1n);
+    this.checkOpen();
+    return await this.lock.read(async () => {
+      const d = await this.lookup(addr);
+      if (d === 0) return undefined;
+      const rec = await this.grass.read(d);
+      if (rec === undefined) throw new CowCorruptionError(`data record ${d} for block ${addr} is missing`);
+      return decodeBlock(rec);
+    });
+  }
+
+  /** The data record address mapped at `addr` in the committed tree, or 0. */
+  private async lookup(addr: bigint): Promise<number> {
+    const sb = this.sb;
+    if (sb.root === 0 || addr >= spanOf(sb.rootHeight)) return 0;
+    let g = sb.root;
+    for (let h = sb.rootHeight; ; h--) {
+      const node = await this.loadNode(g, h);
+      g = node.get(digit(addr, h));
+      if (g === 0 || h === 0) return g;
+    }
+  }
+
+  async write(addr: bigint, block: Uint8Array): Promise<void> {
+    if (!(block instanceof Uint8Array) || block.length !== BLOCK_BYTES) throw new CowInvalidArgumentError(`a block is a Uint8Array of ${BLOCK_BYTES} bytes`);
+    return await this.transaction((tx) => tx.write(addr, block));
+  }
+
+  async trim(addr: bigint, count: bigint): Promise<void> {
+    return await this.transaction((tx) => tx.trim(addr, count));
+  }
+
+  async copy(src: bigint, dst: bigint, count: bigint): Promise<void> {
+    return await this.transaction((tx) => tx.copy(src, dst, count));
+  }
+
+  async exchange(a: bigint, b: bigint, count: bigint): Promise<void> {
+    return await this.transaction((tx) => tx.exchange(a, b, count));
+  }
+
+  async transaction<T>(fn: (tx: CowTransaction) => Promise<T>): Promise<T> {
+    this.checkOpen();
+    if (this.options.readOnly) throw new CowInvalidArgumentError('this Cow store is open read-only');
+    // Foreground reaping: keep the graveyard well below its limit so any transaction fits.
+    while (this.grave.length > GRAVE_ENTRIES_MAX / 2) await this.reapOnce();
+    const result = await this.lock.write(async () => {
+      this.checkOpen();
+      const tx = new Txn(this);
+      const value = await fn(tx);
+      tx.done = true;
+      await tx.commit();
+      this.counters.transactions++;
+      return value;
+    });
+    this.scheduleReap();
+    return result;
+  }
+
+  async extents(start: bigint, count: bigint, maxExtents = 1024): Promise<Extent[]> {
+    checkRange(start, count);
+    this.checkOpen();
+    return await this.lock.read(async () => {
+      const out: Extent[] = [];
+      const end = start + count;
+      const sb = this.sb;
+      if (sb.root === 0 || count === 0n) return out;
+      const walk = async (g: number, h: number, base: bigint): Promise<boolean> => {
+        const node = await this.loadNode(g, h);
+        const childSpan = 1n << BigInt(8 * h);
+        for (let i = 0; i < 256; i++) {
+          const c = node.get(i);
+          if (c === 0) continue;
+          const cb = base + BigInt(i) * childSpan;
+          const ce = cb + childSpan;
+          if (ce <= start || cb >= end) continue;
+          if (h > 0) {
+            if (!(await walk(c, h - 1, cb))) return false;
+            continue;
+          }
+          const last = out[out.length - 1];
+          if (last !== undefined && last.start + last.count === cb) last.count++;
+          else {
+            if (out.length >= maxExtents) return false;
+            out.push({ start: cb, count: 1n });
+          }
+        }
+        return true;
+      };
+      await walk(sb.root, sb.rootHeight, 0n);
+      return out;
+    });
+  }
+
+  async flush(): Promise<void> {
+    this.checkOpen();
+    await this.grass.flush();
+  }
+
+  stats(): CowStats {
+    const sb = this.sb;
+    const c = this.cache;
+    const lookups = c.hits + c.misses;
+    return {
+      dataRecords: sb.dataRecords,
+      dataBytes: sb.dataBytes,
+      metaRecords: sb.metaRecords,
+      metaBytes: sb.metaBytes,
+      physicalBytes: sb.dataBytes + sb.metaBytes,
+      compressionRatio: sb.dataBytes === 0 ? 1 : (sb.dataRecords * BLOCK_BYTES) / sb.dataBytes,
+      treeDepth: sb.root === 0 ? 0 : sb.rootHeight + 1,
+      pendingReap: this.grave.length,
+      transactions: this.counters.transactions,
+      reapedNodes: this.counters.reapedNodes,
+      cache: { entries: c.size, bytes: c.usedBytes, capacityBytes: c.capacityBytes, hits: c.hits, misses: c.misses, hitRate: lookups === 0 ? 0 : c.hits / lookups },
+      allocator: { highWater: this.allocator.highWater, freeKnown: this.allocator.freeKnown, pagesUnknown: this.allocator.pagesUnknown },
+    };
+  }
+
+  /**
+   * Walk the tree once (each shared node once) for the figures stats() cannot keep cheaply:
+   * logical blocks mapped and how many of them share their data with another address.
+   */
+  async scan(): Promise<CowScan> {
+    this.checkOpen();
+    return await this.lock.read(async () => {
+      const sb = this.sb;
+      const out: CowScan = { mappedBlocks: 0, sharedBlocks: 0, nodes: 0, treeDepth: sb.root === 0 ? 0 : sb.rootHeight + 1 };
+      if (sb.root === 0) return out;
+      // Multiplicity of a node = number of paths from the root to it; processed level by level.
+      let level = new Map<number, number>([[sb.root, 1]]);
+      for (let h = sb.rootHeight; h >= 0; h--) {
+        const next = new Map<number, number>();
+        for (const [g, mult] of level) {
+          out.nodes++;
+          const node = await this.loadNode(g, h);
+          for (let i = 0; i < 256; i++) {
+            const c = node.get(i);
+            if (c === 0) continue;
+            if (h > 0) {
+              next.set(c, (next.get(c) ?? 0) + mult);
+            } else {
+              out.mappedBlocks += mult;
+              if (mult > 1 || (await this.refcount(c)) > 1) out.sharedBlocks += mult;
+            }
+          }
+        }
+        level = next;
+      }
+      return out;
+    });
+  }
+
+  /** Reap until the graveyard is empty (tests, benchmarks; the background reaper does this anyway). */
+  async reap(): Promise<void> {
+    while (this.grave.length > 0) await this.reapOnce();
+  }
+
+  private async reapOnce(): Promise<void> {
+    await this.lock.write(async () => {
+      this.checkOpen();
+      if (this.grave.length === 0) return;
+      const tx = new Txn(this);
+      this.counters.reapedNodes += await tx.reap(REAP_STEP_DECREMENTS);
+      tx.done = true;
+      await tx.commit();
+    });
+  }
+
+  private scheduleReap(): void {
+    if (this.reapScheduled || this.closed || this.options.readOnly || this.options.backgroundReaper === false || this.grave.length === 0) return;
+    this.reapScheduled = true;
+    setImmediate(() => {
+      this.reapScheduled = false;
+      if (this.closed || this.grave.length === 0) return;
+      let failed = false;
+      this.reapRunning = this.reapOnce()
+        .catch((e: unknown) => {
+          // Stop here; the next transaction that commits starts the reaper again.
+          failed = true;
+          this.options.onBackgroundError?.(e);
+        })
+        .finally(() => {
+          this.reapRunning = undefined;
+          if (!failed) this.scheduleReap();
+        });
+    });
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.reapRunning;
+    await this.lock.write(async () => undefined);
+    await this.grass.close();
+  }
+
+  /** Called by Txn after its Grass batch succeeded. */
+  installCommit(sb: Superblock, grave: number[], nodes: Map<number, CowNode>, rcPages: Map<number, Uint32Array>, freed: Iterable<number>): void {
+    for (const g of freed) this.cache.delete(g);
+    for (const [g, node] of nodes) {
+      node.dirty = false;
+      this.cache.set(g, node, NODE_ENTRY_BYTES);
+    }
+    for (const [p, page] of rcPages) this.cache.set(RC_BASE_GADDR + p, page, REFCOUNT_ENTRY_BYTES);
+    this.allocator.committed(sb.nextGaddr, rcPages);
+    this.sb = sb;
+    this.grave = grave;
+  }
+
+  private checkOpen(): void {
+    if (this.closed) throw new CowClosedError('the Cow store is closed');
+  }
+}

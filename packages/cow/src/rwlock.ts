@@ -1,0 +1,68 @@
+/**
+ * RwLock: many readers or one writer, granted in arrival order (a writer waits for the readers
+ * before it; readers after a waiting writer wait for it), so neither side starves.
+ *
+ * Cow holds it shared for reads and exclusively for a transaction. That is what makes freeing
+ * and reusing Grass addresses safe: no reader can be halfway down a path whose records a
+ * transaction frees and hands to something else.
+ */
+interface Waiter {
+  write: boolean;
+  grant: () => void;
+}
+
+export class RwLock {
+  private readers = 0;
+  private writer = false;
+  private readonly queue: Waiter[] = [];
+
+  async read<T>(fn: () => Promise<T>): Promise<T> {
+    await this.acquire(false);
+    try {
+      return await fn();
+    } finally {
+      this.readers--;
+      this.pump();
+    }
+  }
+
+  async write<T>(fn: () => Promise<T>): Promise<T> {
+    await this.acquire(true);
+    try {
+      return await fn();
+    } finally {
+      this.writer = false;
+      this.pump();
+    }
+  }
+
+  /** Nobody holds or waits for the lock. */
+  get idle(): boolean {
+    return this.readers === 0 && !this.writer && this.queue.length === 0;
+  }
+
+  private acquire(write: boolean): Promise<void> {
+    if (this.queue.length === 0 && !this.writer && (!write || this.readers === 0)) {
+      if (write) this.writer = true;
+      else this.readers++;
+      return Promise.resolve();
+    }
+    return new Promise((resolve) => this.queue.push({ write, grant: resolve }));
+  }
+
+  private pump(): void {
+    while (this.queue.length > 0 && !this.writer) {
+      const head = this.queue[0]!;
+      if (head.write) {
+        if (this.readers > 0) return;
+        this.queue.shift();
+        this.writer = true;
+        head.grant();
+        return;
+      }
+      this.queue.shift();
+      this.readers++;
+      head.grant();
+    }
+  }
+}
