@@ -29,8 +29,10 @@ test('init, stats --json, fsck clean, fsck after corruption', async (t) => {
     const stats = await pasture('stats', '--store', `file:${store}`, '--json');
     t.is(stats.code, 0, stats.stderr);
     const s = JSON.parse(stats.stdout);
-    t.is(s.segmentBytes, 1 << 20);
-    t.is(s.liveRecords, 0);
+    t.is(s.grass.segmentBytes, 1 << 20);
+    t.is(s.grass.liveRecords, 1, 'the Cow superblock');
+    t.is(s.cow.mappedBlocks, 0);
+    t.is(s.cow.metaRecords, 1);
     const ok = await pasture('fsck', '--store', `file:${store}`, '--json');
     t.is(ok.code, 0, ok.stdout + ok.stderr);
     t.true(JSON.parse(ok.stdout).ok);

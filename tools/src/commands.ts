@@ -7,6 +7,10 @@ import {
 } from '@pasture/grass';
 import { benchCleaning, benchMapMemory, benchRecovery, benchThroughput } from '@pasture/grass/bench';
 import { defaultSimParams, runSimulation } from '@pasture/grass/simulator';
+import { CowStore } from '@pasture/cow';
+import { benchCopy, benchImage, benchOverwrite } from '@pasture/cow/bench';
+import { fsckCow, type CowFsckReport } from '@pasture/cow/fsck';
+import { defaultCowSimParams, runCowSimulation } from '@pasture/cow/simulator';
 
 export interface Command {
   name: string;
@@ -76,8 +80,8 @@ async function wrap(fn: () => Promise<number>): Promise<number> {
 
 const initHelp = `Usage: pnpm pasture init --store file:DIR [--segment-bytes 8M] [--segments 1024]
 
-Create a new, empty Grass store in DIR: a directory with a sparse segment file of
-segments x segment-bytes, two superblocks and a lock file.
+Create a new, empty store in DIR: a Grass log (a directory with a sparse segment file of
+segments x segment-bytes, two superblocks and a lock file) holding an empty Cow space.
 `;
 
 const init: Command = {
@@ -89,7 +93,8 @@ const init: Command = {
     const store = await FileSegmentStore.create(dir, { segmentBytes: size(o['segment-bytes'], 'segment-bytes', 8 << 20), segmentCount: num(o.segments, 'segments', 1024) });
     const g = await GrassLog.create(store);
     const st = g.stats();
-    await g.close();
+    const cow = await CowStore.create(g);
+    await cow.close();
     out(!!o.json, { store: dir, segmentBytes: st.segmentBytes, segmentCount: st.segmentCount }, () => `created ${dir}: ${st.segmentCount} segments of ${st.segmentBytes} bytes\n`);
     return 0;
   }),
@@ -97,33 +102,56 @@ const init: Command = {
 
 const fsckHelp = `Usage: pnpm pasture fsck --store file:DIR [--json]
 
-Check a store without changing it: every sealed segment's header, summary and records,
-every mapping, and the live-byte counts. Prints each problem; exits 1 if there are any.
+Check a store without changing it. Grass: every sealed segment's header, summary and
+records, every mapping, and the live-byte counts. Cow (if the store holds a Cow space): walk
+the tree, recount every reference, and report leaks, double references, refcount mismatches,
+missing records and wrong counters (--data also decodes every data block). Prints each
+problem; exits 1 if there are any.
 `;
 
 const fsckCmd: Command = {
   name: 'fsck',
   summary: 'check a store; non-zero exit if anything is wrong',
   run: (argv) => wrap(async () => {
-    const o = parse(argv, { store: { type: 'string' }, json: { type: 'boolean' } }, fsckHelp);
+    const o = parse(argv, { store: { type: 'string' }, json: { type: 'boolean' }, data: { type: 'boolean' } }, fsckHelp);
     const dir = storeDir(o.store);
     const report = await fsck(await FileSegmentStore.open(dir));
-    out(!!o.json, report, () =>
+    let cow: CowFsckReport | undefined;
+    let cowError: string | undefined;
+    if (report.ok) {
+      const g = await GrassLog.open(await FileSegmentStore.open(dir), { readOnly: true });
+      try {
+        if (g.size(1) !== undefined) {
+          const c = await CowStore.open(g, { readOnly: true });
+          cow = await fsckCow(c, { data: !!o.data });
+        }
+      } catch (e) {
+        cowError = (e as Error).message;
+      } finally {
+        await g.close();
+      }
+    }
+    const ok = report.ok && cowError === undefined && (cow?.ok ?? true);
+    out(!!o.json, { ok, grass: report, cow: cow ?? null, cowError: cowError ?? null }, () =>
       [
-        `${dir}: ${report.segmentsChecked} sealed segments, ${report.recordsChecked} records, ${report.mappedAddresses} mapped addresses checked`,
+        `${dir}: Grass: ${report.segmentsChecked} sealed segments, ${report.recordsChecked} records, ${report.mappedAddresses} mapped addresses checked`,
         ...report.problems.map((p) => `problem: ${p}`),
-        report.ok ? 'no problems found' : `${report.problems.length} problem(s) found`,
+        ...(cow === undefined ? [] : [`Cow: ${cow.nodes} nodes, ${cow.dataRecords} data records, ${cow.graveyard} dead subtrees waiting, every reference recounted${cow.checkedData ? ', every block decoded' : ''}`]),
+        ...(cow?.problems ?? []).map((p) => `problem: ${p}`),
+        ...(cowError === undefined ? [] : [`problem: Cow: ${cowError}`]),
+        ok ? 'no problems found' : `${report.problems.length + (cow?.problemCount ?? 0) + (cowError ? 1 : 0)} problem(s) found`,
         '',
       ].join('\n'),
     );
-    return report.ok ? 0 : 1;
+    return ok ? 0 : 1;
   }),
 };
 
 const statsHelp = `Usage: pnpm pasture stats --store file:DIR [--json]
 
-Open a store read-only and print its counters: segments free and used, live records,
-utilization histogram, recovery report.
+Open a store read-only and print its counters. Grass: segments free and used, live
+records, utilization histogram, recovery report. Cow: logical blocks mapped, shared
+blocks, physical bytes, compression ratio, tree depth, cache hit rate.
 `;
 
 const stats: Command = {
@@ -134,15 +162,33 @@ const stats: Command = {
     const g = await GrassLog.open(await FileSegmentStore.open(storeDir(o.store)), { readOnly: true });
     const st = g.stats();
     const rec = g.recovery;
+    let cow: Record<string, unknown> | undefined;
+    if (g.size(1) !== undefined) {
+      const c = await CowStore.open(g, { readOnly: true });
+      cow = { ...c.stats(), ...(await c.scan()) };
+    }
     await g.close();
-    out(!!o.json, { ...st, recovery: rec }, () => Object.entries(st).map(([k, v]) => `${k}: ${Array.isArray(v) ? v.join(' ') : v}`).join('\n') + '\n');
+    const lines = (o2: object): string => Object.entries(o2).map(([k, v]) => `${k}: ${Array.isArray(v) ? v.join(' ') : typeof v === 'object' && v !== null ? JSON.stringify(v) : v}`).join('\n') + '\n';
+    out(!!o.json, { grass: { ...st, recovery: rec }, cow: cow ?? null }, () => `Grass\n${lines(st)}${cow === undefined ? '' : `\nCow\n${lines(cow)}`}`);
     return 0;
   }),
 };
 
-const benchHelp = `Usage: pnpm pasture bench grass [options]
+const benchHelp = `Usage: pnpm pasture bench grass|cow [options]
 
-Modes (--mode, default cleaning):
+bench cow modes (--mode, default all):
+  copy         BLOCK-COPY of fully mapped ranges of 2^16, 2^20 and 2^24 blocks (built by
+               writing 2^16 distinct blocks and doubling by copies), --repeats (default 5);
+               median time and Grass records written per size, largest over smallest
+  overwrite    4 KiB random overwrites of incompressible data through Cow against Grass
+               alone, same sequence, on file stores in --dir, alternating --rounds (default
+               3); --blocks (default 65536), --writes (default 65536), --per-flush 256
+  image        an ext4 image of --tree (default: this repository's node_modules/.pnpm)
+               made with mke2fs -d, written through Cow; physical bytes over logical
+  all          all three
+
+bench grass modes:
+
   cleaning     write amplification of a workload at a live utilization, on a memory store
                --workload uniform|hotcold   (hotcold: 90% of writes to 10% of addresses)
                --utilization U              live bytes / capacity (default 0.8)
@@ -164,20 +210,22 @@ Modes (--mode, default cleaning):
 
 const bench: Command = {
   name: 'bench',
-  summary: 'benchmarks: bench grass --help',
+  summary: 'benchmarks: bench grass|cow --help',
   run: (argv) => wrap(async () => {
     const o = parse(argv, {
       mode: { type: 'string' }, workload: { type: 'string' }, utilization: { type: 'string' }, policy: { type: 'string' },
       'segment-bytes': { type: 'string' }, segments: { type: 'string' }, multiple: { type: 'string' }, seed: { type: 'string' },
       bytes: { type: 'string' }, 'per-flush': { type: 'string' }, dir: { type: 'string' }, records: { type: 'string' },
       json: { type: 'boolean' }, 'list-policies': { type: 'boolean' },
+      repeats: { type: 'string' }, rounds: { type: 'string' }, blocks: { type: 'string' }, writes: { type: 'string' }, tree: { type: 'string' },
     }, benchHelp);
     if (o['list-policies']) {
       process.stdout.write(POLICIES.map((p) => p.name).join('\n') + '\n');
       return 0;
     }
     const layer = o._[0] ?? 'grass';
-    if (layer !== 'grass') throw new UsageError(`no benchmark for '${layer}' yet; try 'bench grass'`);
+    if (layer === 'cow') return benchCow(o);
+    if (layer !== 'grass') throw new UsageError(`no benchmark for '${layer}'; try 'bench grass' or 'bench cow'`);
     const json = !!o.json;
     const mode = (o.mode as string | undefined) ?? 'cleaning';
     const dir = typeof o.dir === 'string' ? o.dir : undefined;
@@ -217,19 +265,62 @@ const bench: Command = {
   }),
 };
 
-const simHelp = `Usage: pnpm pasture sim grass [--seed N] [--crashes M] [--policy NAME] [--json] [--verbose]
+async function benchCow(o: Parsed): Promise<number> {
+  const json = !!o.json;
+  const mode = (o.mode as string | undefined) ?? 'all';
+  if (!['copy', 'overwrite', 'image', 'all'].includes(mode)) throw new UsageError(`bench cow --mode is copy, overwrite, image or all; got '${mode}'`);
+  const dir = typeof o.dir === 'string' ? o.dir : undefined;
+  const say = (l: string): void => {
+    if (!json) process.stdout.write(l + '\n');
+  };
+  const result: Record<string, unknown> = {};
+  if (mode === 'copy' || mode === 'all') {
+    const r = await benchCopy({ repeats: num(o.repeats, 'repeats', 5) }, json ? undefined : (l) => process.stderr.write(l + '\n'));
+    result.copy = r;
+    for (const row of r.rows) say(`BLOCK-COPY of ${row.blocks} blocks: ${row.millis.toFixed(3)} ms, ${row.grassRecords} Grass records (${row.grassBytes} bytes)`);
+    say(`  largest over smallest: time ${r.timeRatio.toFixed(2)}x, records ${r.recordRatio.toFixed(2)}x (target: within 3x)`);
+  }
+  if (mode === 'overwrite' || mode === 'all') {
+    const r = await benchOverwrite({ dir, blocks: num(o.blocks, 'blocks', 65536), writes: num(o.writes, 'writes', 65536), perFlush: num(o['per-flush'], 'per-flush', 256), rounds: num(o.rounds, 'rounds', 3) });
+    result.overwrite = r;
+    say(`4 KiB random overwrites, incompressible, flush every ${r.perFlush}: Cow ${r.cowMBps.toFixed(0)} MB/s, Grass alone ${r.grassMBps.toFixed(0)} MB/s; ratio ${r.ratio.toFixed(2)} (target: at least 0.5; medians of ${r.rounds} rounds)`);
+  }
+  if (mode === 'image' || mode === 'all') {
+    const tree = typeof o.tree === 'string' ? resolve(o.tree) : resolve(import.meta.dirname, '..', '..', 'node_modules', '.pnpm');
+    const r = await benchImage({ tree, dir });
+    result.image = r;
+    say(`ext4 image of ${r.tree}: ${(r.imageBytes / 2 ** 20).toFixed(0)} MiB logical, ${(r.physicalBytes / 2 ** 20).toFixed(1)} MiB physical = ${r.physicalOverLogical.toFixed(3)} of logical (target: at most 0.45), ${r.physicalOverNonZero.toFixed(3)} of its non-zero blocks; compression ratio ${r.compressionRatio.toFixed(2)}; read back ${r.readBackIdentical ? 'identical' : 'DIFFERENT'}`);
+    if (!r.readBackIdentical) process.exitCode = 1;
+  }
+  if (json) process.stdout.write(JSON.stringify(result) + '\n');
+  return process.exitCode === 1 ? 1 : 0;
+}
 
-Run the seeded crash simulator (the one the tests run): random batches, flushes,
-checkpoints and cleaning on a fault-injecting store, crashes at random points, reopen and
-check against a model. The same seed replays a run exactly.
+const simHelp = `Usage: pnpm pasture sim grass|cow [--seed N] [--crashes M] [--policy NAME] [--json] [--verbose]
+
+Run a seeded crash simulator (the ones the tests run) on a fault-injecting store, with
+crashes at random points, reopen and a check against a model. The same seed replays a run
+exactly.
+  grass   random batches, flushes, checkpoints and cleaning
+  cow     random writes, trims, BLOCK-COPYs and BLOCK-EXCHANGEs over huge sparse ranges in
+          transactions; fsck after every step (--background-reaper to reap concurrently)
 `;
 
 const sim: Command = {
   name: 'sim',
-  summary: 'seeded crash simulator: sim grass --seed N',
+  summary: 'seeded crash simulators: sim grass|cow --seed N',
   run: (argv) => wrap(async () => {
-    const o = parse(argv, { seed: { type: 'string' }, crashes: { type: 'string' }, policy: { type: 'string' }, json: { type: 'boolean' }, verbose: { type: 'boolean' }, 'io-error-rate': { type: 'string' } }, simHelp);
+    const o = parse(argv, { seed: { type: 'string' }, crashes: { type: 'string' }, policy: { type: 'string' }, json: { type: 'boolean' }, verbose: { type: 'boolean' }, 'io-error-rate': { type: 'string' }, 'background-reaper': { type: 'boolean' } }, simHelp);
     const seed = num(o.seed, 'seed', Rng.seedFromEnv());
+    const layer = o._[0] ?? 'grass';
+    if (layer === 'cow') {
+      const params = { ...defaultCowSimParams(seed), crashes: num(o.crashes, 'crashes', 20), backgroundReaper: !!o['background-reaper'] };
+      if (!o.json) process.stderr.write(`seed ${seed}: ${JSON.stringify(params)}\n`);
+      const r = await runCowSimulation(params, o.verbose ? (l) => process.stderr.write(l + '\n') : undefined);
+      out(!!o.json, r, () => (r.ok ? `ok: ${r.crashes} crashes, ${r.transactions} transactions, ${r.copies} copies, ${r.exchanges} exchanges, ${r.fscks} fscks\n` : `FAILED: ${r.failure}\n`));
+      return r.ok ? 0 : 1;
+    }
+    if (layer !== 'grass') throw new UsageError(`sim grass or sim cow; got '${layer}'`);
     const params = { ...defaultSimParams(seed), crashes: num(o.crashes, 'crashes', 50), policy: (o.policy as string | undefined) ?? 'cost-benefit', ioErrorRate: num(o['io-error-rate'], 'io-error-rate', 0) };
     if (!o.json) process.stderr.write(`seed ${seed}: ${JSON.stringify(params)}\n`);
     const r = await runSimulation(params, o.verbose ? (l) => process.stderr.write(l + '\n') : undefined);

@@ -11,8 +11,10 @@ export const NODE_ENTRY_BYTES = 256 * 8 + 160;
 export const REFCOUNT_ENTRY_BYTES = 512 * 4 + 160;
 
 export class NodeCache<T> {
-  private readonly entries = new Map<number, { value: T; bytes: number }>();
+  private readonly entries = new Map<number, { value: T; bytes: number; stamp: number }>();
   private bytes = 0;
+  /** Accesses so far; an entry is moved to the recent end only if it has not been lately. */
+  private clock = 0;
   hits = 0;
   misses = 0;
 
@@ -27,9 +29,14 @@ export class NodeCache<T> {
       return undefined;
     }
     this.hits++;
-    // Move to the most recently used end.
-    this.entries.delete(key);
-    this.entries.set(key, e);
+    // Move to the most recently used end, unless it moved there recently: hot entries (the top
+    // of the tree) are read on every lookup and reordering a Map costs a delete and an insert.
+    const now = ++this.clock;
+    if (now - e.stamp > this.entries.size / 4) {
+      e.stamp = now;
+      this.entries.delete(key);
+      this.entries.set(key, e);
+    }
     return e.value;
   }
 
@@ -44,7 +51,7 @@ export class NodeCache<T> {
       this.bytes -= old.bytes;
       this.entries.delete(key);
     }
-    this.entries.set(key, { value, bytes });
+    this.entries.set(key, { value, bytes, stamp: ++this.clock });
     this.bytes += bytes;
     if (this.bytes > this.capacityBytes) {
       for (const [k, e] of this.entries) {

@@ -36,6 +36,18 @@ export class RwLock {
     }
   }
 
+  /** Take the write lock only if that needs no waiting; pair with releaseWrite(). */
+  tryWrite(): boolean {
+    if (this.queue.length > 0 || this.writer || this.readers > 0) return false;
+    this.writer = true;
+    return true;
+  }
+
+  releaseWrite(): void {
+    this.writer = false;
+    this.pump();
+  }
+
   /** Nobody holds or waits for the lock. */
   get idle(): boolean {
     return this.readers === 0 && !this.writer && this.queue.length === 0;

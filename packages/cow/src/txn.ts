@@ -54,6 +54,8 @@ const SHIFTS: bigint[] = Array.from({ length: MAX_HEIGHT + 1 }, (_, h) => BigInt
 
 /** The 8-bit digit of `addr` that selects the child in a node of height h. */
 export function digit(addr: bigint, h: number): number {
+  // Most addresses fit in a double: plain arithmetic avoids allocating bigints.
+  if (addr < 0x20000000000000n) return Math.floor(Number(addr) / 2 ** (8 * h)) % 256;
   return Number((addr >> SHIFTS[h]!) & 0xffn);
 }
 
@@ -297,8 +299,20 @@ export class Txn implements CowTransaction, AllocView {
     this.checkLive();
     checkRange(addr, 1n);
     if (!(block instanceof Uint8Array) || block.length !== BLOCK_BYTES) throw new CowInvalidArgumentError(`a block is a Uint8Array of ${BLOCK_BYTES} bytes`);
-    const rec = encodeBlock(block);
+    await this.writeRecord(addr, encodeBlock(block));
+  }
+
+  /** Map `addr` to an encoded record (undefined: an all-zero block, so unmap it). */
+  async writeRecord(addr: bigint, rec: Uint8Array | undefined): Promise<void> {
+    this.checkLive();
     if (rec === undefined) return this.trim(addr, 1n);
+    // Fast path: the block is mapped and nothing on its path is shared, so it is rewritten in
+    // place and no node changes at all.
+    const d0 = await this.exclusiveData(addr);
+    if (d0 !== 0) {
+      this.dataPuts.set(d0, rec);
+      return;
+    }
     const leaf = await this.pathTo(addr, 0);
     const i = digit(addr, 0);
     const d = leaf.get(i);
@@ -310,6 +324,18 @@ export class Txn implements CowTransaction, AllocView {
     this.dataPuts.set(nd, rec);
     leaf.set(i, nd);
     if (d !== 0) await this.decRc(d, 'data', -1);
+  }
+
+  /** The data record mapped at `addr` if it and every node above it has refcount 1, else 0. */
+  private async exclusiveData(addr: bigint): Promise<number> {
+    if (this.sb.root === 0 || addr >= spanOf(this.sb.rootHeight)) return 0;
+    let g = this.sb.root;
+    for (let h = this.sb.rootHeight; ; h--) {
+      if ((await this.rc(g)) !== 1) return 0;
+      if (h < 0) return g;
+      g = (await this.node(g, h)).get(digit(addr, h));
+      if (g === 0) return 0;
+    }
   }
 
   async trim(start: bigint, count: bigint): Promise<void> {
