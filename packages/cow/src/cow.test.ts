@@ -216,3 +216,28 @@ test('fsck reports a refcount that disagrees with the tree', async (t) => {
   const f2 = await fsckCow(cow);
   t.is(f2.counts.doubleReferences, 1, f2.problems.join('; '));
 });
+
+test('diff finds exactly the blocks that differ, and usage counts what a trim would free', async (t) => {
+  const { cow } = await fresh();
+  const A = 1n << 40n;
+  const B = 2n << 40n;
+  await fill(cow, A + 100n, 1000, 1);
+  await cow.copy(A, B, 1n << 40n); // a snapshot of the whole window
+  t.deepEqual(await cow.diff(A, B, 1n << 40n), []);
+  t.deepEqual(await cow.usage(A, 1n << 40n), { mapped: 1000n, exclusive: 0n });
+  await cow.write(A + 150n, blockFor(9999));
+  await cow.write(A + 151n, blockFor(9998));
+  await cow.trim(A + 600n, 10n);
+  await cow.write(A + 5000n, blockFor(7));
+  t.deepEqual(await cow.diff(A, B, 1n << 40n), [
+    { start: 150n, count: 2n },
+    { start: 600n, count: 10n },
+    { start: 5000n, count: 1n },
+  ]);
+  t.deepEqual(await cow.diff(A + 100n, B + 100n, 100n), [{ start: 50n, count: 2n }]);
+  // Blocks only A maps after the writes: the two rewritten ones and the new one.
+  t.deepEqual(await cow.usage(A, 1n << 40n), { mapped: 991n, exclusive: 3n });
+  t.deepEqual(await cow.usage(B, 1n << 40n), { mapped: 1000n, exclusive: 12n });
+  await t.throwsAsync(cow.diff(A, B + 1n, 10n), { code: 'EINVAL' } as never);
+  await healthy(t, cow);
+});

@@ -62,6 +62,10 @@ export interface Cow extends CowTransaction {
   transaction<T>(fn: (tx: CowTransaction) => Promise<T>): Promise<T>;
   /** Mapped runs within [start, start + count), in order, at most `maxExtents` of them. */
   extents(start: bigint, count: bigint, maxExtents?: number): Promise<Extent[]>;
+  /** Mapped blocks in a range, and how many of them trimming the range would free. */
+  usage(start: bigint, count: bigint): Promise<{ mapped: bigint; exclusive: bigint }>;
+  /** Block runs (offsets from a and b) where two equally aligned ranges map different records. */
+  diff(a: bigint, b: bigint, count: bigint, maxExtents?: number): Promise<Extent[]>;
   /** Durability barrier: every transaction committed before it survives a crash. */
   flush(): Promise<void>;
   stats(): CowStats;
@@ -108,6 +112,10 @@ export interface CowScan {
   nodes: number;
   treeDepth: number;
 }
+
+/** diff() compares aligned windows of this many blocks (2^40: a node of height 4). */
+export const DIFF_WINDOW_HEIGHT = 4;
+export const DIFF_WINDOW_BLOCKS = spanOf(DIFF_WINDOW_HEIGHT);
 
 /** Decrements reaped per background step: bounds one reaper transaction. */
 const REAP_STEP_DECREMENTS = 4096;
@@ -337,6 +345,121 @@ export class CowStore implements Cow {
         return true;
       };
       await walk(sb.root, sb.rootHeight, 0n);
+      return out;
+    });
+  }
+
+  /**
+   * Mapped blocks in [start, start + count), and how many of them are exclusive: reached
+   * only through nodes with refcount 1 and with a data refcount of 1, i.e. the blocks that
+   * trimming the range would free.
+   */
+  async usage(start: bigint, count: bigint): Promise<{ mapped: bigint; exclusive: bigint }> {
+    checkRange(start, count);
+    this.checkOpen();
+    return await this.lock.read(async () => {
+      let mapped = 0n;
+      let exclusive = 0n;
+      const end = start + count;
+      const sb = this.sb;
+      if (sb.root === 0 || count === 0n) return { mapped, exclusive };
+      const walk = async (g: number, h: number, base: bigint, excl: boolean): Promise<void> => {
+        const node = await this.loadNode(g, h);
+        const childSpan = 1n << BigInt(8 * h);
+        for (let i = 0; i < 256; i++) {
+          const c = node.get(i);
+          if (c === 0) continue;
+          const cb = base + BigInt(i) * childSpan;
+          if (cb + childSpan <= start || cb >= end) continue;
+          const ce = excl && (await this.refcount(c)) === 1;
+          if (h > 0) await walk(c, h - 1, cb, ce);
+          else {
+            mapped++;
+            if (ce) exclusive++;
+          }
+        }
+      };
+      await walk(sb.root, sb.rootHeight, 0n, (await this.refcount(sb.root)) === 1);
+      return { mapped, exclusive };
+    });
+  }
+
+  /**
+   * The runs of block offsets in [0, count) where [a, a + count) and [b, b + count) map
+   * different records (an unmapped block differs from a mapped one), at most `maxExtents`.
+   * Shared subtrees are skipped whole, so this costs O(changes x depth). The ranges must lie
+   * in aligned windows of DIFF_WINDOW_BLOCKS at the same offset (as Human's volumes do).
+   */
+  async diff(a: bigint, b: bigint, count: bigint, maxExtents = 1024): Promise<Extent[]> {
+    checkRange(a, count);
+    checkRange(b, count);
+    this.checkOpen();
+    const w = DIFF_WINDOW_BLOCKS;
+    if (a % w !== b % w || (a % w) + count > w) throw new CowInvalidArgumentError(`diff needs two ranges at the same offset within aligned windows of ${w} blocks`);
+    return await this.lock.read(async () => {
+      const out: Extent[] = [];
+      const emit = (rel: bigint, n: bigint): boolean => {
+        const last = out[out.length - 1];
+        if (last !== undefined && last.start + last.count === rel) {
+          last.count += n;
+          return true;
+        }
+        if (out.length >= maxExtents) return false;
+        out.push({ start: rel, count: n });
+        return true;
+      };
+      const sb = this.sb;
+      const windowHeight = DIFF_WINDOW_HEIGHT;
+      // The node covering each window (a node of height windowHeight), or 0.
+      const windowNode = async (addr: bigint): Promise<{ g: number; h: number }> => {
+        if (sb.root === 0) return { g: 0, h: 0 };
+        if (sb.rootHeight <= windowHeight) return addr < spanOf(sb.rootHeight) ? { g: sb.root, h: sb.rootHeight } : { g: 0, h: 0 };
+        if (addr >= spanOf(sb.rootHeight)) return { g: 0, h: windowHeight };
+        let g = sb.root;
+        for (let h = sb.rootHeight; h > windowHeight; h--) {
+          g = (await this.loadNode(g, h)).get(digit(addr, h));
+          if (g === 0) return { g: 0, h: windowHeight };
+        }
+        return { g, h: windowHeight };
+      };
+      const wa = await windowNode(a);
+      const wb = await windowNode(b);
+      const lo = a % w;
+      const hi = lo + count;
+      // Offsets below are relative to the window; `base` is a node's first block.
+      const mappedRuns = async (g: number, h: number, base: bigint): Promise<boolean> => {
+        const node = await this.loadNode(g, h);
+        const cs = 1n << BigInt(8 * h);
+        for (let i = 0; i < 256; i++) {
+          const c = node.get(i);
+          const cb = base + BigInt(i) * cs;
+          if (c === 0 || cb + cs <= lo || cb >= hi) continue;
+          if (h > 0) {
+            if (!(await mappedRuns(c, h - 1, cb))) return false;
+          } else if (!emit(cb - lo, 1n)) return false;
+        }
+        return true;
+      };
+      const compare = async (ga: number, gb: number, h: number, base: bigint): Promise<boolean> => {
+        if (ga === gb) return true;
+        if (ga === 0) return mappedRuns(gb, h, base);
+        if (gb === 0) return mappedRuns(ga, h, base);
+        const na = await this.loadNode(ga, h);
+        const nb = await this.loadNode(gb, h);
+        const cs = 1n << BigInt(8 * h);
+        for (let i = 0; i < 256; i++) {
+          const ca = na.get(i);
+          const cbn = nb.get(i);
+          const cb = base + BigInt(i) * cs;
+          if (ca === cbn || cb + cs <= lo || cb >= hi) continue;
+          if (h > 0) {
+            if (!(await compare(ca, cbn, h - 1, cb))) return false;
+          } else if (!emit(cb - lo, 1n)) return false;
+        }
+        return true;
+      };
+      if (wa.g !== 0 && wb.g !== 0 && wa.h !== wb.h) throw new CowCorruptionError('diff windows at different heights');
+      await compare(wa.g, wb.g, wa.g !== 0 ? wa.h : wb.h, 0n);
       return out;
     });
   }
