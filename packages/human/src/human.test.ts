@@ -1,0 +1,210 @@
+/** Human's behaviour: byte I/O, snapshots, clones, rollback, diff, atomic writes, and bad input. */
+import test from 'ava';
+import { FaultySegmentStore, GrassLog, MemorySegmentStore, Rng } from '@pasture/grass';
+import { Pool } from './pool.ts';
+
+/** Byte arrays equal (ava's deepEqual is far too slow for megabytes). */
+function same(t: { true: (v: boolean, m?: string) => void }, a: Uint8Array, b: Uint8Array, what = 'bytes'): void {
+  t.true(a.length === b.length && Buffer.compare(a, b) === 0, `${what} differ`);
+}
+
+const MiB = 1 << 20;
+
+async function fresh(segments = 256): Promise<{ pool: Pool; store: MemorySegmentStore }> {
+  const store = new MemorySegmentStore(1 << 20, segments);
+  const pool = await Pool.create(await GrassLog.create(store, {}));
+  return { pool, store };
+}
+
+function pattern(seed: number, n: number): Uint8Array {
+  const b = new Rng(seed).bytes(n);
+  // Half of each 4 KiB compressible, so compression is exercised too.
+  for (let i = 0; i < n; i++) if (i % 4096 < 2048) b[i] = (seed + (i >> 7)) & 255;
+  return b;
+}
+
+test('byte-granular reads and writes: partial blocks are read-modify-write, holes read as zeros', async (t) => {
+  const { pool } = await fresh();
+  await pool.createVolume('vm', 4 * MiB);
+  const img = await pool.openImage('vm');
+  const model = new Uint8Array(4 * MiB);
+  const rng = new Rng(3);
+  for (let i = 0; i < 60; i++) {
+    const off = rng.int(4 * MiB - 1);
+    const len = 1 + rng.int(Math.min(70000, 4 * MiB - off));
+    const data = pattern(i, len);
+    await img.write(off, data);
+    model.set(data, off);
+  }
+  same(t, await img.read(0, 4 * MiB), model);
+  await img.discard(5000, 20000); // partial at both ends
+  model.fill(0, 5000, 25000);
+  await img.writeZeroes(100, 3);
+  model.fill(0, 100, 103);
+  same(t, await img.read(0, 4 * MiB), model);
+  const st = await img.blockStatus(0, 4 * MiB);
+  t.is(st.reduce((a, s) => a + s.length, 0), 4 * MiB);
+  t.true(st.some((s) => !s.allocated) && st.some((s) => s.allocated));
+  await img.close();
+  await pool.close();
+});
+
+test('snapshots never change; clones are isolated; rollback restores exactly; diff lists the changes', async (t) => {
+  const { pool } = await fresh();
+  await pool.createVolume('base', 2 * MiB);
+  const v = await pool.openImage('base');
+  const a = pattern(1, 2 * MiB);
+  await v.write(0, a);
+  await pool.createSnapshot('base', 's1');
+  await v.write(4096 * 10, pattern(2, 8192));
+  await v.write(4096 * 300 + 17, pattern(3, 100));
+  const b = await v.read(0, 2 * MiB);
+  await pool.createSnapshot('base', 's2');
+  const c1 = await (await pool.clone('base@s1', 'c1'));
+  t.is(c1.parent, 'base@s1');
+  const c1i = await pool.openImage('c1');
+  await c1i.write(0, pattern(4, 4096));
+  await v.write(MiB, pattern(5, 4096));
+  // s1 is still the original, s2 the state at its time, the clone its own.
+  same(t, await (await pool.openImage('base@s1')).read(0, 2 * MiB), a);
+  same(t, await (await pool.openImage('base@s2')).read(0, 2 * MiB), b);
+  const c1data = a.slice();
+  c1data.set(pattern(4, 4096), 0);
+  same(t, await c1i.read(0, 2 * MiB), c1data);
+  // diff s1 -> s2 is exactly the two writes' blocks.
+  const d: { offset: number; length: number }[] = [];
+  for await (const e of pool.diff('base@s1', 'base@s2')) d.push(e);
+  t.deepEqual(d, [{ offset: 40960, length: 8192 }, { offset: 300 * 4096, length: 4096 }]);
+  // rollback to s1.
+  await v.close();
+  await pool.rollback('base@s1');
+  same(t, await (await pool.openImage('base')).read(0, 2 * MiB), a);
+  await t.throwsAsync(pool.removeSnapshot('base@s1'), { code: 'EBUSY', message: /protected|clones/ } as never);
+  await pool.flatten('c1');
+  await pool.protectSnapshot('base@s1', false);
+  t.deepEqual(pool.listChildren('base@s1'), []);
+  await pool.close();
+});
+
+test('clones 32 deep read the right data; removing a snapshot frees exactly its unique blocks', async (t) => {
+  const { pool } = await fresh();
+  await pool.createVolume('v0', MiB);
+  let img = await pool.openImage('v0');
+  const model = pattern(9, MiB);
+  await img.write(0, model);
+  for (let d = 1; d <= 32; d++) {
+    await pool.createSnapshot(`v${d - 1}`, 's');
+    await pool.clone(`v${d - 1}@s`, `v${d}`);
+    img = await pool.openImage(`v${d}`);
+    const w = pattern(100 + d, 4096);
+    await img.write(d * 4096, w);
+    model.set(w, d * 4096);
+  }
+  same(t, await img.read(0, MiB), model);
+  // A snapshot whose blocks were rewritten after it was taken owns those blocks alone.
+  await pool.createVolume('solo', MiB);
+  const solo = await pool.openImage('solo');
+  await solo.write(0, pattern(7, MiB));
+  await pool.createSnapshot('solo', 'old');
+  await solo.write(0, pattern(8, 64 * 4096));
+  const u = await pool.usage('solo@old');
+  t.is(u.uniqueBytes, 64 * 4096);
+  await pool.cow.reap();
+  const before = pool.cow.stats().dataRecords;
+  await pool.removeSnapshot('solo@old');
+  await pool.cow.reap();
+  t.is(before - pool.cow.stats().dataRecords, u.uniqueBytes / 4096);
+  await pool.close();
+});
+
+test('an atomic multi-range write larger than one transaction lands whole, or after a crash not at all', async (t) => {
+  const inner = new MemorySegmentStore(1 << 20, 512);
+  const pool = await Pool.create(await GrassLog.create(inner, {}));
+  await pool.createVolume('db', 64 * MiB);
+  const img = await pool.openImage('db');
+  const ranges = [
+    { offset: 100, data: pattern(1, 20 * MiB) },
+    { offset: 40 * MiB + 5, data: pattern(2, 20 * MiB) },
+  ];
+  await img.writeAtomic(ranges);
+  same(t, await img.read(100, 20 * MiB), ranges[0]!.data);
+  same(t, await img.read(40 * MiB + 5, 20 * MiB), ranges[1]!.data);
+  t.false(pool.listVolumes().some((v) => v.name.includes('scratch')));
+  const second = [{ offset: 0, data: pattern(3, 24 * MiB) }, { offset: 50 * MiB, data: pattern(4, 10 * MiB) }];
+  const preHead = await img.read(0, 24 * MiB);
+  const preTail = await img.read(50 * MiB, 10 * MiB);
+  await pool.close();
+
+  // Crash at several points during a second atomic write: after reopen it is all or nothing.
+  const outcomes: string[] = [];
+  for (const crashAt of [3, 40, 120, 400, 100000]) {
+    const faulty = new FaultySegmentStore(inner.reopen(), { seed: crashAt, crashAtOp: 0 });
+    const p = await Pool.open(await GrassLog.open(faulty, {}));
+    const i2 = await p.openImage('db');
+    faulty.options.crashAtOp = faulty.mutatingOpCount + crashAt;
+    let finished = false;
+    try {
+      await i2.writeAtomic(second);
+      await i2.flush();
+      finished = true;
+    } catch {
+      // the crash
+    }
+    if (!faulty.isCrashed) await faulty.crash();
+    const p2 = await Pool.open(await GrassLog.open(new FaultySegmentStore(inner.reopen(), { seed: 1, crashAtOp: 0 }), {}));
+    const i3 = await p2.openImage('db');
+    const head = await i3.read(0, 24 * MiB);
+    const tail = await i3.read(50 * MiB, 10 * MiB);
+    const all = Buffer.compare(head, second[0]!.data) === 0 && Buffer.compare(tail, second[1]!.data) === 0;
+    const none = Buffer.compare(head, preHead) === 0 && Buffer.compare(tail, preTail) === 0;
+    t.true(all || none, `crash ${crashAt} ops in: neither all nor none of the write survived`);
+    if (finished) t.true(all, 'a flushed atomic write survives');
+    outcomes.push(all ? 'all' : 'none');
+    // Reopen reclaimed any scratch space.
+    t.is(p2.cow.stats().pendingReap >= 0, true);
+    await p2.close();
+    if (all) break;
+  }
+  t.log(`outcomes by crash point: ${outcomes.join(' ')}`);
+  t.true(outcomes.includes('none'), 'some crash points lose the write');
+  t.is(outcomes[outcomes.length - 1], 'all', 'the last (no crash) keeps it');
+});
+
+test('bad input: each a clear error, nothing changed', async (t) => {
+  const { pool, store } = await fresh();
+  await pool.createVolume('a', MiB);
+  await pool.createSnapshot('a', 's');
+  const img = await pool.openImage('a');
+  await img.write(0, pattern(1, 8192));
+  const before = JSON.stringify(pool.listVolumes());
+  await t.throwsAsync(pool.openImage('nope'), { code: 'ENOENT', message: "no volume named 'nope'" } as never);
+  await t.throwsAsync(pool.openImage('a@nope'), { code: 'ENOENT' } as never);
+  await t.throwsAsync(pool.createVolume('a', MiB), { code: 'EEXIST' } as never);
+  await t.throwsAsync(pool.createVolume('bad name!', MiB), { code: 'EINVAL' } as never);
+  await t.throwsAsync(pool.createVolume('odd', 1000), { code: 'EINVAL', message: /multiple of 4096/ } as never);
+  await t.throwsAsync(pool.createSnapshot('a', 's'), { code: 'EEXIST' } as never);
+  await t.throwsAsync(img.write(MiB - 10, new Uint8Array(11)), { code: 'EINVAL', message: /past the end/ } as never);
+  await t.throwsAsync(img.read(-1, 10), { code: 'EINVAL' } as never);
+  await t.throwsAsync(pool.resizeVolume('a', 4096), { code: 'EBUSY', message: /would discard 1 blocks/ } as never);
+  await t.throwsAsync(pool.removeVolume('a'), { code: 'EBUSY', message: /snapshot/ } as never);
+  await pool.clone('a@s', 'child');
+  await t.throwsAsync(pool.removeSnapshot('a@s'), { code: 'EBUSY' } as never);
+  const snap = await pool.openImage('a@s');
+  await t.throwsAsync(snap.write(0, new Uint8Array(10)), { code: 'EROFS' } as never);
+  t.is(JSON.stringify(pool.listVolumes().filter((v) => v.name !== 'child')), before);
+  t.deepEqual(await img.read(0, 8192), pattern(1, 8192));
+  await pool.resizeVolume('a', 4096, { allowShrink: true });
+  t.is(img.size, 4096);
+  await img.close();
+  await snap.close();
+  await pool.close();
+  // Invalid catalog bytes: a clear error on open, never a half-open pool.
+  const { CowStore } = await import('@pasture/cow');
+  const cow = await CowStore.open(await GrassLog.open(store.reopen(), {}), {});
+  const blk = (await cow.read(0n))!;
+  const text = new TextDecoder().decode(blk);
+  const broken = new TextEncoder().encode(text.replace('"kind":"volume"', '"kind":"VOLUME"'));
+  await cow.write(0n, broken);
+  await cow.close();
+  await t.throwsAsync(Pool.open(await GrassLog.open(store.reopen(), {})), { code: 'EIO', message: /catalog is invalid/ } as never);
+});

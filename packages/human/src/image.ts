@@ -1,0 +1,240 @@
+/**
+ * Image: an open volume (read-write) or snapshot (read-only), with byte-granular I/O on top
+ * of Cow's 4 KiB blocks. Partial-block writes are read-modify-write inside one Cow
+ * transaction, so every write lands whole or not at all; an all-zero block is a hole.
+ *
+ * Thread-safety: any number of calls may be in flight; Cow serializes what must be.
+ */
+import type { CowTransaction, Extent } from '@pasture/cow';
+import { ClosedError, InvalidArgumentError, ReadOnlyError } from './errors.ts';
+import { BLOCK_BYTES, MAX_IO_BYTES, SLOT_BLOCKS, slotBase } from './layout.ts';
+import type { Pool } from './pool.ts';
+
+const B = BigInt(BLOCK_BYTES);
+
+export interface ImageStat {
+  name: string;
+  /** `VOLUME` or `VOLUME@SNAPSHOT`. */
+  spec: string;
+  kind: 'volume' | 'snapshot';
+  size: number;
+  readOnly: boolean;
+}
+
+/** A run of bytes and whether it holds data (false: a hole, reads as zeros). */
+export interface BlockStatus {
+  offset: number;
+  length: number;
+  allocated: boolean;
+}
+
+/** One piece of an atomic multi-range write. */
+export interface WriteRange {
+  offset: number;
+  data: Uint8Array;
+}
+
+export class Image {
+  private closed = false;
+
+  constructor(
+    private readonly pool: Pool,
+    readonly id: number,
+    readonly spec: string,
+    readonly readOnly: boolean,
+  ) {}
+
+  /** Current size in bytes (a resize by someone else shows here at once). */
+  get size(): number {
+    return this.pool.imageSize(this.id);
+  }
+
+  stat(): ImageStat {
+    this.checkOpen();
+    return { name: this.spec.split('@')[0]!, spec: this.spec, kind: this.readOnly ? 'snapshot' : 'volume', size: this.size, readOnly: this.readOnly };
+  }
+
+  private get base(): bigint {
+    return slotBase(this.id);
+  }
+
+  private check(offset: number, length: number, write: boolean, limited = true): void {
+    this.checkOpen();
+    if (write && this.readOnly) throw new ReadOnlyError(`${this.spec} is a snapshot: read-only`);
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) throw new InvalidArgumentError(`bad range: offset ${offset}, length ${length}`);
+    if (limited && length > MAX_IO_BYTES) throw new InvalidArgumentError(`request of ${length} bytes exceeds the limit of ${MAX_IO_BYTES}`);
+    const size = this.size;
+    if (offset + length > size) throw new InvalidArgumentError(`range [${offset}, ${offset + length}) is past the end of ${this.spec} (${size} bytes)`);
+  }
+
+  async read(offset: number, length: number): Promise<Uint8Array> {
+    this.check(offset, length, false);
+    const out = new Uint8Array(length);
+    const cow = this.pool.cow;
+    let pos = offset;
+    while (pos < offset + length) {
+      const blk = Math.floor(pos / BLOCK_BYTES);
+      const within = pos - blk * BLOCK_BYTES;
+      const n = Math.min(BLOCK_BYTES - within, offset + length - pos);
+      const data = await cow.read(this.base + BigInt(blk));
+      if (data !== undefined) out.set(data.subarray(within, within + n), pos - offset);
+      pos += n;
+    }
+    return out;
+  }
+
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    if (!(data instanceof Uint8Array)) throw new InvalidArgumentError('write data must be a Uint8Array');
+    this.check(offset, data.length, true);
+    if (data.length === 0) return;
+    await this.pool.cow.transaction((tx) => this.writeIn(tx, this.base, offset, data));
+  }
+
+  /** Write `data` at byte `offset` of the slot at `base`, read-modify-writing partial blocks. */
+  private async writeIn(tx: CowTransaction, base: bigint, offset: number, data: Uint8Array): Promise<void> {
+    let pos = offset;
+    const end = offset + data.length;
+    while (pos < end) {
+      const blk = Math.floor(pos / BLOCK_BYTES);
+      const within = pos - blk * BLOCK_BYTES;
+      const n = Math.min(BLOCK_BYTES - within, end - pos);
+      const addr = base + BigInt(blk);
+      if (n === BLOCK_BYTES) {
+        await tx.write(addr, data.subarray(pos - offset, pos - offset + n));
+      } else {
+        const block = (await tx.read(addr)) ?? new Uint8Array(BLOCK_BYTES);
+        block.set(data.subarray(pos - offset, pos - offset + n), within);
+        await tx.write(addr, block);
+      }
+      pos += n;
+    }
+  }
+
+  /** Unmap whole blocks in the range and zero the partial ones at its edges. */
+  async discard(offset: number, length: number): Promise<void> {
+    this.check(offset, length, true, false); // any length: whole blocks are one trim
+    if (length === 0) return;
+    await this.pool.cow.transaction(async (tx) => {
+      const end = offset + length;
+      const first = Math.ceil(offset / BLOCK_BYTES);
+      const last = Math.floor(end / BLOCK_BYTES);
+      if (first < last) await tx.trim(this.base + BigInt(first), BigInt(last - first));
+      const zeros = (from: number, to: number): Promise<void> => this.writeIn(tx, this.base, from, new Uint8Array(to - from));
+      if (first > last) {
+        await zeros(offset, end); // inside one block
+      } else {
+        if (offset < first * BLOCK_BYTES) await zeros(offset, first * BLOCK_BYTES);
+        if (last * BLOCK_BYTES < end) await zeros(last * BLOCK_BYTES, end);
+      }
+    });
+  }
+
+  /** Make the range read as zeros. Cow stores zero blocks as holes, so this is discard. */
+  writeZeroes(offset: number, length: number): Promise<void> {
+    return this.discard(offset, length);
+  }
+
+  /**
+   * Write several ranges so that after a crash either all of them or none are there, however
+   * large: the data goes to a scratch slot at the same offsets first (many transactions),
+   * then one transaction BLOCK-EXCHANGEs each block range into the volume. Small writes (up to
+   * MAX_IO_BYTES in all) skip the scratch slot: one transaction is already atomic.
+   */
+  async writeAtomic(ranges: readonly WriteRange[]): Promise<void> {
+    this.checkOpen();
+    if (this.readOnly) throw new ReadOnlyError(`${this.spec} is a snapshot: read-only`);
+    let total = 0;
+    const size = this.size;
+    for (const r of ranges) {
+      if (!(r.data instanceof Uint8Array) || !Number.isSafeInteger(r.offset) || r.offset < 0 || r.offset + r.data.length > size) {
+        throw new InvalidArgumentError(`atomic write range at ${r.offset} (${r.data?.length} bytes) is past the end of ${this.spec} (${size} bytes)`);
+      }
+      total += r.data.length;
+    }
+    if (total <= MAX_IO_BYTES) {
+      await this.pool.cow.transaction(async (tx) => {
+        for (const r of ranges) await this.writeIn(tx, this.base, r.offset, r.data);
+      });
+      return;
+    }
+    const scratch = await this.pool.allocateScratch(this.id);
+    const sbase = slotBase(scratch);
+    try {
+      // Block ranges touched, merged; each block first gets the volume's current contents.
+      const spans = mergeSpans(ranges.map((r) => [Math.floor(r.offset / BLOCK_BYTES), Math.ceil((r.offset + r.data.length) / BLOCK_BYTES)] as [number, number]));
+      for (const [a, b] of spans) {
+        for (let blk = a; blk < b; blk += 2048) {
+          const n = Math.min(2048, b - blk);
+          await this.pool.cow.copy(this.base + BigInt(blk), sbase + BigInt(blk), BigInt(n));
+        }
+      }
+      for (const r of ranges) {
+        for (let o = 0; o < r.data.length; o += MAX_IO_BYTES) {
+          const piece = r.data.subarray(o, Math.min(r.data.length, o + MAX_IO_BYTES));
+          await this.pool.cow.transaction((tx) => this.writeIn(tx, sbase, r.offset + o, piece));
+        }
+      }
+      await this.pool.commitScratch(scratch, async (tx) => {
+        for (const [a, b] of spans) await tx.exchange(this.base + BigInt(a), sbase + BigInt(a), BigInt(b - a));
+      });
+    } catch (e) {
+      await this.pool.dropScratch(scratch).catch(() => undefined);
+      throw e;
+    }
+  }
+
+  async flush(): Promise<void> {
+    this.checkOpen();
+    await this.pool.cow.flush();
+  }
+
+  /** Which parts of [offset, offset + length) hold data; holes read as zeros. */
+  async blockStatus(offset: number, length: number): Promise<BlockStatus[]> {
+    this.checkOpen();
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.size) {
+      throw new InvalidArgumentError(`range [${offset}, ${offset + length}) is past the end of ${this.spec}`);
+    }
+    const first = Math.floor(offset / BLOCK_BYTES);
+    const last = Math.ceil((offset + length) / BLOCK_BYTES);
+    const extents: Extent[] = await this.pool.cow.extents(this.base + BigInt(first), BigInt(last - first), 4096);
+    const out: BlockStatus[] = [];
+    let pos = offset;
+    const end = offset + length;
+    for (const e of extents) {
+      const s = Math.max(offset, Number((e.start - this.base) * B));
+      const t = Math.min(end, Number((e.start + e.count - this.base) * B));
+      if (s > pos) out.push({ offset: pos, length: s - pos, allocated: false });
+      if (t > s) out.push({ offset: s, length: t - s, allocated: true });
+      pos = Math.max(pos, t);
+    }
+    if (extents.length === 4096) return out; // more follow; the caller asks again from the end
+    if (pos < end) out.push({ offset: pos, length: end - pos, allocated: false });
+    return out;
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    this.pool.imageClosed(this.id);
+  }
+
+  private checkOpen(): void {
+    if (this.closed) throw new ClosedError(`${this.spec} is closed`);
+    this.pool.checkImage(this.id, this.spec);
+  }
+}
+
+/** Sort and merge overlapping or touching [a, b) spans. */
+export function mergeSpans(spans: [number, number][]): [number, number][] {
+  const s = spans.filter(([a, b]) => b > a).sort((x, y) => x[0] - y[0]);
+  const out: [number, number][] = [];
+  for (const [a, b] of s) {
+    const last = out[out.length - 1];
+    if (last !== undefined && a <= last[1]) last[1] = Math.max(last[1], b);
+    else out.push([a, b]);
+  }
+  return out;
+}
+
+/** Every block of a slot, for whole-slot copies (snapshots, rollback, clones). */
+export const WHOLE_SLOT = SLOT_BLOCKS;
