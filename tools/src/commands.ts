@@ -11,6 +11,8 @@ import { CowStore } from '@pasture/cow';
 import { benchCopy, benchImage, benchOverwrite } from '@pasture/cow/bench';
 import { fsckCow, type CowFsckReport } from '@pasture/cow/fsck';
 import { defaultCowSimParams, runCowSimulation } from '@pasture/cow/simulator';
+import { Pool } from '@pasture/human';
+import { exportImage, importImage } from '@pasture/human/transfer';
 
 export interface Command {
   name: string;
@@ -80,8 +82,9 @@ async function wrap(fn: () => Promise<number>): Promise<number> {
 
 const initHelp = `Usage: pnpm pasture init --store file:DIR [--segment-bytes 8M] [--segments 1024]
 
-Create a new, empty store in DIR: a Grass log (a directory with a sparse segment file of
-segments x segment-bytes, two superblocks and a lock file) holding an empty Cow space.
+Create a new, empty pool in DIR: a Grass log (a directory with a sparse segment file of
+segments x segment-bytes, two superblocks and a lock file) holding a Cow space with an
+empty catalog. Then: pnpm pasture volume create NAME --size 10G --store file:DIR
 `;
 
 const init: Command = {
@@ -93,8 +96,8 @@ const init: Command = {
     const store = await FileSegmentStore.create(dir, { segmentBytes: size(o['segment-bytes'], 'segment-bytes', 8 << 20), segmentCount: num(o.segments, 'segments', 1024) });
     const g = await GrassLog.create(store);
     const st = g.stats();
-    const cow = await CowStore.create(g);
-    await cow.close();
+    const pool = await Pool.create(g);
+    await pool.close();
     out(!!o.json, { store: dir, segmentBytes: st.segmentBytes, segmentCount: st.segmentCount }, () => `created ${dir}: ${st.segmentCount} segments of ${st.segmentBytes} bytes\n`);
     return 0;
   }),
@@ -371,4 +374,299 @@ const demo: Command = {
   }),
 };
 
-export const commands: Command[] = [demo, init, stats, fsckCmd, bench, sim];
+// =============================================================================================
+// Pool management: volume, snap, clone, flatten, diff, import, export
+// =============================================================================================
+
+const storeOption = { store: { type: 'string' as const }, json: { type: 'boolean' as const } };
+
+/** Open the pool at --store, run fn, close it (even on error). */
+async function withPool<T>(o: Parsed, readOnly: boolean, fn: (pool: Pool) => Promise<T>): Promise<T> {
+  const g = await GrassLog.open(await FileSegmentStore.open(storeDir(o.store)), readOnly ? { readOnly: true } : {});
+  let pool: Pool;
+  try {
+    pool = await Pool.open(g, { readOnly });
+  } catch (e) {
+    await g.close().catch(() => undefined);
+    throw e;
+  }
+  try {
+    return await fn(pool);
+  } finally {
+    await pool.close();
+  }
+}
+
+function need(o: Parsed, i: number, what: string, help: string): string {
+  const v = o._[i];
+  if (v === undefined) throw new UsageError(`missing ${what}\n\n${help}`);
+  return v;
+}
+
+function human(bytes: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
+  let u = 0;
+  let v = bytes;
+  while (v >= 1024 && u < units.length - 1) {
+    v /= 1024;
+    u++;
+  }
+  return `${u === 0 ? v : v.toFixed(1)} ${units[u]}`;
+}
+
+function table(rows: string[][]): string {
+  if (rows.length === 0) return '';
+  const w = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
+  return rows.map((r) => r.map((c, i) => c.padEnd(w[i]!)).join('  ').trimEnd()).join('\n') + '\n';
+}
+
+const volumeHelp = `Usage: pnpm pasture volume <subcommand> --store file:DIR [--json]
+
+  create NAME --size SIZE       a new, empty (thin) volume; SIZE like 10G, a multiple of 4 KiB
+  list                          every volume: size, parent, snapshots
+  info NAME[@SNAP]              size, allocated bytes, bytes unique to it
+  resize NAME --size SIZE [--allow-shrink]
+                                grow, or shrink (refused if data lies past the new end
+                                unless --allow-shrink)
+  rename NAME NEWNAME
+  copy FROM NEWNAME             a new volume with FROM's contents (FROM: VOLUME or
+                                VOLUME@SNAPSHOT); instant, blocks shared until written
+  remove NAME                   refused while it has snapshots; space returns in the background
+`;
+
+const volume: Command = {
+  name: 'volume',
+  summary: 'volumes: create, list, info, resize, rename, copy, remove',
+  run: (argv) => wrap(async () => {
+    const o = parse(argv, { ...storeOption, size: { type: 'string' }, 'allow-shrink': { type: 'boolean' } }, volumeHelp);
+    const sub = need(o, 0, 'subcommand', volumeHelp);
+    const json = !!o.json;
+    const readOnly = sub === 'list' || sub === 'info';
+    return withPool(o, readOnly, async (pool) => {
+      switch (sub) {
+        case 'create': {
+          if (o.size === undefined) throw new UsageError(`volume create needs --size\n\n${volumeHelp}`);
+          const v = await pool.createVolume(need(o, 1, 'NAME', volumeHelp), size(o.size, 'size', 0));
+          out(json, v, () => `created volume ${v.name}: ${human(v.size)}\n`);
+          return 0;
+        }
+        case 'list': {
+          const vs = pool.listVolumes();
+          out(json, { volumes: vs }, () => table([['NAME', 'SIZE', 'PARENT', 'SNAPSHOTS', 'CREATED'], ...vs.map((v) => [v.name, human(v.size), v.parent ?? '-', String(v.snapshots), v.created])]));
+          return 0;
+        }
+        case 'info': {
+          const u = await pool.usage(need(o, 1, 'NAME', volumeHelp));
+          out(json, u, () => `${u.spec}: size ${human(u.size)}, allocated ${human(u.allocatedBytes)}, unique ${human(u.uniqueBytes)}\n`);
+          return 0;
+        }
+        case 'resize': {
+          const name = need(o, 1, 'NAME', volumeHelp);
+          if (o.size === undefined) throw new UsageError(`volume resize needs --size\n\n${volumeHelp}`);
+          const n = size(o.size, 'size', 0);
+          await pool.resizeVolume(name, n, { allowShrink: !!o['allow-shrink'] });
+          out(json, { name, size: n }, () => `resized ${name} to ${human(n)}\n`);
+          return 0;
+        }
+        case 'rename': {
+          const [from, to] = [need(o, 1, 'NAME', volumeHelp), need(o, 2, 'NEWNAME', volumeHelp)];
+          await pool.renameVolume(from, to);
+          out(json, { from, to }, () => `renamed ${from} to ${to}\n`);
+          return 0;
+        }
+        case 'copy': {
+          const v = await pool.copyVolume(need(o, 1, 'FROM', volumeHelp), need(o, 2, 'NEWNAME', volumeHelp));
+          out(json, v, () => `created volume ${v.name}: ${human(v.size)}\n`);
+          return 0;
+        }
+        case 'remove': {
+          const name = need(o, 1, 'NAME', volumeHelp);
+          await pool.removeVolume(name);
+          out(json, { removed: name }, () => `removed ${name}\n`);
+          return 0;
+        }
+        default:
+          throw new UsageError(`unknown volume subcommand '${sub}'\n\n${volumeHelp}`);
+      }
+    });
+  }),
+};
+
+const snapHelp = `Usage: pnpm pasture snap <subcommand> --store file:DIR [--json]
+
+  create VOLUME@SNAP            instant, whatever the volume's size
+  list VOLUME                   its snapshots: size, protection, clones
+  remove VOLUME@SNAP            refused while protected or while it has clones
+  rollback VOLUME@SNAP          make the volume exactly the snapshot (size included)
+  protect VOLUME@SNAP           refuse removal
+  unprotect VOLUME@SNAP
+`;
+
+const snap: Command = {
+  name: 'snap',
+  summary: 'snapshots: create, list, remove, rollback, protect, unprotect',
+  run: (argv) => wrap(async () => {
+    const o = parse(argv, storeOption, snapHelp);
+    const sub = need(o, 0, 'subcommand', snapHelp);
+    const json = !!o.json;
+    const arg = need(o, 1, sub === 'list' ? 'VOLUME' : 'VOLUME@SNAP', snapHelp);
+    const at = (): [string, string] => {
+      const i = arg.indexOf('@');
+      if (i < 0) throw new UsageError(`'${arg}' is not VOLUME@SNAP`);
+      return [arg.slice(0, i), arg.slice(i + 1)];
+    };
+    return withPool(o, sub === 'list', async (pool) => {
+      switch (sub) {
+        case 'create': {
+          const [v, s] = at();
+          const info = await pool.createSnapshot(v, s);
+          out(json, info, () => `created snapshot ${info.spec}\n`);
+          return 0;
+        }
+        case 'list': {
+          const ss = pool.listSnapshots(arg);
+          out(json, { snapshots: ss }, () => table([['NAME', 'SIZE', 'PROTECTED', 'CLONES', 'CREATED'], ...ss.map((x) => [x.spec, human(x.size), x.protected ? 'yes' : 'no', x.children.join(',') || '-', x.created])]));
+          return 0;
+        }
+        case 'remove':
+          at();
+          await pool.removeSnapshot(arg);
+          out(json, { removed: arg }, () => `removed ${arg}\n`);
+          return 0;
+        case 'rollback':
+          at();
+          await pool.rollback(arg);
+          out(json, { rolledBack: arg }, () => `rolled back to ${arg}\n`);
+          return 0;
+        case 'protect':
+        case 'unprotect':
+          at();
+          await pool.protectSnapshot(arg, sub === 'protect');
+          out(json, { snapshot: arg, protected: sub === 'protect' }, () => `${sub}ed ${arg}\n`);
+          return 0;
+        default:
+          throw new UsageError(`unknown snap subcommand '${sub}'\n\n${snapHelp}`);
+      }
+    });
+  }),
+};
+
+const cloneHelp = `Usage: pnpm pasture clone VOLUME@SNAP NEWVOLUME --store file:DIR [--json]
+
+A writable volume that starts as the snapshot (instant; the snapshot becomes protected).
+`;
+
+const clone: Command = {
+  name: 'clone',
+  summary: 'clone a snapshot into a new writable volume',
+  run: (argv) => wrap(async () => {
+    const o = parse(argv, storeOption, cloneHelp);
+    const [from, to] = [need(o, 0, 'VOLUME@SNAP', cloneHelp), need(o, 1, 'NEWVOLUME', cloneHelp)];
+    return withPool(o, false, async (pool) => {
+      const v = await pool.clone(from, to);
+      out(!!o.json, v, () => `cloned ${from} to ${v.name}\n`);
+      return 0;
+    });
+  }),
+};
+
+const flattenHelp = `Usage: pnpm pasture flatten VOLUME --store file:DIR [--json]
+
+Detach a clone from its parent snapshot. Its blocks are already its own (shared through
+reference counts), so this is instant and copies nothing.
+`;
+
+const flatten: Command = {
+  name: 'flatten',
+  summary: 'detach a clone from its parent snapshot',
+  run: (argv) => wrap(async () => {
+    const o = parse(argv, storeOption, flattenHelp);
+    const name = need(o, 0, 'VOLUME', flattenHelp);
+    return withPool(o, false, async (pool) => {
+      await pool.flatten(name);
+      out(!!o.json, { flattened: name }, () => `flattened ${name}\n`);
+      return 0;
+    });
+  }),
+};
+
+const diffHelp = `Usage: pnpm pasture diff VOLUME@FROM [VOLUME@TO | VOLUME] --store file:DIR [--json]
+
+The byte extents that changed between two snapshots, or between a snapshot and the volume
+(the default), for incremental backup.
+`;
+
+const diff: Command = {
+  name: 'diff',
+  summary: 'extents changed between two snapshots, or a snapshot and its volume',
+  run: (argv) => wrap(async () => {
+    const o = parse(argv, storeOption, diffHelp);
+    const from = need(o, 0, 'VOLUME@FROM', diffHelp);
+    const to = o._[1] ?? from.split('@')[0]!;
+    return withPool(o, true, async (pool) => {
+      const extents: { offset: number; length: number }[] = [];
+      for await (const e of pool.diff(from, to)) extents.push(e);
+      const bytes = extents.reduce((a, e) => a + e.length, 0);
+      out(!!o.json, { from, to, extents, bytes }, () => extents.map((e) => `${e.offset} ${e.length}`).join('\n') + (extents.length ? '\n' : '') + `# ${extents.length} extents, ${human(bytes)} changed from ${from} to ${to}\n`);
+      return 0;
+    });
+  }),
+};
+
+function progressBar(json: boolean, what: string): ((done: number, total: number) => void) | undefined {
+  if (json || !process.stderr.isTTY) return undefined;
+  const t0 = Date.now();
+  let last = 0;
+  return (done, total) => {
+    const now = Date.now();
+    if (now - last < 100 && done < total) return;
+    last = now;
+    const frac = total === 0 ? 1 : done / total;
+    const width = 30;
+    const bar = '#'.repeat(Math.round(frac * width)).padEnd(width, '.');
+    const mbps = done / 1e6 / Math.max(0.001, (now - t0) / 1000);
+    process.stderr.write(`\r${what} [${bar}] ${(frac * 100).toFixed(0).padStart(3)}% ${human(done)} ${mbps.toFixed(0)} MB/s${done >= total ? '\n' : ''}`);
+  };
+}
+
+const importHelp = `Usage: pnpm pasture import FILE VOLUME --store file:DIR [--json]
+
+Create VOLUME, sized to FILE (rounded up to 4 KiB), and copy the raw image into it. Zero
+blocks are skipped (they are holes). Shows a progress bar on a terminal.
+`;
+
+const importCmd: Command = {
+  name: 'import',
+  summary: 'copy a raw image file into a new volume (sparse-aware)',
+  run: (argv) => wrap(async () => {
+    const o = parse(argv, storeOption, importHelp);
+    const [file, name] = [need(o, 0, 'FILE', importHelp), need(o, 1, 'VOLUME', importHelp)];
+    return withPool(o, false, async (pool) => {
+      const r = await importImage(pool, resolve(file), name, progressBar(!!o.json, 'import'));
+      out(!!o.json, { volume: name, ...r, mbps: r.bytes / 1e6 / r.seconds }, () => `imported ${file} into ${name}: ${human(r.bytes)} (${human(r.dataBytes)} of data) in ${r.seconds.toFixed(1)} s\n`);
+      return 0;
+    });
+  }),
+};
+
+const exportHelp = `Usage: pnpm pasture export VOLUME[@SNAP] FILE --store file:DIR [--json]
+
+Write a volume or snapshot to a raw image file. Only allocated extents are written; holes
+stay holes in FILE. Shows a progress bar on a terminal.
+`;
+
+const exportCmd: Command = {
+  name: 'export',
+  summary: 'copy a volume or snapshot to a raw image file (sparse-aware)',
+  run: (argv) => wrap(async () => {
+    const o = parse(argv, storeOption, exportHelp);
+    const [spec, file] = [need(o, 0, 'VOLUME[@SNAP]', exportHelp), need(o, 1, 'FILE', exportHelp)];
+    return withPool(o, true, async (pool) => {
+      const r = await exportImage(pool, spec, resolve(file), progressBar(!!o.json, 'export'));
+      out(!!o.json, { spec, file: resolve(file), ...r }, () => `exported ${spec} to ${file}: ${human(r.bytes)} (${human(r.dataBytes)} of data) in ${r.seconds.toFixed(1)} s\n`);
+      return 0;
+    });
+  }),
+};
+
+export const commands: Command[] = [demo, init, volume, snap, clone, flatten, diff, importCmd, exportCmd, stats, fsckCmd, bench, sim];
