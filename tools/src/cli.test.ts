@@ -76,3 +76,48 @@ test('sim replays a seed and reports ok in JSON', async (t) => {
   t.is(again.batches, j.batches, 'the same seed gives the same run');
   t.is(again.steps, j.steps);
 });
+
+test('pool management end to end: volumes, snapshots, clones, import/export, diff, clear errors', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'pasture-cli-'));
+  try {
+    const store = `file:${join(dir, 'pool')}`;
+    t.is((await pasture('init', '--store', store, '--segment-bytes', '1M', '--segments', '64')).code, 0);
+    // A sparse raw image: 1 MiB of data, 1 MiB hole, 1 KiB tail.
+    const raw = join(dir, 'in.raw');
+    const { randomBytes } = await import('node:crypto');
+    const data = randomBytes(1 << 20);
+    const h = await open(raw, 'w');
+    await h.write(data, 0, data.length, 0);
+    await h.write(data.subarray(0, 1024), 0, 1024, 2 << 20);
+    await h.close();
+    const imp = await pasture('import', raw, 'disk', '--store', store, '--json');
+    t.is(imp.code, 0, imp.stderr);
+    t.is(JSON.parse(imp.stdout).dataBytes, (1 << 20) + 1024);
+    t.is((await pasture('snap', 'create', 'disk@s1', '--store', store)).code, 0);
+    t.is((await pasture('clone', 'disk@s1', 'child', '--store', store)).code, 0);
+    const list = JSON.parse((await pasture('volume', 'list', '--store', store, '--json')).stdout);
+    t.deepEqual(list.volumes.map((v: { name: string; parent: string | null }) => [v.name, v.parent]), [['disk', null], ['child', 'disk@s1']]);
+    const exp = await pasture('export', 'child', join(dir, 'out.raw'), '--store', store, '--json');
+    t.is(exp.code, 0, exp.stderr);
+    const { readFile } = await import('node:fs/promises');
+    const a = await readFile(raw);
+    const b = await readFile(join(dir, 'out.raw'));
+    t.is(b.length, Math.ceil(a.length / 4096) * 4096);
+    t.is(Buffer.compare(a, b.subarray(0, a.length)), 0);
+    const diff = JSON.parse((await pasture('diff', 'disk@s1', 'child', '--store', store, '--json')).stdout);
+    t.deepEqual(diff.extents, []);
+    // Errors: one line, exit 1, nothing changed.
+    const gone = await pasture('snap', 'remove', 'disk@s1', '--store', store);
+    t.is(gone.code, 1);
+    t.regex(gone.stderr, /^pasture: snapshot 'disk@s1' is protected; unprotect it first\n$/);
+    const missing = await pasture('volume', 'info', 'nope', '--store', store);
+    t.is(missing.code, 1);
+    t.is(missing.stderr, "pasture: no volume named 'nope'\n");
+    const usage = await pasture('volume', 'frobnicate', '--store', store);
+    t.is(usage.code, 2);
+    const fsck = await pasture('fsck', '--store', store, '--json');
+    t.is(fsck.code, 0, fsck.stdout);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});

@@ -13,6 +13,7 @@ import { fsckCow, type CowFsckReport } from '@pasture/cow/fsck';
 import { defaultCowSimParams, runCowSimulation } from '@pasture/cow/simulator';
 import { Pool } from '@pasture/human';
 import { exportImage, importImage } from '@pasture/human/transfer';
+import { benchCloneReads, benchImport, benchSnapshot } from '@pasture/human/bench';
 
 export interface Command {
   name: string;
@@ -177,7 +178,16 @@ const stats: Command = {
   }),
 };
 
-const benchHelp = `Usage: pnpm pasture bench grass|cow [options]
+const benchHelp = `Usage: pnpm pasture bench grass|cow|human [options]
+
+bench human modes (--mode, default all), on file stores in --dir:
+  snapshot     snapshot creation time for volumes with --sizes GiB written (default 1,16),
+               median of --repeats (default 5)
+  clone-reads  4 KiB random reads on a clone --depth (default 32) levels deep against the
+               original, a --volume-mib (default 256) volume, --reads (default 20000) per
+               round, alternating --rounds (default 3)
+  import       import of a --gib (default 1) raw image against cp + sync of it
+  all          all three
 
 bench cow modes (--mode, default all):
   copy         BLOCK-COPY of fully mapped ranges of 2^16, 2^20 and 2^24 blocks (built by
@@ -213,7 +223,7 @@ bench grass modes:
 
 const bench: Command = {
   name: 'bench',
-  summary: 'benchmarks: bench grass|cow --help',
+  summary: 'benchmarks: bench grass|cow|human --help',
   run: (argv) => wrap(async () => {
     const o = parse(argv, {
       mode: { type: 'string' }, workload: { type: 'string' }, utilization: { type: 'string' }, policy: { type: 'string' },
@@ -221,6 +231,7 @@ const bench: Command = {
       bytes: { type: 'string' }, 'per-flush': { type: 'string' }, dir: { type: 'string' }, records: { type: 'string' },
       json: { type: 'boolean' }, 'list-policies': { type: 'boolean' },
       repeats: { type: 'string' }, rounds: { type: 'string' }, blocks: { type: 'string' }, writes: { type: 'string' }, tree: { type: 'string' },
+      sizes: { type: 'string' }, depth: { type: 'string' }, 'volume-mib': { type: 'string' }, reads: { type: 'string' }, gib: { type: 'string' },
     }, benchHelp);
     if (o['list-policies']) {
       process.stdout.write(POLICIES.map((p) => p.name).join('\n') + '\n');
@@ -228,6 +239,7 @@ const bench: Command = {
     }
     const layer = o._[0] ?? 'grass';
     if (layer === 'cow') return benchCow(o);
+    if (layer === 'human') return benchHuman(o);
     if (layer !== 'grass') throw new UsageError(`no benchmark for '${layer}'; try 'bench grass' or 'bench cow'`);
     const json = !!o.json;
     const mode = (o.mode as string | undefined) ?? 'cleaning';
@@ -297,6 +309,35 @@ async function benchCow(o: Parsed): Promise<number> {
   }
   if (json) process.stdout.write(JSON.stringify(result) + '\n');
   return process.exitCode === 1 ? 1 : 0;
+}
+
+async function benchHuman(o: Parsed): Promise<number> {
+  const json = !!o.json;
+  const mode = (o.mode as string | undefined) ?? 'all';
+  if (!['snapshot', 'clone-reads', 'import', 'all'].includes(mode)) throw new UsageError(`bench human --mode is snapshot, clone-reads, import or all; got '${mode}'`);
+  const dir = typeof o.dir === 'string' ? o.dir : undefined;
+  const say = (l: string): void => {
+    if (!json) process.stdout.write(l + '\n');
+  };
+  const result: Record<string, unknown> = {};
+  if (mode === 'snapshot' || mode === 'all') {
+    const sizes = typeof o.sizes === 'string' ? o.sizes.split(',').map((x) => num(x, 'sizes', 1)) : [1, 16];
+    const r = await benchSnapshot({ dir, sizesGiB: sizes, repeats: num(o.repeats, 'repeats', 5) }, json ? undefined : (l) => process.stderr.write(l + '\n'));
+    result.snapshot = r;
+    for (const row of r.rows) say(`snapshot of a volume with ${row.writtenGiB} GiB written: ${row.snapshotMillis.toFixed(2)} ms (${row.snapshotAndFlushMillis.toFixed(2)} ms including a flush); target under 20 ms`);
+  }
+  if (mode === 'clone-reads' || mode === 'all') {
+    const r = await benchCloneReads({ dir, volumeMiB: num(o['volume-mib'], 'volume-mib', 256), depth: num(o.depth, 'depth', 32), reads: num(o.reads, 'reads', 20000), rounds: num(o.rounds, 'rounds', 3) });
+    result.cloneReads = r;
+    say(`4 KiB random reads: clone ${r.depth} deep ${r.cloneReadsPerSecond.toFixed(0)}/s, original ${r.originalReadsPerSecond.toFixed(0)}/s; ratio ${r.ratio.toFixed(2)} (target at least 0.9)`);
+  }
+  if (mode === 'import' || mode === 'all') {
+    const r = await benchImport({ dir, gib: num(o.gib, 'gib', 1), rounds: num(o.rounds, 'rounds', 3) });
+    result.import = r;
+    say(`import of a ${human(r.bytes)} raw image (${r.content}): ${r.importMBps.toFixed(0)} MB/s; cp + sync ${r.cpMBps.toFixed(0)} MB/s; ratio ${r.ratio.toFixed(2)} (target at least 0.5)`);
+  }
+  if (json) process.stdout.write(JSON.stringify(result) + '\n');
+  return 0;
 }
 
 const simHelp = `Usage: pnpm pasture sim grass|cow [--seed N] [--crashes M] [--policy NAME] [--json] [--verbose]

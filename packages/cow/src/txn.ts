@@ -98,6 +98,8 @@ export class Txn implements CowTransaction, AllocView {
   private inlineBudget = INLINE_DECREMENTS;
   nextGaddr: number;
   takenFromKnown = 0;
+  /** The leaf the last write went to, owned by this transaction (see writeRecord). */
+  private lastLeaf: { key: bigint; node: CowNode; root: number } | undefined;
   readonly exhausted = new Set<number>();
   done = false;
 
@@ -306,14 +308,24 @@ export class Txn implements CowTransaction, AllocView {
   async writeRecord(addr: bigint, rec: Uint8Array | undefined): Promise<void> {
     this.checkLive();
     if (rec === undefined) return this.trim(addr, 1n);
-    // Fast path: the block is mapped and nothing on its path is shared, so it is rewritten in
-    // place and no node changes at all.
-    const d0 = await this.exclusiveData(addr);
-    if (d0 !== 0) {
-      this.dataPuts.set(d0, rec);
-      return;
+    // Consecutive writes into one leaf (imports, large writes) skip the walk from the root:
+    // the leaf stays owned by this transaction until something else (trim, copy, exchange,
+    // a change of root) could change that, which clears lastLeaf.
+    const leafKey = addr >> 8n;
+    let leaf: CowNode;
+    if (this.lastLeaf !== undefined && this.lastLeaf.key === leafKey && this.lastLeaf.root === this.sb.root) {
+      leaf = this.lastLeaf.node;
+    } else {
+      // Fast path: the block is mapped and nothing on its path is shared, so it is rewritten
+      // in place and no node changes at all.
+      const d0 = await this.exclusiveData(addr);
+      if (d0 !== 0) {
+        this.dataPuts.set(d0, rec);
+        return;
+      }
+      leaf = await this.pathTo(addr, 0);
+      this.lastLeaf = { key: leafKey, node: leaf, root: this.sb.root };
     }
-    const leaf = await this.pathTo(addr, 0);
     const i = digit(addr, 0);
     const d = leaf.get(i);
     if (d !== 0 && (await this.rc(d)) === 1) {
@@ -340,6 +352,7 @@ export class Txn implements CowTransaction, AllocView {
 
   async trim(start: bigint, count: bigint): Promise<void> {
     this.checkLive();
+    this.lastLeaf = undefined;
     checkRange(start, count);
     if (count === 0n || this.sb.root === 0) return;
     const span = spanOf(this.sb.rootHeight);
@@ -398,6 +411,7 @@ export class Txn implements CowTransaction, AllocView {
 
   async copy(src: bigint, dst: bigint, count: bigint): Promise<void> {
     this.checkLive();
+    this.lastLeaf = undefined;
     checkRange(src, count);
     checkRange(dst, count);
     if (count === 0n || src === dst) return;
@@ -408,6 +422,7 @@ export class Txn implements CowTransaction, AllocView {
 
   async exchange(a: bigint, b: bigint, count: bigint): Promise<void> {
     this.checkLive();
+    this.lastLeaf = undefined;
     checkRange(a, count);
     checkRange(b, count);
     if (count === 0n || a === b) return;
@@ -471,6 +486,7 @@ export class Txn implements CowTransaction, AllocView {
 
   /** Reap dead subtrees from the graveyard, about `budget` decrements' worth. Returns nodes freed. */
   async reap(budget: number): Promise<number> {
+    this.lastLeaf = undefined;
     this.grave ??= this.store.grave.slice();
     let freed = 0;
     this.inlineBudget = 0; // children that die go back on the stack
