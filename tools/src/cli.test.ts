@@ -30,9 +30,9 @@ test('init, stats --json, fsck clean, fsck after corruption', async (t) => {
     t.is(stats.code, 0, stats.stderr);
     const s = JSON.parse(stats.stdout);
     t.is(s.grass.segmentBytes, 1 << 20);
-    t.is(s.grass.liveRecords, 1, 'the Cow superblock');
-    t.is(s.cow.mappedBlocks, 0);
-    t.is(s.cow.metaRecords, 1);
+    t.true(s.grass.liveRecords >= 3, 'Cow superblock, catalog and the nodes above it');
+    t.is(s.cow.mappedBlocks, 1, 'the empty catalog');
+    t.true(s.cow.metaRecords >= 2);
     const ok = await pasture('fsck', '--store', `file:${store}`, '--json');
     t.is(ok.code, 0, ok.stdout + ok.stderr);
     t.true(JSON.parse(ok.stdout).ok);

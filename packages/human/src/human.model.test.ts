@@ -248,7 +248,6 @@ class ModelRun {
   private history: Model[] = [new Map()];
   private nextName = 1;
   private where = 'start';
-  private t0 = Date.now();
   readonly s: Summary = {
     sessions: 0, steps: 0, calls: 0, crashes: 0, scheduledCrashesHit: 0, cleanCloses: 0, flushes: 0, unflushedKept: 0, unflushedLost: 0,
     writes: 0, discards: 0, atomicWrites: 0, readsChecked: 0, volumesCreated: 0, volumesRemoved: 0, snapshots: 0, snapshotRemovals: 0,
@@ -346,7 +345,7 @@ class ModelRun {
     this.s.unflushedLost += unflushed - k;
     this.model = this.history[k]!;
     this.history = [this.model];
-    this.log(`${Date.now() - this.t0} ms session ${session} (${how}): recovered ${k} of ${unflushed} unflushed calls; ${volumesOf(this.model).length} volumes, ${snapshotsOf(this.model).length} snapshots`);
+    this.log(`session ${session} (${how}): recovered ${k} of ${unflushed} unflushed calls; ${volumesOf(this.model).length} volumes, ${snapshotsOf(this.model).length} snapshots`);
   }
 
   /** A completed mutating call: `next` is the model now. */
@@ -789,11 +788,11 @@ const base = Rng.seedFromEnv();
 const variants: { name: string; params: Omit<Params, 'seed'> }[] = [
   {
     name: 'volumes of 64-256 KiB',
-    params: { sessions: 200, stepsPerSession: 30, minBlocks: 16, maxBlocks: 64, maxVolumes: 10, maxSnapshotsPerVolume: 3, crashWindow: 6 },
+    params: { sessions: 300, stepsPerSession: 30, minBlocks: 16, maxBlocks: 64, maxVolumes: 10, maxSnapshotsPerVolume: 3, crashWindow: 6 },
   },
   {
     name: 'volumes of 64-512 KiB',
-    params: { sessions: 150, stepsPerSession: 30, minBlocks: 16, maxBlocks: 128, maxVolumes: 8, maxSnapshotsPerVolume: 3, crashWindow: 6 },
+    params: { sessions: 220, stepsPerSession: 30, minBlocks: 16, maxBlocks: 128, maxVolumes: 8, maxSnapshotsPerVolume: 3, crashWindow: 6 },
   },
 ];
 

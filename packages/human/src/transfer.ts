@@ -34,9 +34,11 @@ export async function importImage(pool: Pool, file: string, name: string, progre
       if (bytesRead !== n) throw new Error(`short read of ${file} at ${off}`);
       // Write runs of non-zero blocks; a partial last block is padded with zeros.
       let runStart = -1;
-      for (let b = 0; b <= n; b += BLOCK_BYTES) {
+      const blocks = Math.ceil(n / BLOCK_BYTES);
+      for (let k = 0; k <= blocks; k++) {
+        const b = k * BLOCK_BYTES;
         const end = Math.min(b + BLOCK_BYTES, n);
-        let zero = b >= n;
+        let zero = k === blocks; // a sentinel that ends the last run
         if (!zero) {
           const blk = end - b === BLOCK_BYTES ? buf.subarray(b, end) : Buffer.concat([buf.subarray(b, end), Buffer.alloc(BLOCK_BYTES - (end - b))]);
           zero = isZeroBlock(blk);
