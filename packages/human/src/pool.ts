@@ -329,6 +329,7 @@ export class Pool {
     await this.mutate(async (c, tx) => {
       const s = this.snapshotOf(c, spec);
       const v = c.entries.find((e): e is VolumeEntry => e.kind === 'volume' && e.id === s.volume)!;
+      if ((this.openCount.get(v.id) ?? 0) > 0) throw new BusyError(`volume '${v.name}' is open (by a client?); roll back an idle volume`);
       await tx.copy(slotBase(s.id), slotBase(v.id), WHOLE_SLOT);
       v.size = s.size;
     });
