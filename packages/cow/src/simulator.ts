@@ -240,7 +240,12 @@ export async function runCowSimulation(params: CowSimParams, log: (line: string)
             result.transactions++;
             result.maxMapped = Math.max(result.maxMapped, model.size);
           } catch (e) {
-            if (!(e instanceof AbortSim)) throw e;
+            if (!(e instanceof AbortSim)) {
+              // A transaction cut short by the crash may still have reached the store whole
+              // (its batch was appended before the failure): the last state may be either.
+              if (isFault(e) || faulty.isCrashed) history.push(m);
+              throw e;
+            }
             result.aborted++;
           }
         } else if (r < 0.8) {
