@@ -1,0 +1,10 @@
+export type { BlockDevice, ExportInfo, ExportProvider, OpenExport } from './device.ts';
+export { NbdServer, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_INFLIGHT_BYTES_PER_CONNECTION, type NbdServerOptions, type ListenTarget } from './server.ts';
+export { type NbdStats, LATENCY_BUCKETS_SECONDS } from './stats.ts';
+export { MemoryDevice, MEMORY_CHUNK_BYTES, type MemoryDeviceOptions } from './memory-device.ts';
+export { FileDevice } from './file-device.ts';
+export { FaultyDevice, type DeviceCall } from './faulty-device.ts';
+export { StaticExportProvider, type StaticExport } from './static-provider.ts';
+export { NbdClient, NbdReplyError, type ClientOptions, type Reply, type Target } from './client.ts';
+export { NbdError, NbdProtocolError, nbdErrnoOf } from './errors.ts';
+export * as protocol from './protocol.ts';

@@ -1,0 +1,132 @@
+/**
+ * Encoders for everything the server sends, and the writer that sends each message whole.
+ * A message is a list of buffers written in one synchronous burst (corked), so two replies'
+ * bytes never interleave even when replies complete out of order.
+ */
+import type { Duplex } from 'node:stream';
+import {
+  MAX_ERROR_MESSAGE_BYTES,
+  NBD_REPLY_FLAG_DONE,
+  NBD_REPLY_TYPE_BLOCK_STATUS,
+  NBD_REPLY_TYPE_ERROR,
+  NBD_REPLY_TYPE_NONE,
+  NBD_REPLY_TYPE_OFFSET_DATA,
+  NBD_SIMPLE_REPLY_MAGIC,
+  NBD_STRUCTURED_REPLY_MAGIC,
+  OPTION_REPLY_MAGIC,
+  SIMPLE_REPLY_HEADER_BYTES,
+  STRUCTURED_REPLY_HEADER_BYTES,
+} from './protocol.ts';
+
+/** An option reply: magic, option, reply type, length, data. */
+export function optionReply(option: number, type: number, data: Buffer = Buffer.alloc(0)): Buffer {
+  const b = Buffer.alloc(20 + data.length);
+  b.writeBigUInt64BE(OPTION_REPLY_MAGIC, 0);
+  b.writeUInt32BE(option >>> 0, 8);
+  b.writeUInt32BE(type >>> 0, 12);
+  b.writeUInt32BE(data.length, 16);
+  data.copy(b, 20);
+  return b;
+}
+
+/** UTF-8 bytes of `s`, cut at a character boundary to at most `maxBytes`. */
+export function utf8(s: string, maxBytes = Number.MAX_SAFE_INTEGER): Buffer {
+  const b = Buffer.from(s, 'utf8');
+  if (b.length <= maxBytes) return b;
+  let end = maxBytes;
+  while (end > 0 && ((b[end] ?? 0) & 0xc0) === 0x80) end--;
+  return b.subarray(0, end);
+}
+
+export function simpleReply(cookie: Buffer, error: number): Buffer {
+  const b = Buffer.alloc(SIMPLE_REPLY_HEADER_BYTES);
+  b.writeUInt32BE(NBD_SIMPLE_REPLY_MAGIC, 0);
+  b.writeUInt32BE(error, 4);
+  cookie.copy(b, 8);
+  return b;
+}
+
+export function chunkHeader(cookie: Buffer, flags: number, type: number, payloadBytes: number): Buffer {
+  const b = Buffer.alloc(STRUCTURED_REPLY_HEADER_BYTES);
+  b.writeUInt32BE(NBD_STRUCTURED_REPLY_MAGIC, 0);
+  b.writeUInt16BE(flags, 4);
+  b.writeUInt16BE(type, 6);
+  cookie.copy(b, 8);
+  b.writeUInt32BE(payloadBytes, 16);
+  return b;
+}
+
+/** A final NBD_REPLY_TYPE_NONE chunk. */
+export function noneChunk(cookie: Buffer): Buffer {
+  return chunkHeader(cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, 0);
+}
+
+/** A final NBD_REPLY_TYPE_OFFSET_DATA chunk: header and offset, then `data` as its own buffer. */
+export function offsetDataChunk(cookie: Buffer, offset: number, data: Uint8Array): Buffer[] {
+  const head = Buffer.alloc(STRUCTURED_REPLY_HEADER_BYTES + 8);
+  chunkHeader(cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, 8 + data.length).copy(head, 0);
+  head.writeBigUInt64BE(BigInt(offset), STRUCTURED_REPLY_HEADER_BYTES);
+  return [head, Buffer.from(data.buffer, data.byteOffset, data.byteLength)];
+}
+
+/** A final NBD_REPLY_TYPE_ERROR chunk with a message for a human. */
+export function errorChunk(cookie: Buffer, error: number, message: string): Buffer {
+  const text = utf8(message, MAX_ERROR_MESSAGE_BYTES);
+  const head = chunkHeader(cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, 6 + text.length);
+  const body = Buffer.alloc(6);
+  body.writeUInt32BE(error, 0);
+  body.writeUInt16BE(text.length, 4);
+  return Buffer.concat([head, body, text]);
+}
+
+/** A final NBD_REPLY_TYPE_BLOCK_STATUS chunk for one context. */
+export function blockStatusChunk(cookie: Buffer, contextId: number, extents: readonly { length: number; flags: number }[]): Buffer {
+  const payload = Buffer.alloc(4 + 8 * extents.length);
+  payload.writeUInt32BE(contextId, 0);
+  extents.forEach((e, i) => {
+    payload.writeUInt32BE(e.length, 4 + 8 * i);
+    payload.writeUInt32BE(e.flags, 8 + 8 * i);
+  });
+  return Buffer.concat([chunkHeader(cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS, payload.length), payload]);
+}
+
+/**
+ * Sends whole messages on the connection's current stream (the socket, then the TLS socket
+ * after STARTTLS). `send` resolves once the stream has taken the bytes (its write callback),
+ * or at once if the connection is already gone: callers release their in-flight budget then.
+ */
+export class ReplyWriter {
+  /** Bytes handed to the stream. */
+  sentBytes = 0;
+  /** Sends whose write callback has not run; settled all at once if the stream closes first. */
+  private readonly pending = new Set<() => void>();
+
+  constructor(readonly stream: Duplex) {
+    stream.once('close', () => {
+      for (const f of this.pending) f();
+      this.pending.clear();
+    });
+  }
+
+  get open(): boolean {
+    return !this.stream.destroyed && this.stream.writable;
+  }
+
+  send(parts: readonly Buffer[]): Promise<void> {
+    if (!this.open || parts.length === 0) return Promise.resolve();
+    const stream = this.stream;
+    return new Promise<void>((resolve) => {
+      const done = (): void => {
+        if (this.pending.delete(done)) resolve();
+      };
+      this.pending.add(done);
+      stream.cork();
+      parts.forEach((p, i) => {
+        this.sentBytes += p.length;
+        if (i === parts.length - 1) stream.write(p, done);
+        else stream.write(p);
+      });
+      stream.uncork();
+    });
+  }
+}
