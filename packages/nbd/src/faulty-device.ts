@@ -43,8 +43,15 @@ export class FaultyDevice implements BlockDevice {
     this.openGate = undefined;
   }
 
+  /** Calls waiting at the gate now. */
+  held = 0;
+
   private async enter(kind: DeviceCall): Promise<void> {
-    if (this.gate !== undefined) await this.gate;
+    if (this.gate !== undefined) {
+      this.held++;
+      await this.gate;
+      this.held--;
+    }
     const f = this.faults.get(kind);
     if (f === undefined || f.times <= 0) return;
     f.times--;

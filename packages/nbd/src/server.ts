@@ -60,7 +60,9 @@ export class NbdServer {
   /** Start listening; resolves with an NBD URI for the listener (the real port if `port` was 0). */
   listen(target: ListenTarget): Promise<{ uri: string }> {
     if (this.closing !== undefined) return Promise.reject(new Error('NbdServer is closed'));
-    const server = createServer((socket) => this.accept(socket));
+    // allowHalfOpen: a client may shut down its side right after NBD_CMD_DISC; the replies to
+    // what it sent before must still go out, so the server decides when to end its side.
+    const server = createServer({ allowHalfOpen: true }, (socket) => this.accept(socket));
     return new Promise((resolve, reject) => {
       server.once('error', reject);
       const ready = (): void => {
