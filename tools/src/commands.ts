@@ -1,6 +1,8 @@
 /** The pasture commands. Each parses its own options with node:util's parseArgs. */
 import { parseArgs, type ParseArgsConfig } from 'node:util';
-import { mkdir, rm } from 'node:fs/promises';
+import { io } from './io.ts';
+import { serve, parseHostPort, type ServeOptions } from './serve.ts';
+import { mkdir } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import {
   FileSegmentStore, GrassLog, POLICIES, Rng, fsck, policyByName,
@@ -21,7 +23,9 @@ export interface Command {
   run(argv: string[]): Promise<number>;
 }
 
-class UsageError extends Error {}
+export class UsageError extends Error {}
+/** --help was printed: the command is done, successfully. */
+class HelpShown extends Error {}
 
 type Options = NonNullable<ParseArgsConfig['options']>;
 
@@ -35,8 +39,8 @@ function parse(argv: string[], options: Options, help: string): Parsed {
     throw new UsageError(`${(e as Error).message}\n\n${help}`);
   }
   if (parsed.values.help) {
-    process.stdout.write(help);
-    process.exit(0);
+    io.out(help);
+    throw new HelpShown();
   }
   return { ...(parsed.values as Record<string, string | boolean | undefined>), _: parsed.positionals } as Parsed;
 }
@@ -57,7 +61,7 @@ function size(v: Parsed[string], what: string, dflt: number): number {
   return Math.round(Number(m[1]) * mult);
 }
 
-function storeDir(v: Parsed[string]): string {
+export function storeDir(v: Parsed[string]): string {
   if (typeof v !== 'string') throw new UsageError('--store is required, e.g. --store file:./mypool');
   if (v.startsWith('file:')) return resolve(v.slice(5));
   if (/^[a-z0-9]+:\/\//i.test(v)) throw new UsageError(`store '${v}': only file:DIR stores exist yet`);
@@ -65,18 +69,19 @@ function storeDir(v: Parsed[string]): string {
 }
 
 function out(json: boolean, obj: unknown, text: () => string): void {
-  process.stdout.write(json ? JSON.stringify(obj) + '\n' : text());
+  io.out(json ? JSON.stringify(obj) + '\n' : text());
 }
 
 async function wrap(fn: () => Promise<number>): Promise<number> {
   try {
     return await fn();
   } catch (e) {
+    if (e instanceof HelpShown) return 0;
     if (e instanceof UsageError) {
-      process.stderr.write(`pasture: ${e.message}\n`);
+      io.err(`pasture: ${e.message}\n`);
       return 2;
     }
-    process.stderr.write(`pasture: ${e instanceof Error ? e.message : String(e)}\n`);
+    io.err(`pasture: ${e instanceof Error ? e.message : String(e)}\n`);
     return 1;
   }
 }
@@ -163,6 +168,12 @@ const stats: Command = {
   summary: 'print a store\'s statistics',
   run: (argv) => wrap(async () => {
     const o = parse(argv, { store: { type: 'string' }, json: { type: 'boolean' } }, statsHelp);
+    if (live !== undefined && storeDir(o.store) === live.dir) {
+      const c = live.pool.cow;
+      const cow = { ...c.stats(), ...(await c.scan()) };
+      out(!!o.json, { grass: c.grass.stats(), cow, live: true }, () => `live store (served by this process)\nGrass\n${Object.entries(c.grass.stats()).map(([k, v]) => `${k}: ${Array.isArray(v) ? v.join(' ') : v}`).join('\n')}\n\nCow\n${Object.entries(cow).map(([k, v]) => `${k}: ${typeof v === 'object' ? JSON.stringify(v) : v}`).join('\n')}\n`);
+      return 0;
+    }
     const g = await GrassLog.open(await FileSegmentStore.open(storeDir(o.store)), { readOnly: true });
     const st = g.stats();
     const rec = g.recovery;
@@ -234,7 +245,7 @@ const bench: Command = {
       sizes: { type: 'string' }, depth: { type: 'string' }, 'volume-mib': { type: 'string' }, reads: { type: 'string' }, gib: { type: 'string' },
     }, benchHelp);
     if (o['list-policies']) {
-      process.stdout.write(POLICIES.map((p) => p.name).join('\n') + '\n');
+      io.out(POLICIES.map((p) => p.name).join('\n') + '\n');
       return 0;
     }
     const layer = o._[0] ?? 'grass';
@@ -257,7 +268,7 @@ const bench: Command = {
         segmentCount: num(o.segments, 'segments', 4096),
         capacityMultiple: num(o.multiple, 'multiple', workload === 'uniform' ? 20 : 30),
         seed: num(o.seed, 'seed', 1),
-      }, json ? undefined : (l) => process.stderr.write(l + '\n'));
+      }, json ? undefined : (l) => io.err(l + '\n'));
       out(json, r, () => `${r.workload} U=${r.utilization} policy=${r.policy}: write amplification ${r.writeAmplification.toFixed(3)} (steady state; ${r.writeAmplificationAll.toFixed(3)} over the whole run), checkpoint bytes ${(r.checkpointBytesPerUserByte * 100).toFixed(2)}% of user bytes, ${r.userMBps.toFixed(0)} MB/s user writes, ${r.segmentsCleaned} segments cleaned, ${r.seconds.toFixed(1)} s\n`);
       return 0;
     }
@@ -286,11 +297,11 @@ async function benchCow(o: Parsed): Promise<number> {
   if (!['copy', 'overwrite', 'image', 'all'].includes(mode)) throw new UsageError(`bench cow --mode is copy, overwrite, image or all; got '${mode}'`);
   const dir = typeof o.dir === 'string' ? o.dir : undefined;
   const say = (l: string): void => {
-    if (!json) process.stdout.write(l + '\n');
+    if (!json) io.out(l + '\n');
   };
   const result: Record<string, unknown> = {};
   if (mode === 'copy' || mode === 'all') {
-    const r = await benchCopy({ repeats: num(o.repeats, 'repeats', 5) }, json ? undefined : (l) => process.stderr.write(l + '\n'));
+    const r = await benchCopy({ repeats: num(o.repeats, 'repeats', 5) }, json ? undefined : (l) => io.err(l + '\n'));
     result.copy = r;
     for (const row of r.rows) say(`BLOCK-COPY of ${row.blocks} blocks: ${row.millis.toFixed(3)} ms, ${row.grassRecords} Grass records (${row.grassBytes} bytes)`);
     say(`  largest over smallest: time ${r.timeRatio.toFixed(2)}x, records ${r.recordRatio.toFixed(2)}x (target: within 3x)`);
@@ -307,7 +318,7 @@ async function benchCow(o: Parsed): Promise<number> {
     say(`ext4 image of ${r.tree}: ${(r.imageBytes / 2 ** 20).toFixed(0)} MiB logical, ${(r.physicalBytes / 2 ** 20).toFixed(1)} MiB physical = ${r.physicalOverLogical.toFixed(3)} of logical (target: at most 0.45), ${r.physicalOverNonZero.toFixed(3)} of its non-zero blocks; compression ratio ${r.compressionRatio.toFixed(2)}; read back ${r.readBackIdentical ? 'identical' : 'DIFFERENT'}`);
     if (!r.readBackIdentical) process.exitCode = 1;
   }
-  if (json) process.stdout.write(JSON.stringify(result) + '\n');
+  if (json) io.out(JSON.stringify(result) + '\n');
   return process.exitCode === 1 ? 1 : 0;
 }
 
@@ -317,12 +328,12 @@ async function benchHuman(o: Parsed): Promise<number> {
   if (!['snapshot', 'clone-reads', 'import', 'all'].includes(mode)) throw new UsageError(`bench human --mode is snapshot, clone-reads, import or all; got '${mode}'`);
   const dir = typeof o.dir === 'string' ? o.dir : undefined;
   const say = (l: string): void => {
-    if (!json) process.stdout.write(l + '\n');
+    if (!json) io.out(l + '\n');
   };
   const result: Record<string, unknown> = {};
   if (mode === 'snapshot' || mode === 'all') {
     const sizes = typeof o.sizes === 'string' ? o.sizes.split(',').map((x) => num(x, 'sizes', 1)) : [1, 16];
-    const r = await benchSnapshot({ dir, sizesGiB: sizes, repeats: num(o.repeats, 'repeats', 5) }, json ? undefined : (l) => process.stderr.write(l + '\n'));
+    const r = await benchSnapshot({ dir, sizesGiB: sizes, repeats: num(o.repeats, 'repeats', 5) }, json ? undefined : (l) => io.err(l + '\n'));
     result.snapshot = r;
     for (const row of r.rows) say(`snapshot of a volume with ${row.writtenGiB} GiB written: ${row.snapshotMillis.toFixed(2)} ms (${row.snapshotAndFlushMillis.toFixed(2)} ms including a flush); target under 20 ms`);
   }
@@ -336,7 +347,7 @@ async function benchHuman(o: Parsed): Promise<number> {
     result.import = r;
     say(`import of a ${human(r.bytes)} raw image (${r.content}): ${r.importMBps.toFixed(0)} MB/s; cp + sync ${r.cpMBps.toFixed(0)} MB/s; ratio ${r.ratio.toFixed(2)} (target at least 0.5)`);
   }
-  if (json) process.stdout.write(JSON.stringify(result) + '\n');
+  if (json) io.out(JSON.stringify(result) + '\n');
   return 0;
 }
 
@@ -359,59 +370,103 @@ const sim: Command = {
     const layer = o._[0] ?? 'grass';
     if (layer === 'cow') {
       const params = { ...defaultCowSimParams(seed), crashes: num(o.crashes, 'crashes', 20), backgroundReaper: !!o['background-reaper'] };
-      if (!o.json) process.stderr.write(`seed ${seed}: ${JSON.stringify(params)}\n`);
-      const r = await runCowSimulation(params, o.verbose ? (l) => process.stderr.write(l + '\n') : undefined);
+      if (!o.json) io.err(`seed ${seed}: ${JSON.stringify(params)}\n`);
+      const r = await runCowSimulation(params, o.verbose ? (l) => io.err(l + '\n') : undefined);
       out(!!o.json, r, () => (r.ok ? `ok: ${r.crashes} crashes, ${r.transactions} transactions, ${r.copies} copies, ${r.exchanges} exchanges, ${r.fscks} fscks\n` : `FAILED: ${r.failure}\n`));
       return r.ok ? 0 : 1;
     }
     if (layer !== 'grass') throw new UsageError(`sim grass or sim cow; got '${layer}'`);
     const params = { ...defaultSimParams(seed), crashes: num(o.crashes, 'crashes', 50), policy: (o.policy as string | undefined) ?? 'cost-benefit', ioErrorRate: num(o['io-error-rate'], 'io-error-rate', 0) };
-    if (!o.json) process.stderr.write(`seed ${seed}: ${JSON.stringify(params)}\n`);
-    const r = await runSimulation(params, o.verbose ? (l) => process.stderr.write(l + '\n') : undefined);
+    if (!o.json) io.err(`seed ${seed}: ${JSON.stringify(params)}\n`);
+    const r = await runSimulation(params, o.verbose ? (l) => io.err(l + '\n') : undefined);
     out(!!o.json, r, () => (r.ok ? `ok: ${r.crashes} crashes, ${r.batches} batches, ${r.readsChecked} reads checked\n` : `FAILED: ${r.failure}\n`));
     return r.ok ? 0 : 1;
   }),
 };
 
-const demoHelp = `Usage: pnpm pasture demo [--dir .pasture/demo]
+const serveHelp = `Usage: pnpm pasture serve --store file:DIR [options]
 
-The main job until the NBD server lands: create a Grass store in DIR, write and overwrite
-records, stop without closing (a crash), reopen, show what recovery did, check the store
-with fsck and print its statistics.
+Serve the pool's volumes (read-write, under their names) and snapshots (read-only, as
+VOLUME@SNAPSHOT) over NBD. Prints the URI to connect to. While it runs, the management
+commands (volume, snap, clone, flatten, diff, import, export, stats) given the same --store
+run inside it, through DIR/control.sock. SIGTERM or SIGINT: finish requests in flight,
+flush, close the pool, exit 0.
+
+  --listen HOST:PORT     TCP address (default 127.0.0.1:10809; PORT 0 picks one)
+  --socket PATH          a unix socket instead of TCP
+  --export NAME          serve only this volume or VOLUME@SNAPSHOT
+  --tls-cert FILE --tls-key FILE
+                         offer TLS (STARTTLS); --tls require refuses plain clients
+  --tls on|require       default on when a certificate is given
+  --metrics HOST:PORT    Prometheus metrics at http://HOST:PORT/metrics
+  --json                 print one JSON object (uri, exports) when ready
+`;
+
+function serveOptions(o: Parsed, dir: string): ServeOptions {
+  if (o.listen !== undefined && o.socket !== undefined) throw new UsageError('give --listen or --socket, not both');
+  const tlsMode = (o.tls as string | undefined) ?? (o['tls-cert'] ? 'on' : undefined);
+  if (tlsMode !== undefined && !['on', 'require'].includes(tlsMode)) throw new UsageError(`--tls is on or require, got '${tlsMode}'`);
+  if (tlsMode !== undefined && (typeof o['tls-cert'] !== 'string' || typeof o['tls-key'] !== 'string')) throw new UsageError('TLS needs --tls-cert FILE and --tls-key FILE');
+  const hp = (v: Parsed[string], what: string): { host: string; port: number } => {
+    try {
+      return parseHostPort(String(v), what);
+    } catch (e) {
+      throw new UsageError((e as Error).message);
+    }
+  };
+  return {
+    dir,
+    ...(o.listen !== undefined ? { listen: hp(o.listen, '--listen') } : {}),
+    ...(typeof o.socket === 'string' ? { socket: resolve(o.socket) } : {}),
+    ...(typeof o.export === 'string' ? { only: o.export } : {}),
+    ...(tlsMode !== undefined ? { tls: { certFile: String(o['tls-cert']), keyFile: String(o['tls-key']), require: tlsMode === 'require' } } : {}),
+    ...(o.metrics !== undefined ? { metrics: hp(o.metrics, '--metrics') } : {}),
+    json: !!o.json,
+    runCommand: (argv) => {
+      const cmd = commands.find((c) => c.name === argv[0]);
+      return cmd === undefined ? Promise.resolve(2) : cmd.run(argv.slice(1));
+    },
+    setLive: setLivePool,
+  };
+}
+
+const serveFlags = {
+  store: { type: 'string' as const }, listen: { type: 'string' as const }, socket: { type: 'string' as const }, export: { type: 'string' as const },
+  'tls-cert': { type: 'string' as const }, 'tls-key': { type: 'string' as const }, tls: { type: 'string' as const }, metrics: { type: 'string' as const }, json: { type: 'boolean' as const },
+};
+
+const serveCmd: Command = {
+  name: 'serve',
+  summary: 'serve a pool\'s volumes and snapshots over NBD',
+  run: (argv) => wrap(async () => {
+    const o = parse(argv, serveFlags, serveHelp);
+    return serve(serveOptions(o, storeDir(o.store)));
+  }),
+};
+
+const demoHelp = `Usage: pnpm pasture demo [--dir .pasture/demo] [serve options]
+
+The main job: make a demo pool in DIR with a 1 GiB volume named 'demo' (if there is none
+yet) and serve it over NBD on 127.0.0.1:10809 until Ctrl-C. Takes serve's options
+(--listen, --socket, --metrics, ...). Try, in another terminal:
+  nbdinfo nbd://127.0.0.1:10809/demo
+  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' nbd://127.0.0.1:10809/demo
 `;
 
 const demo: Command = {
   name: 'demo',
-  summary: 'create a store, write, crash, recover, fsck',
+  summary: 'create a demo pool with a volume (if none) and serve it over NBD',
   run: (argv) => wrap(async () => {
-    const o = parse(argv, { dir: { type: 'string' }, json: { type: 'boolean' } }, demoHelp);
+    const o = parse(argv, { ...serveFlags, dir: { type: 'string' } }, demoHelp);
     const dir = resolve(typeof o.dir === 'string' ? o.dir : join('.pasture', 'demo'));
-    await rm(dir, { recursive: true, force: true });
-    await mkdir(dir, { recursive: true });
-    const say = (s: string): void => {
-      if (!o.json) process.stdout.write(s + '\n');
-    };
-    const store = await FileSegmentStore.create(dir, { segmentBytes: 1 << 20, segmentCount: 256 });
-    const g = await GrassLog.create(store);
-    const rng = new Rng(42);
-    const n = 20000;
-    for (let i = 1; i <= n; i++) await g.put(i, rng.bytes(4096));
-    for (let k = 0; k < 3 * n; k++) await g.put(1 + rng.int(n / 10), rng.bytes(4096));
-    await g.flush();
-    for (let i = 1; i <= 100; i++) await g.put(i, new Uint8Array(4096).fill(7)); // not flushed
-    say(`wrote ${n} records and ${3 * n} overwrites into ${dir}; write amplification ${g.stats().writeAmplification.toFixed(2)}`);
-    await store.close(); // a crash: no closing checkpoint, the last 100 records unflushed
-    const g2 = await GrassLog.open(await FileSegmentStore.open(dir));
-    const rec = g2.recovery!;
-    say(`reopened after the crash in ${rec.millis} ms: ${rec.replayedRecords} records replayed; ${rec.streams.map((s) => `stream ${s.stream}: ${s.end}`).join('; ')}`);
-    await g2.close();
-    const report = await fsck(await FileSegmentStore.open(dir));
-    say(`fsck: ${report.ok ? 'no problems' : report.problems.join('; ')} (${report.segmentsChecked} segments, ${report.mappedAddresses} addresses)`);
-    const g3 = await GrassLog.open(await FileSegmentStore.open(dir), { readOnly: true });
-    const st = g3.stats();
-    await g3.close();
-    out(!!o.json, { dir, recovery: rec, fsck: report.ok, stats: st }, () => `segments: ${st.freeSegments} free, ${st.sealedSegments} sealed; utilization histogram ${st.utilizationHistogram.join(' ')}\nnext: pnpm pasture stats --store file:${dir}\n`);
-    return report.ok ? 0 : 1;
+    if (!(await FileSegmentStore.exists(dir))) {
+      await mkdir(dir, { recursive: true });
+      const pool = await Pool.create(await GrassLog.create(await FileSegmentStore.create(dir, { segmentBytes: 8 << 20, segmentCount: 512 })));
+      await pool.createVolume('demo', 1 << 30);
+      await pool.close();
+      if (!o.json) io.out(`created a pool in ${dir} (4 GiB of segments, sparse) with volume 'demo' (1 GiB)\n`);
+    }
+    return serve(serveOptions(o, dir));
   }),
 };
 
@@ -421,8 +476,16 @@ const demo: Command = {
 
 const storeOption = { store: { type: 'string' as const }, json: { type: 'boolean' as const } };
 
+/** The pool `pasture serve` holds open, used by commands it runs for control-socket clients. */
+let live: { dir: string; pool: Pool } | undefined;
+
+export function setLivePool(l: { dir: string; pool: Pool } | undefined): void {
+  live = l;
+}
+
 /** Open the pool at --store, run fn, close it (even on error). */
 async function withPool<T>(o: Parsed, readOnly: boolean, fn: (pool: Pool) => Promise<T>): Promise<T> {
+  if (live !== undefined && storeDir(o.store) === live.dir) return fn(live.pool);
   const g = await GrassLog.open(await FileSegmentStore.open(storeDir(o.store)), readOnly ? { readOnly: true } : {});
   let pool: Pool;
   try {
@@ -655,7 +718,7 @@ const diff: Command = {
 };
 
 function progressBar(json: boolean, what: string): ((done: number, total: number) => void) | undefined {
-  if (json || !process.stderr.isTTY) return undefined;
+  if (json || !io.tty) return undefined;
   const t0 = Date.now();
   let last = 0;
   return (done, total) => {
@@ -666,7 +729,7 @@ function progressBar(json: boolean, what: string): ((done: number, total: number
     const width = 30;
     const bar = '#'.repeat(Math.round(frac * width)).padEnd(width, '.');
     const mbps = done / 1e6 / Math.max(0.001, (now - t0) / 1000);
-    process.stderr.write(`\r${what} [${bar}] ${(frac * 100).toFixed(0).padStart(3)}% ${human(done)} ${mbps.toFixed(0)} MB/s${done >= total ? '\n' : ''}`);
+    io.err(`\r${what} [${bar}] ${(frac * 100).toFixed(0).padStart(3)}% ${human(done)} ${mbps.toFixed(0)} MB/s${done >= total ? '\n' : ''}`);
   };
 }
 
@@ -710,4 +773,4 @@ const exportCmd: Command = {
   }),
 };
 
-export const commands: Command[] = [demo, init, volume, snap, clone, flatten, diff, importCmd, exportCmd, stats, fsckCmd, bench, sim];
+export const commands: Command[] = [demo, serveCmd, init, volume, snap, clone, flatten, diff, importCmd, exportCmd, stats, fsckCmd, bench, sim];

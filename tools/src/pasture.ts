@@ -4,6 +4,7 @@
  * Every listing and benchmark takes --json and then prints exactly one JSON object.
  */
 import { commands, type Command } from './commands.ts';
+import { forwardIfLive } from './control.ts';
 
 async function main(argv: string[]): Promise<number> {
   const [name, ...rest] = argv;
@@ -16,6 +17,9 @@ async function main(argv: string[]): Promise<number> {
     process.stderr.write(`pasture: unknown command '${name}'. Run 'pnpm pasture --help' for the list.\n`);
     return 2;
   }
+  // A store that a running `pasture serve` holds is managed through its control socket.
+  const forwarded = await forwardIfLive(argv);
+  if (forwarded !== undefined) return forwarded;
   return cmd.run(rest);
 }
 

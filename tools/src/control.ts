@@ -1,0 +1,100 @@
+/**
+ * The control socket: while `pasture serve` holds a store, management commands run by other
+ * `pasture` processes are forwarded to it over a unix socket in the store directory
+ * (DIR/control.sock) and run there against the open pool; their output and exit code come
+ * back. Protocol: one JSON line each way, {argv} then {stdout, stderr, code}.
+ */
+import { createConnection, createServer, type Server } from 'node:net';
+import { existsSync } from 'node:fs';
+import { unlink } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
+import { io, type Capture } from './io.ts';
+
+export const CONTROL_SOCKET = 'control.sock';
+/** Commands that may run against a live store. */
+export const LIVE_COMMANDS = new Set(['volume', 'snap', 'clone', 'flatten', 'diff', 'import', 'export', 'stats']);
+/** A forwarded command's request line is at most this long. */
+const MAX_REQUEST_BYTES = 64 * 1024;
+
+export function controlPath(storeDir: string): string {
+  return join(storeDir, CONTROL_SOCKET);
+}
+
+/** Serve commands on DIR/control.sock with `run(argv)`; returns the server (close it to stop). */
+export async function startControl(storeDir: string, run: (argv: string[]) => Promise<number>): Promise<Server> {
+  const path = controlPath(storeDir);
+  await unlink(path).catch(() => undefined); // a stale socket from a killed server (we hold the store lock)
+  const server = createServer((sock) => {
+    let buf = '';
+    sock.setEncoding('utf8');
+    sock.on('error', () => undefined);
+    sock.on('data', (chunk: string) => {
+      buf += chunk;
+      if (buf.length > MAX_REQUEST_BYTES) {
+        sock.destroy();
+        return;
+      }
+      const nl = buf.indexOf('\n');
+      if (nl < 0) return;
+      sock.pause();
+      void (async () => {
+        const cap: Capture = { stdout: [], stderr: [] };
+        let code = 1;
+        try {
+          const req = JSON.parse(buf.slice(0, nl)) as { argv?: unknown };
+          if (!Array.isArray(req.argv) || !req.argv.every((a) => typeof a === 'string') || !LIVE_COMMANDS.has(req.argv[0] as string)) {
+            cap.stderr.push('pasture: the control socket runs only management commands\n');
+          } else {
+            code = await io.captured(cap, () => run(req.argv as string[]));
+          }
+        } catch (e) {
+          cap.stderr.push(`pasture: ${(e as Error).message}\n`);
+        }
+        sock.end(JSON.stringify({ stdout: cap.stdout.join(''), stderr: cap.stderr.join(''), code }) + '\n');
+      })();
+    });
+  });
+  await new Promise<void>((res, rej) => {
+    server.once('error', rej);
+    server.listen(path, () => res());
+  });
+  return server;
+}
+
+/** Absolute paths for the file arguments of commands that take them, so the server finds them. */
+function absolutize(argv: string[]): string[] {
+  const out = [...argv];
+  const positional = out.map((a, i) => ({ a, i })).filter(({ a, i }) => i > 0 && !a.startsWith('-') && !(out[i - 1] ?? '').startsWith('--'));
+  const fileIndex = out[0] === 'import' ? 0 : out[0] === 'export' ? 1 : -1;
+  const p = positional[fileIndex];
+  if (p !== undefined) out[p.i] = resolve(p.a);
+  return out.map((a, i) => (out[i - 1] === '--store' && !a.startsWith('file:') ? resolve(a) : out[i - 1] === '--store' ? `file:${resolve(a.slice(5))}` : a));
+}
+
+/**
+ * If `argv` is a management command on a store that a live server holds, run it there and
+ * return its exit code; undefined if there is no live server (run it here).
+ */
+export async function forwardIfLive(argv: string[]): Promise<number | undefined> {
+  if (!LIVE_COMMANDS.has(argv[0] ?? '')) return undefined;
+  const i = argv.indexOf('--store');
+  const store = i >= 0 ? argv[i + 1] : undefined;
+  if (store === undefined) return undefined;
+  const dir = resolve(store.startsWith('file:') ? store.slice(5) : store);
+  const path = controlPath(dir);
+  if (!existsSync(path)) return undefined;
+  const reply = await new Promise<string | undefined>((res) => {
+    const sock = createConnection(path);
+    let data = '';
+    sock.setEncoding('utf8');
+    sock.on('connect', () => sock.write(JSON.stringify({ argv: absolutize(argv) }) + '\n'));
+    sock.on('data', (d: string) => (data += d));
+    sock.on('end', () => res(data));
+    sock.on('error', () => res(undefined)); // nobody listening: a stale socket
+  });
+  if (reply === undefined) return undefined;
+  const r = JSON.parse(reply) as { stdout: string; stderr: string; code: number };
+  process.stdout.write(r.stdout);
+  process.stderr.write(r.stderr);
+  return r.code;
+}

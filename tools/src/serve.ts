@@ -1,0 +1,156 @@
+/**
+ * `pasture serve`: serve a pool's volumes and snapshots over NBD, with a control socket for
+ * live management and optional Prometheus metrics. SIGTERM and SIGINT stop it cleanly: stop
+ * accepting, finish requests in flight, flush, close the pool, exit 0.
+ */
+import { readFile } from 'node:fs/promises';
+import { createServer as createHttpServer, type Server as HttpServer } from 'node:http';
+import type { Server } from 'node:net';
+import { FileSegmentStore, GrassLog } from '@pasture/grass';
+import { Pool } from '@pasture/human';
+import { NbdServer } from '@pasture/nbd';
+import { Registry, Gauge, collectDefaultMetrics } from 'prom-client';
+import { startControl } from './control.ts';
+import { PoolExports } from './exports.ts';
+import { io } from './io.ts';
+
+export interface ServeOptions {
+  dir: string;
+  listen?: { host: string; port: number };
+  socket?: string;
+  only?: string;
+  tls?: { certFile: string; keyFile: string; require: boolean };
+  metrics?: { host: string; port: number };
+  json: boolean;
+  /** Run a management command against the live pool (the CLI's own commands). */
+  runCommand: (argv: string[]) => Promise<number>;
+  setLive: (l: { dir: string; pool: Pool } | undefined) => void;
+}
+
+export function parseHostPort(v: string, what: string): { host: string; port: number } {
+  const m = /^(?:\[?([^\]]*)\]?:)?(\d+)$/.exec(v);
+  if (m === null || Number(m[2]) > 65535) throw new Error(`${what} takes HOST:PORT or PORT, got '${v}'`);
+  return { host: m[1] || '127.0.0.1', port: Number(m[2]) };
+}
+
+/** Serve until SIGTERM/SIGINT; resolves with the exit code. */
+export async function serve(o: ServeOptions): Promise<number> {
+  const g = await GrassLog.open(await FileSegmentStore.open(o.dir));
+  const pool = await Pool.open(g);
+  const provider = new PoolExports(pool, o.only);
+  if (o.only !== undefined && provider.list().length === 0) {
+    await pool.close();
+    throw new Error(`no volume or snapshot named '${o.only}' to export`);
+  }
+  const tls = o.tls === undefined ? undefined : { cert: await readFile(o.tls.certFile), key: await readFile(o.tls.keyFile), require: o.tls.require };
+  const server = new NbdServer(provider, { ...(tls ? { tls } : {}) });
+  const target = o.socket !== undefined ? { path: o.socket } : (o.listen ?? { host: '127.0.0.1', port: 10809 });
+  const { uri } = await server.listen(target);
+  o.setLive({ dir: o.dir, pool });
+  const control: Server = await startControl(o.dir, o.runCommand);
+  let metrics: HttpServer | undefined;
+  if (o.metrics !== undefined) metrics = await startMetrics(o.metrics, server, pool);
+
+  const exportsNow = provider.list();
+  if (o.json) io.out(JSON.stringify({ uri, exports: exportsNow, control: `${o.dir}/control.sock`, metrics: o.metrics ? `http://${o.metrics.host}:${o.metrics.port}/metrics` : null }) + '\n');
+  else {
+    io.out(`serving ${o.dir} on ${uri}\n`);
+    for (const e of exportsNow) io.out(`  ${exportUri(uri, e.name)}    ${e.description}\n`);
+    io.out(`try: nbdinfo --list ${uri}; stop with Ctrl-C (SIGINT) or SIGTERM\n`);
+  }
+  return new Promise<number>((resolveExit) => {
+    let stopping = false;
+    const stop = (sig: string): void => {
+      if (stopping) return;
+      stopping = true;
+      if (!o.json) io.err(`${sig}: stopping: finishing requests in flight, flushing, closing the pool\n`);
+      void (async () => {
+        let code = 0;
+        try {
+          control.close();
+          metrics?.close();
+          await server.close({ graceful: true });
+          await pool.flush();
+          o.setLive(undefined);
+          await pool.close();
+        } catch (e) {
+          io.err(`pasture: while stopping: ${(e as Error).message}\n`);
+          code = 1;
+        }
+        resolveExit(code);
+      })();
+    };
+    process.once('SIGTERM', () => stop('SIGTERM'));
+    process.once('SIGINT', () => stop('SIGINT'));
+  });
+}
+
+async function startMetrics(at: { host: string; port: number }, server: NbdServer, pool: Pool): Promise<HttpServer> {
+  const registry = new Registry();
+  collectDefaultMetrics({ register: registry });
+  const gauge = (name: string, help: string, labelNames: string[], collect: (g: Gauge) => void): void => {
+    new Gauge({ name, help, labelNames, registers: [registry], collect() { collect(this); } });
+  };
+  gauge('pasture_nbd_connections', 'Open NBD connections', [], (g) => g.set(server.stats().connections));
+  gauge('pasture_grass_write_amplification', 'Grass write amplification (all bytes written / user bytes)', [], (g) => g.set(pool.cow.grass.stats().writeAmplification));
+  gauge('pasture_grass_free_segments', 'Grass free segments', [], (g) => g.set(pool.cow.grass.stats().freeSegments));
+  gauge('pasture_grass_free_bytes', 'Grass free space in bytes (free segments)', [], (g) => {
+    const s = pool.cow.grass.stats();
+    g.set(s.freeSegments * s.segmentBytes);
+  });
+  gauge('pasture_cow_compression_ratio', 'Cow compression ratio of stored data blocks', [], (g) => g.set(pool.cow.stats().compressionRatio));
+  gauge('pasture_cow_physical_bytes', 'Cow physical bytes (data and metadata records)', [], (g) => g.set(pool.cow.stats().physicalBytes));
+  gauge('pasture_cow_cache_hit_ratio', 'Cow node cache hit rate', [], (g) => g.set(pool.cow.stats().cache.hitRate));
+  const http = createHttpServer((req, res) => {
+    if (req.url !== '/metrics') {
+      res.writeHead(404).end('try /metrics\n');
+      return;
+    }
+    registry.metrics().then(
+      (text) => res.writeHead(200, { 'content-type': registry.contentType }).end(text + nbdMetricsText(server)),
+      (e: unknown) => res.writeHead(500).end(String(e)),
+    );
+  });
+  await new Promise<void>((res, rej) => {
+    http.once('error', rej);
+    http.listen(at.port, at.host, () => res());
+  });
+  return http;
+}
+
+/**
+ * The NBD server's counters and latency histograms in Prometheus text format. They are
+ * written out here rather than through prom-client objects because the server already keeps
+ * cumulative buckets (nbd imports no metrics library).
+ */
+function nbdMetricsText(server: NbdServer): string {
+  const st = server.stats();
+  const lines: string[] = [];
+  const counter = (name: string, help: string, samples: [Record<string, string>, number][]): void => {
+    lines.push(`# HELP ${name} ${help}`, `# TYPE ${name} counter`);
+    for (const [labels, v] of samples) lines.push(`${name}${fmt(labels)} ${v}`);
+  };
+  const fmt = (labels: Record<string, string>): string => {
+    const e = Object.entries(labels);
+    return e.length === 0 ? '' : `{${e.map(([k, v]) => `${k}="${v}"`).join(',')}}`;
+  };
+  counter('pasture_nbd_requests_total', 'NBD requests answered, by command', Object.entries(st.requests).map(([c, n]) => [{ command: c }, n]));
+  counter('pasture_nbd_request_errors_total', 'NBD requests answered with an error, by command', Object.entries(st.requestErrors).map(([c, n]) => [{ command: c }, n]));
+  counter('pasture_nbd_read_bytes_total', 'Payload bytes returned by successful NBD reads', [[{}, st.bytesRead]]);
+  counter('pasture_nbd_written_bytes_total', 'Payload bytes accepted by successful NBD writes', [[{}, st.bytesWritten]]);
+  counter('pasture_nbd_connections_accepted_total', 'NBD connections accepted', [[{}, st.connectionsAccepted]]);
+  counter('pasture_nbd_protocol_errors_total', 'NBD connections ended for breaking the protocol', [[{}, st.protocolErrors]]);
+  const h = 'pasture_nbd_request_duration_seconds';
+  lines.push(`# HELP ${h} NBD request latency, by command`, `# TYPE ${h} histogram`);
+  for (const [cmd, buckets] of Object.entries(st.latency)) {
+    for (const [le, n] of Object.entries(buckets)) lines.push(`${h}_bucket{command="${cmd}",le="${le}"} ${n}`);
+    lines.push(`${h}_sum{command="${cmd}"} ${st.latencySumSeconds[cmd] ?? 0}`, `${h}_count{command="${cmd}"} ${buckets['+Inf'] ?? 0}`);
+  }
+  return lines.join('\n') + '\n';
+}
+
+/** The URI of export `name` on the server at `uri` (nbd://HOST:PORT or nbd+unix:///?socket=P). */
+export function exportUri(uri: string, name: string): string {
+  const n = encodeURIComponent(name).replace(/%40/g, '@');
+  return uri.startsWith('nbd+unix://') ? uri.replace(/^nbd\+unix:\/\/\/?/, `nbd+unix:///${n}`) : `${uri.replace(/\/$/, '')}/${n}`;
+}
