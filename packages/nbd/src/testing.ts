@@ -76,9 +76,9 @@ export class Rng {
     return Math.floor((this.next() / 0x100000000) * n);
   }
   bytes(n: number): Buffer {
-    const b = Buffer.alloc(n);
-    for (let i = 0; i < n; i++) b[i] = this.next() & 255;
-    return b;
+    const b = Buffer.alloc(n + 3);
+    for (let i = 0; i < n; i += 4) b.writeUInt32LE(this.next(), i);
+    return b.subarray(0, n);
   }
   pick<T>(xs: readonly T[]): T {
     return xs[this.below(xs.length)]!;

@@ -27,7 +27,7 @@ test('reads and writes round-trip, with structured and with simple replies', asy
     t.is(c.size, 8 * MiB);
     const data = rng.bytes(300 * KiB);
     await c.write(12345, data);
-    t.deepEqual(await c.read(12345, data.length), data);
+    t.true((await c.read(12345, data.length)).equals(data));
     const r = await c.request(P.NBD_CMD_READ, { offset: 0, length: 4096 });
     t.deepEqual(r.chunks, structuredReplies ? ['offset_data'] : ['simple']);
     await c.write(8 * MiB - 1, Buffer.from([9]), true);
@@ -128,15 +128,15 @@ test('trim, write zeroes (NO_HOLE, FAST_ZERO) and block status with REQ_ONE', as
   t.deepEqual(await c.blockStatus(2 * MiB + 7, 100), [{ length: 100, flags: HZ }]);
 
   await c.trim(256 * KiB, 256 * KiB);
-  t.deepEqual(await c.read(256 * KiB, 256 * KiB), Buffer.alloc(256 * KiB));
+  t.true((await c.read(256 * KiB, 256 * KiB)).equals(Buffer.alloc(256 * KiB)));
   t.deepEqual((await c.blockStatus(0, MiB)).map((e) => e.flags), [0, HZ, 0]);
 
   await c.zero(0, 128 * KiB, P.NBD_CMD_FLAG_NO_HOLE | P.NBD_CMD_FLAG_FAST_ZERO);
-  t.deepEqual(await c.read(0, 128 * KiB), Buffer.alloc(128 * KiB));
+  t.true((await c.read(0, 128 * KiB)).equals(Buffer.alloc(128 * KiB)));
   t.is((await c.blockStatus(0, 128 * KiB))[0]!.flags, 0, 'NO_HOLE keeps it allocated');
   await c.zero(512 * KiB, 512 * KiB);
   t.deepEqual(await c.blockStatus(512 * KiB, 512 * KiB), [{ length: 512 * KiB, flags: HZ }], 'zero without NO_HOLE punches');
-  t.deepEqual(await c.read(512 * KiB, 512 * KiB), Buffer.alloc(512 * KiB));
+  t.true((await c.read(512 * KiB, 512 * KiB)).equals(Buffer.alloc(512 * KiB)));
   t.true((await c.read(128 * KiB, 128 * KiB)).every((b) => b === 0xaa), 'untouched data stays');
   await c.cache(0, MiB);
   t.is(dev.calls.cache, 1);
