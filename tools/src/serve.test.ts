@@ -1,0 +1,144 @@
+/**
+ * `pasture serve` end to end with real clients from Debian (qemu-io, nbdinfo): exports,
+ * live management through the control socket, a second opener refused, Prometheus metrics,
+ * a clean SIGTERM, and a SIGKILL in the middle of a write workload followed by a restart.
+ * Loopback only; every process started here is ended here, by PID.
+ */
+import test from 'ava';
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
+
+const cli = fileURLToPath(new URL('./pasture.ts', import.meta.url));
+const run = promisify(execFile);
+
+async function pasture(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  try {
+    const { stdout, stderr } = await run(process.execPath, ['--import', 'tsx', cli, ...args], { timeout: 60_000 });
+    return { code: 0, stdout, stderr };
+  } catch (e) {
+    const err = e as { code: number; stdout: string; stderr: string };
+    return { code: err.code, stdout: err.stdout, stderr: err.stderr };
+  }
+}
+
+async function qemuIo(uri: string, ...cmds: string[]): Promise<string> {
+  const args = ['-f', 'raw', ...(uri.includes('@') ? ['-r'] : [])]; // snapshots are read-only exports
+  for (const c of cmds) args.push('-c', c);
+  const { stdout } = await run('qemu-io', [...args, uri], { timeout: 60_000 });
+  if (/verification failed|error/i.test(stdout)) throw new Error(`qemu-io ${cmds.join('; ')}: ${stdout}`);
+  return stdout;
+}
+
+/** Start `pasture serve` (node itself, so signals reach it) and wait for its JSON line. */
+async function startServer(store: string, port: number, extra: string[] = []): Promise<{ child: ChildProcess; uri: string }> {
+  const child = spawn(process.execPath, ['--import', 'tsx', cli, 'serve', '--store', store, '--listen', `127.0.0.1:${port}`, '--json', ...extra], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  let err = '';
+  child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
+  const uri = await new Promise<string>((resolve, reject) => {
+    const t = setTimeout(() => reject(new Error(`serve did not start: ${err}`)), 30_000);
+    child.stdout!.on('data', (d: Buffer) => {
+      out += d.toString();
+      const nl = out.indexOf('\n');
+      if (nl >= 0) {
+        clearTimeout(t);
+        resolve((JSON.parse(out.slice(0, nl)) as { uri: string }).uri);
+      }
+    });
+    child.once('exit', (code) => reject(new Error(`serve exited with ${code}: ${err}`)));
+  });
+  return { child, uri };
+}
+
+function exited(child: ChildProcess): Promise<number | null> {
+  return child.exitCode !== null ? Promise.resolve(child.exitCode) : new Promise((r) => child.once('exit', (code) => r(code)));
+}
+
+test('serve: real clients, live snapshot through the control socket, a second opener refused, metrics, clean SIGTERM', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'pasture-serve-'));
+  let child: ChildProcess | undefined;
+  try {
+    const store = `file:${join(dir, 'pool')}`;
+    t.is((await pasture('init', '--store', store, '--segment-bytes', '1M', '--segments', '256')).code, 0);
+    t.is((await pasture('volume', 'create', 'vm', '--size', '64M', '--store', store)).code, 0);
+    const s = await startServer(store, 10931, ['--metrics', '127.0.0.1:10932']);
+    child = s.child;
+    const vm = `${s.uri}/vm`;
+    await qemuIo(vm, 'write -P 0xab 0 4M', 'flush');
+    await qemuIo(vm, 'read -P 0xab 0 4M');
+    // Live management: the CLI finds the control socket by itself.
+    const snap = await pasture('snap', 'create', 'vm@before', '--store', store, '--json');
+    t.is(snap.code, 0, snap.stderr);
+    await qemuIo(vm, 'write -P 0xcd 0 1M');
+    // The snapshot is exported read-only and holds exactly what was written before it.
+    await qemuIo(`${s.uri}/vm@before`, 'read -P 0xab 0 4M');
+    const { stdout: list } = await run('nbdinfo', ['--list', '--json', s.uri], { timeout: 30_000 });
+    const exps = (JSON.parse(list) as { exports: { 'export-name': string; is_read_only: boolean }[] }).exports;
+    t.deepEqual(exps.map((e) => [e['export-name'], e.is_read_only]).sort(), [['vm', false], ['vm@before', true]]);
+    const live = await pasture('volume', 'list', '--store', store, '--json');
+    t.is(live.code, 0);
+    t.is(JSON.parse(live.stdout).volumes[0].snapshots, 1);
+    // A second process that opens the store directly is refused, naming the holder.
+    const fsck = await pasture('fsck', '--store', store);
+    t.is(fsck.code, 1);
+    t.regex(fsck.stderr + fsck.stdout, /store is in use by process \d+ on /);
+    // Metrics.
+    const metrics = await (await fetch('http://127.0.0.1:10932/metrics')).text();
+    t.regex(metrics, /pasture_nbd_requests_total\{command="write"\} [1-9]/);
+    t.regex(metrics, /pasture_nbd_request_duration_seconds_bucket\{command="read",le="\+Inf"\} [1-9]/);
+    t.regex(metrics, /pasture_cow_compression_ratio /);
+    // SIGTERM: finish, flush, close, exit 0; the data is there after a restart.
+    child.kill('SIGTERM');
+    t.is(await exited(child), 0);
+    child = undefined;
+    const again = await startServer(store, 10933);
+    child = again.child;
+    await qemuIo(`${again.uri}/vm`, 'read -P 0xcd 0 1M', 'read -P 0xab 1M 3M');
+    child.kill('SIGTERM');
+    t.is(await exited(child), 0);
+    child = undefined;
+  } finally {
+    if (child !== undefined && child.exitCode === null) child.kill('SIGKILL');
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test('serve: SIGKILL in the middle of writes; after a restart everything flushed before reads back intact', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'pasture-kill-'));
+  let child: ChildProcess | undefined;
+  try {
+    const store = `file:${join(dir, 'pool')}`;
+    t.is((await pasture('init', '--store', store, '--segment-bytes', '1M', '--segments', '512')).code, 0);
+    t.is((await pasture('volume', 'create', 'vm', '--size', '256M', '--store', store)).code, 0);
+    const s = await startServer(store, 10934);
+    child = s.child;
+    const vm = `${s.uri}/vm`;
+    // Acknowledged and flushed: 8 patterned MiB.
+    const patterns = [0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88];
+    await qemuIo(vm, ...patterns.map((p, i) => `write -P ${p} ${i}M 1M`), 'flush');
+    // Then a random write workload elsewhere, killed mid-way.
+    const fio = spawn('fio', ['--name=w', '--ioengine=nbd', `--uri=${vm}`, '--rw=randwrite', '--bs=4k', '--iodepth=16', '--offset=64M', '--size=128M', '--time_based', '--runtime=30'], { stdio: 'ignore' });
+    await new Promise((r) => setTimeout(r, 2500));
+    child.kill('SIGKILL');
+    await exited(child);
+    child = undefined;
+    fio.kill('SIGKILL');
+    await exited(fio);
+    const again = await startServer(store, 10935);
+    child = again.child;
+    await qemuIo(`${again.uri}/vm`, ...patterns.map((p, i) => `read -P ${p} ${i}M 1M`));
+    t.pass();
+    child.kill('SIGTERM');
+    t.is(await exited(child), 0);
+    child = undefined;
+    const fsck = await pasture('fsck', '--store', store, '--json');
+    t.is(fsck.code, 0, fsck.stdout);
+  } finally {
+    if (child !== undefined && child.exitCode === null) child.kill('SIGKILL');
+    await rm(dir, { recursive: true, force: true });
+  }
+});
