@@ -33,7 +33,7 @@ export class Connection {
   readonly done: Promise<void>;
   private readonly link: Link;
   private stream: Duplex;
-  private stopping = false;
+  private phase: 'handshake' | 'transmission' = 'handshake';
   private timedOut = false;
   private readonly name: string;
 
@@ -46,15 +46,17 @@ export class Connection {
     this.done = this.run().catch((e: unknown) => this.log(`internal error: ${messageOf(e)}`));
   }
 
-  /** Graceful: stop reading; requests already read finish and are answered; then close. */
+  /**
+   * Graceful: stop reading; requests already read finish and are answered; then close. A
+   * connection still in its handshake has nothing in flight and is closed at once.
+   */
   stop(): void {
-    this.stopping = true;
-    this.link.reader.abort(new ConnectionAbortedError('the server is closing'));
+    if (this.phase === 'handshake') this.destroy();
+    else this.link.reader.abort(new ConnectionAbortedError('the server is closing'));
   }
 
   /** Close at once; requests in flight are answered into a closed socket (that is, not at all). */
   destroy(): void {
-    this.stopping = true;
     this.stream.destroy();
     this.socket.destroy();
   }
@@ -77,7 +79,6 @@ export class Connection {
         provider: o.provider,
         tls: o.tls,
         startTls: (ack) => this.startTls(ack),
-        stopping: () => this.stopping,
         maxRequestBytes: o.maxRequestBytes,
         log: (line) => this.log(line),
       });
@@ -86,6 +87,7 @@ export class Connection {
         this.log(result.reason);
       } else {
         open = result.negotiated.open;
+        this.phase = 'transmission';
         o.stats.transmissions++;
         const t = new Transmission({ link: this.link, negotiated: result.negotiated, maxRequestBytes: o.maxRequestBytes, maxInflightBytes: o.maxInflightBytes, stats: o.stats, log: (l) => this.log(l) });
         try {
@@ -159,11 +161,12 @@ export class Connection {
       const fail = (e?: Error): void => reject(new NbdProtocolError(`TLS handshake failed${e ? `: ${e.message}` : ''}`));
       secure.once('secure', resolve);
       secure.once('error', fail);
+      // The socket is half-open capable, so a client giving up mid-handshake shows as 'end'.
+      secure.once('end', () => fail());
       secure.once('close', () => fail());
     });
     this.link.reader = new SocketReader(secure);
     this.link.writer = new ReplyWriter(secure);
-    if (this.stopping) this.link.reader.abort(new ConnectionAbortedError('the server is closing'));
     this.log('TLS started');
   }
 }

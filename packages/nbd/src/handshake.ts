@@ -47,7 +47,6 @@ import {
   NBD_REP_ACK,
   NBD_REP_ERR_INVALID,
   NBD_REP_ERR_POLICY,
-  NBD_REP_ERR_SHUTDOWN,
   NBD_REP_ERR_TLS_REQD,
   NBD_REP_ERR_TOO_BIG,
   NBD_REP_ERR_UNKNOWN,
@@ -110,8 +109,6 @@ export interface HandshakeContext {
    * NBD_OPT_STARTTLS without waiting for the reply, or if the TLS handshake fails.
    */
   startTls(ack: Buffer): Promise<void>;
-  /** The server is closing: answer further options with NBD_REP_ERR_SHUTDOWN. */
-  stopping(): boolean;
   maxRequestBytes: number;
   log(line: string): void;
 }
@@ -247,29 +244,25 @@ export async function negotiate(ctx: HandshakeContext): Promise<HandshakeResult>
     const length = header.readUInt32BE(12);
     const reply = new OptionReplies(link, option);
 
-    if (!KNOWN_OPTIONS.has(option)) {
+    const forced = ctx.tls?.require === true && !tlsActive;
+    if (option === NBD_OPT_ABORT) {
+      // The spec asks servers to ignore any data sent with NBD_OPT_ABORT.
       await link.reader.skip(length);
-      await reply.error(NBD_REP_ERR_UNSUP, `option ${option} is not supported`);
-      continue;
+      await reply.send(NBD_REP_ACK);
+      return { kind: 'ended', reason: 'client sent NBD_OPT_ABORT' };
     }
-    if (length > MAX_OPTION_DATA_BYTES) {
+    if (!KNOWN_OPTIONS.has(option) || length > MAX_OPTION_DATA_BYTES) {
       if (option === NBD_OPT_EXPORT_NAME) throw new NbdProtocolError(`NBD_OPT_EXPORT_NAME with ${length} bytes of data`);
       await link.reader.skip(length);
-      await reply.error(NBD_REP_ERR_TOO_BIG, `option data of ${length} bytes is over the limit of ${MAX_OPTION_DATA_BYTES}`);
+      // FORCEDTLS answers unsupported options with TLS_REQD too.
+      if (forced) await reply.error(NBD_REP_ERR_TLS_REQD, 'this server requires TLS: send NBD_OPT_STARTTLS first');
+      else if (!KNOWN_OPTIONS.has(option)) await reply.error(NBD_REP_ERR_UNSUP, `option ${option} is not supported`);
+      else await reply.error(NBD_REP_ERR_TOO_BIG, `option data of ${length} bytes is over the limit of ${MAX_OPTION_DATA_BYTES}`);
       continue;
     }
     const data = await link.reader.read(length);
 
-    if (option === NBD_OPT_ABORT) {
-      await reply.send(NBD_REP_ACK);
-      return { kind: 'ended', reason: 'client sent NBD_OPT_ABORT' };
-    }
-    if (ctx.stopping()) {
-      if (option === NBD_OPT_EXPORT_NAME) return { kind: 'ended', reason: 'server is shutting down' };
-      await reply.error(NBD_REP_ERR_SHUTDOWN, 'the server is shutting down');
-      continue;
-    }
-    if (ctx.tls?.require === true && !tlsActive && option !== NBD_OPT_STARTTLS) {
+    if (forced && option !== NBD_OPT_STARTTLS) {
       // FORCEDTLS: EXPORT_NAME cannot be refused politely, so the session ends.
       if (option === NBD_OPT_EXPORT_NAME) throw new NbdProtocolError('NBD_OPT_EXPORT_NAME before TLS, and TLS is required');
       await reply.error(NBD_REP_ERR_TLS_REQD, 'this server requires TLS: send NBD_OPT_STARTTLS first');
