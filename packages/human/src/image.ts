@@ -11,6 +11,8 @@ import { BLOCK_BYTES, MAX_IO_BYTES, SLOT_BLOCKS, slotBase } from './layout.ts';
 import type { Pool } from './pool.ts';
 
 const B = BigInt(BLOCK_BYTES);
+/** Block reads in flight for one read call: enough to keep libuv's threads and the disk busy. */
+const READ_CONCURRENCY = 32;
 
 export interface ImageStat {
   name: string;
@@ -71,15 +73,25 @@ export class Image {
     this.check(offset, length, false);
     const out = new Uint8Array(length);
     const cow = this.pool.cow;
-    let pos = offset;
-    while (pos < offset + length) {
+    // Blocks are read concurrently (up to READ_CONCURRENCY at once): each is a positioned read
+    // of the segment file, and one at a time would leave the disk and threads idle.
+    const pieces: { blk: number; within: number; n: number; at: number }[] = [];
+    for (let pos = offset; pos < offset + length; ) {
       const blk = Math.floor(pos / BLOCK_BYTES);
       const within = pos - blk * BLOCK_BYTES;
       const n = Math.min(BLOCK_BYTES - within, offset + length - pos);
-      const data = await cow.read(this.base + BigInt(blk));
-      if (data !== undefined) out.set(data.subarray(within, within + n), pos - offset);
+      pieces.push({ blk, within, n, at: pos - offset });
       pos += n;
     }
+    let next = 0;
+    const worker = async (): Promise<void> => {
+      while (next < pieces.length) {
+        const p = pieces[next++]!;
+        const data = await cow.read(this.base + BigInt(p.blk));
+        if (data !== undefined) out.set(data.subarray(p.within, p.within + p.n), p.at);
+      }
+    };
+    await Promise.all(Array.from({ length: Math.min(READ_CONCURRENCY, pieces.length) }, worker));
     return out;
   }
 
