@@ -13,6 +13,8 @@ import { type NbdStats, StatsRecorder } from './stats.ts';
 export const DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024;
 /** Default bytes held per connection (four maximal requests). */
 export const DEFAULT_MAX_INFLIGHT_BYTES_PER_CONNECTION = 128 * 1024 * 1024;
+/** How long a graceful close waits for connections to finish before destroying them. */
+export const DEFAULT_CLOSE_TIMEOUT_MS = 30_000;
 /** Requests above 1 GiB would need buffers near Node's limits; nothing needs them. */
 export const MAX_REQUEST_BYTES_LIMIT = 1024 * 1024 * 1024;
 
@@ -86,17 +88,27 @@ export class NbdServer {
 
   /**
    * Stop accepting. Graceful: every connection stops reading, answers what it already read,
-   * then closes (handshakes in progress are cut off). Not graceful: connections are destroyed.
-   * Resolves when every connection and listener is closed; later calls return the same promise.
+   * then closes (handshakes in progress are cut off); connections still open after
+   * `timeoutMs` (default 30 s: a client that stopped reading its replies would otherwise hold
+   * the server forever) are destroyed. Not graceful: connections are destroyed at once.
+   * Resolves when every connection and listener is closed and every export closed (which
+   * waits for device calls already started); later calls return the same promise.
    */
-  close(options: { graceful: boolean } = { graceful: true }): Promise<void> {
+  close(options: { graceful: boolean; timeoutMs?: number } = { graceful: true }): Promise<void> {
     this.closing ??= (async () => {
       const stopped = this.listeners.map((s) => new Promise<void>((resolve) => s.close(() => resolve())));
       for (const c of this.connections) {
         if (options.graceful) c.stop();
         else c.destroy();
       }
+      const timer = setTimeout(() => {
+        for (const c of this.connections) {
+          this.log('nbd: a connection did not finish in time at close: destroying it');
+          c.destroy();
+        }
+      }, options.timeoutMs ?? DEFAULT_CLOSE_TIMEOUT_MS);
       await Promise.all([...this.connections].map((c) => c.done));
+      clearTimeout(timer);
       await Promise.all(stopped);
     })();
     return this.closing;

@@ -1,5 +1,5 @@
 import test from 'ava';
-import { NbdClient, NbdReplyError, connectSocket } from './client.ts';
+import { NbdClient, NbdReplyError, connectSocket, infoRequest, optionRequest } from './client.ts';
 import type { BlockDevice } from './device.ts';
 import { FaultyDevice } from './faulty-device.ts';
 import { MemoryDevice } from './memory-device.ts';
@@ -407,6 +407,30 @@ test('NBD_CMD_DISC: requests before it are still answered, then the server close
   await sleep(20);
   t.is(s.server.stats().connections, 0);
   await s.close();
+});
+
+test('graceful close does not wait forever for a client that stopped reading its replies', async (t) => {
+  const s = await serve({ disk: new MemoryDevice({ size: 64 * MiB }) }, { maxInflightBytesPerConnection: 32 * MiB });
+  const socket = await connectSocket({ port: s.port });
+  socket.on('error', () => {});
+  socket.pause(); // never read
+  const flags = Buffer.alloc(4);
+  flags.writeUInt32BE(P.NBD_FLAG_C_FIXED_NEWSTYLE | P.NBD_FLAG_C_NO_ZEROES);
+  socket.write(Buffer.concat([flags, optionRequest(P.NBD_OPT_GO, infoRequest('disk', []))]));
+  for (let i = 0; i < 64; i++) {
+    const r = Buffer.alloc(28);
+    r.writeUInt32BE(P.NBD_REQUEST_MAGIC, 0);
+    r.writeBigUInt64BE(BigInt(i), 8);
+    r.writeBigUInt64BE(BigInt(i % 64) * BigInt(MiB), 16);
+    r.writeUInt32BE(MiB, 24);
+    socket.write(r);
+  }
+  await sleep(500);
+  const started = Date.now();
+  await s.server.close({ graceful: true, timeoutMs: 300 });
+  t.true(Date.now() - started < 3000, `closed in ${Date.now() - started} ms`);
+  t.is(s.server.stats().connections, 0);
+  socket.destroy();
 });
 
 test('close without grace drops connections at once', async (t) => {

@@ -334,7 +334,6 @@ export function blockStatusExtents(from: readonly { length: number; hole: boolea
       out.push({ length: n, flags });
     }
     covered += n;
-    if (reqOne && out.length === 1 && covered === length) break;
   }
   if (out.length === 0) throw new Error('device returned no extents');
   return reqOne ? out.slice(0, 1) : out;
