@@ -261,7 +261,7 @@ test('fuzzed handshakes and requests never disturb a well-behaved client or the 
     t.log(`protocol errors ${st.protocolErrors}, transmissions ${st.transmissions}, requests ${JSON.stringify(st.requests)}, errors ${JSON.stringify(st.errorsByErrno)}`);
     const reasons = new Map<string, number>();
     for (const l of s.logs) {
-      const why = l.replace(/^nbd [^:]*:\d+: /, '').replace(/[0-9a-fx]{3,}|'[^']*'/g, '#').slice(0, 60);
+      const why = l.replace(/^nbd [^:]*:\d+: /, '').replace(/[0-9a-fx]{3,}|"(?:[^"\\]|\\.)*"/g, '#').slice(0, 60);
       reasons.set(why, (reasons.get(why) ?? 0) + 1);
     }
     t.log([...reasons].sort((a, b) => b[1] - a[1]).map(([why, n]) => `${n} ${why}`).join('\n'));

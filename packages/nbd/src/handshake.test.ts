@@ -146,7 +146,7 @@ test('NBD_OPT_INFO and NBD_OPT_GO with an unknown name: NBD_REP_ERR_UNKNOWN, and
   const c = await raw(s);
   const info = await c.option(P.NBD_OPT_INFO, infoRequest('nope', []));
   t.deepEqual(info.map((x) => x.type), [P.NBD_REP_ERR_UNKNOWN]);
-  t.regex(info[0]!.data.toString(), /no export named 'nope'/);
+  t.regex(info[0]!.data.toString(), /no export named "nope"/);
   const go = await c.option(P.NBD_OPT_GO, infoRequest('nope', [P.NBD_INFO_BLOCK_SIZE]));
   t.deepEqual(go.map((x) => x.type), [P.NBD_REP_ERR_UNKNOWN]);
   const ok = await c.option(P.NBD_OPT_GO, infoRequest('disk', []));

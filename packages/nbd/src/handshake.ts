@@ -354,7 +354,7 @@ export async function negotiate(ctx: HandshakeContext): Promise<HandshakeResult>
           if (set) metaContextExport = undefined;
           if (set && !structuredReplies) throw new InvalidOption('NBD_OPT_SET_META_CONTEXT needs NBD_OPT_STRUCTURED_REPLY first');
           const { name, queries } = parseMetaContextRequest(data);
-          for (const q of queries) if (!q.includes(':')) throw new InvalidOption(`query '${q}' has no namespace`);
+          for (const q of queries) if (!q.includes(':')) throw new InvalidOption(`query ${quoted(q)} has no namespace`);
           const match = set
             ? queries.includes(BASE_ALLOCATION)
             : queries.length === 0 || queries.some((q) => q === 'base:' || q === BASE_ALLOCATION);
@@ -379,6 +379,11 @@ export async function negotiate(ctx: HandshakeContext): Promise<HandshakeResult>
   }
 }
 
+/** A client-supplied string for a message or log line: quoted, escaped, cut to 100 characters. */
+export function quoted(s: string): string {
+  return JSON.stringify(s.length > 100 ? `${s.slice(0, 100)}...` : s);
+}
+
 function u16(n: number): Buffer {
   const b = Buffer.alloc(2);
   b.writeUInt16BE(n);
@@ -393,15 +398,15 @@ async function openExport(ctx: HandshakeContext, requested: string, structuredRe
   try {
     open = await ctx.provider.open(name);
   } catch (e) {
-    ctx.log(`export '${name}' failed to open: ${messageOf(e)}`);
-    return `export '${name}' could not be opened: ${messageOf(e)}`;
+    ctx.log(`export ${quoted(name)} failed to open: ${messageOf(e)}`);
+    return `export ${quoted(name)} could not be opened: ${messageOf(e)}`;
   }
-  if (open === undefined) return `no export named '${name}'`;
+  if (open === undefined) return `no export named ${quoted(name)}`;
   const blockSize = blockSizeFor(open.device, ctx.maxRequestBytes);
   if (typeof blockSize === 'string') {
-    ctx.log(`export '${name}' cannot be served: ${blockSize}`);
+    ctx.log(`export ${quoted(name)} cannot be served: ${blockSize}`);
     await closeQuietly(ctx, open, name);
-    return `export '${name}' is misconfigured: ${blockSize}`;
+    return `export ${quoted(name)} is misconfigured: ${blockSize}`;
   }
   return { exportName: name, open, transmissionFlags: transmissionFlagsFor(open.device, structuredReplies), structuredReplies, blockSize };
 }
@@ -410,6 +415,6 @@ async function closeQuietly(ctx: HandshakeContext, open: OpenExport, name: strin
   try {
     await open.close();
   } catch (e) {
-    ctx.log(`export '${name}' failed to close: ${messageOf(e)}`);
+    ctx.log(`export ${quoted(name)} failed to close: ${messageOf(e)}`);
   }
 }
