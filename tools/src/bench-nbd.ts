@@ -25,7 +25,7 @@ interface Result {
 
 const TARGETS: Record<string, { metric: 'iops' | 'mibps'; target: number; label: string }> = {
   randwrite_4k_qd32: { metric: 'iops', target: 1.5, label: '4 KiB random write QD32 (with its flush)' },
-  mixed_70r30w_4k_qd16: { metric: 'iops', target: 1.0, label: '70/30 4 KiB mix QD16' },
+  randrw70_4k_qd16: { metric: 'iops', target: 1.0, label: '70/30 4 KiB mix QD16' },
   randread_4k_qd32: { metric: 'iops', target: 0.8, label: '4 KiB random read QD32' },
   seqwrite_1m_qd8: { metric: 'mibps', target: 0.5, label: '1 MiB sequential write' },
   seqread_1m_qd8: { metric: 'mibps', target: 0.5, label: '1 MiB sequential read' },

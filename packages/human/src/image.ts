@@ -71,8 +71,11 @@ export class Image {
 
   async read(offset: number, length: number): Promise<Uint8Array> {
     this.check(offset, length, false);
-    const out = new Uint8Array(length);
     const cow = this.pool.cow;
+    if (length === BLOCK_BYTES && offset % BLOCK_BYTES === 0) {
+      return (await cow.read(this.base + BigInt(offset / BLOCK_BYTES))) ?? new Uint8Array(BLOCK_BYTES);
+    }
+    const out = new Uint8Array(length);
     // Blocks are read concurrently (up to READ_CONCURRENCY at once): each is a positioned read
     // of the segment file, and one at a time would leave the disk and threads idle.
     const pieces: { blk: number; within: number; n: number; at: number }[] = [];
@@ -99,6 +102,8 @@ export class Image {
     if (!(data instanceof Uint8Array)) throw new InvalidArgumentError('write data must be a Uint8Array');
     this.check(offset, data.length, true);
     if (data.length === 0) return;
+    // One aligned block: Cow's write has a fast path for unshared overwrites (one Grass put).
+    if (data.length === BLOCK_BYTES && offset % BLOCK_BYTES === 0) return this.pool.cow.write(this.base + BigInt(offset / BLOCK_BYTES), data);
     await this.pool.cow.transaction((tx) => this.writeIn(tx, this.base, offset, data));
   }
 
