@@ -32,6 +32,7 @@ import {
   decodeSuperblock,
   emptySuperblock,
   encodeSuperblock,
+  childrenIn,
   spanOf,
 } from './format.ts';
 import { RwLock } from './rwlock.ts';
@@ -324,13 +325,7 @@ export class CowStore implements Cow {
       if (sb.root === 0 || count === 0n) return out;
       const walk = async (g: number, h: number, base: bigint): Promise<boolean> => {
         const node = await this.loadNode(g, h);
-        const childSpan = 1n << BigInt(8 * h);
-        for (let i = 0; i < 256; i++) {
-          const c = node.get(i);
-          if (c === 0) continue;
-          const cb = base + BigInt(i) * childSpan;
-          const ce = cb + childSpan;
-          if (ce <= start || cb >= end) continue;
+        for (const { c, cb } of childrenIn(node, h, base, start, end)) {
           if (h > 0) {
             if (!(await walk(c, h - 1, cb))) return false;
             continue;
@@ -365,12 +360,7 @@ export class CowStore implements Cow {
       if (sb.root === 0 || count === 0n) return { mapped, exclusive };
       const walk = async (g: number, h: number, base: bigint, excl: boolean): Promise<void> => {
         const node = await this.loadNode(g, h);
-        const childSpan = 1n << BigInt(8 * h);
-        for (let i = 0; i < 256; i++) {
-          const c = node.get(i);
-          if (c === 0) continue;
-          const cb = base + BigInt(i) * childSpan;
-          if (cb + childSpan <= start || cb >= end) continue;
+        for (const { c, cb } of childrenIn(node, h, base, start, end)) {
           const ce = excl && (await this.refcount(c)) === 1;
           if (h > 0) await walk(c, h - 1, cb, ce);
           else {

@@ -82,6 +82,24 @@ export function isAllocGaddr(g: number): boolean {
   return Number.isSafeInteger(g) && g >= FIRST_ALLOC_GADDR && g < ALLOC_LIMIT_GADDR;
 }
 
+/**
+ * The children of `node` (height h, first block `base`) whose block ranges overlap [s, e), in
+ * order: slot index, address, and the child's range [cb, ce). Read lazily, so a caller may
+ * clear the slot it was just given.
+ */
+export function* childrenIn(node: CowNode, h: number, base: bigint, s: bigint, e: bigint): Generator<{ i: number; c: number; cb: bigint; ce: bigint }> {
+  const span = 1n << BigInt(FANOUT_BITS * h);
+  if (e <= base || s >= base + span * BigInt(FANOUT)) return;
+  const i0 = s <= base ? 0 : Number((s - base) / span);
+  const i1 = e >= base + span * BigInt(FANOUT) ? FANOUT - 1 : Number((e - 1n - base) / span);
+  for (let i = i0; i <= i1; i++) {
+    const c = node.get(i);
+    if (c === 0) continue;
+    const cb = base + BigInt(i) * span;
+    yield { i, c, cb, ce: cb + span };
+  }
+}
+
 /** Blocks covered by a node of height h. */
 export function spanOf(height: number): bigint {
   return 1n << BigInt(FANOUT_BITS * (height + 1));

@@ -36,6 +36,7 @@ import {
   RC_BASE_GADDR,
   RC_PAGE_ENTRIES,
   REFCOUNT_MAX,
+  childrenIn,
   SUPERBLOCK_GADDR,
   type Superblock,
   encodeGrave,
@@ -364,14 +365,7 @@ export class Txn implements CowTransaction, AllocView {
   }
 
   private async trimIn(node: CowNode, h: number, base: bigint, s: bigint, e: bigint): Promise<void> {
-    const childSpan = childSpanOf(h);
-    const i0 = Number((s - base) / childSpan);
-    const i1 = Number((e - 1n - base) / childSpan);
-    for (let i = i0; i <= i1; i++) {
-      const c = node.get(i);
-      if (c === 0) continue;
-      const cb = base + BigInt(i) * childSpan;
-      const ce = cb + childSpan;
+    for (const { i, c, cb, ce } of childrenIn(node, h, base, s, e)) {
       if (s <= cb && ce <= e) {
         node.set(i, 0);
         await this.decRc(c, h === 0 ? 'data' : 'meta', h - 1);
@@ -450,13 +444,7 @@ export class Txn implements CowTransaction, AllocView {
       const node = await this.node(g, h);
       const childSpan = childSpanOf(h);
       const aligned = start % childSpan === dst % childSpan;
-      const i0 = Number((s - base) / childSpan);
-      const i1 = Number((e - 1n - base) / childSpan);
-      for (let i = i0; i <= i1; i++) {
-        const c = node.get(i);
-        if (c === 0) continue;
-        const cb = base + BigInt(i) * childSpan;
-        const ce = cb + childSpan;
+      for (const { c, cb, ce } of childrenIn(node, h, base, s, e)) {
         if (h === 0 || (aligned && s <= cb && ce <= e)) {
           if (pieces.length >= MAX_PIECES) throw new CowTooLargeError(`copy needs more than ${MAX_PIECES} separate references; align source and destination, or split it`);
           pieces.push({ rel: cb - start, height: h - 1, g: c });
