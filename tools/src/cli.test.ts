@@ -117,6 +117,7 @@ test('pool management end to end: volumes, snapshots, clones, import/export, dif
     t.is(usage.code, 2);
     const fsck = await pasture('fsck', '--store', store, '--json');
     t.is(fsck.code, 0, fsck.stdout);
+    t.deepEqual(JSON.parse(fsck.stdout).human, { volumes: 2, snapshots: 1, scratch: 0 });
   } finally {
     await rm(dir, { recursive: true, force: true });
   }

@@ -13,7 +13,7 @@ import { CowStore } from '@pasture/cow';
 import { benchCopy, benchImage, benchOverwrite } from '@pasture/cow/bench';
 import { fsckCow, type CowFsckReport } from '@pasture/cow/fsck';
 import { defaultCowSimParams, runCowSimulation } from '@pasture/cow/simulator';
-import { Pool } from '@pasture/human';
+import { Pool, decodeCatalog } from '@pasture/human';
 import { exportImage, importImage } from '@pasture/human/transfer';
 import { benchCloneReads, benchImport, benchSnapshot } from '@pasture/human/bench';
 
@@ -114,8 +114,9 @@ const fsckHelp = `Usage: pnpm pasture fsck --store file:DIR [--json]
 Check a store without changing it. Grass: every sealed segment's header, summary and
 records, every mapping, and the live-byte counts. Cow (if the store holds a Cow space): walk
 the tree, recount every reference, and report leaks, double references, refcount mismatches,
-missing records and wrong counters (--data also decodes every data block). Prints each
-problem; exits 1 if there are any.
+missing records and wrong counters (--data also decodes every data block). Human (if it is
+a pool): the catalog decodes and passes its schema. Prints each problem; exits 1 if there
+are any.
 `;
 
 const fsckCmd: Command = {
@@ -127,12 +128,24 @@ const fsckCmd: Command = {
     const report = await fsck(await FileSegmentStore.open(dir));
     let cow: CowFsckReport | undefined;
     let cowError: string | undefined;
+    let human: { volumes: number; snapshots: number; scratch: number } | undefined;
+    let humanError: string | undefined;
     if (report.ok) {
       const g = await GrassLog.open(await FileSegmentStore.open(dir), { readOnly: true });
       try {
         if (g.size(1) !== undefined) {
           const c = await CowStore.open(g, { readOnly: true });
           cow = await fsckCow(c, { data: !!o.data });
+          // Human: the catalog must decode and pass its schema; note unfinished atomic writes.
+          if (c.stats().treeDepth > 0 && (await c.read(0n)) !== undefined) {
+            try {
+              const cat = await decodeCatalog((i) => c.read(BigInt(i)));
+              const scratch = cat.entries.filter((e) => e.kind === 'scratch').length;
+              human = { volumes: cat.entries.filter((e) => e.kind === 'volume').length, snapshots: cat.entries.filter((e) => e.kind === 'snapshot').length, scratch };
+            } catch (e) {
+              humanError = (e as Error).message;
+            }
+          }
         }
       } catch (e) {
         cowError = (e as Error).message;
@@ -140,15 +153,17 @@ const fsckCmd: Command = {
         await g.close();
       }
     }
-    const ok = report.ok && cowError === undefined && (cow?.ok ?? true);
-    out(!!o.json, { ok, grass: report, cow: cow ?? null, cowError: cowError ?? null }, () =>
+    const ok = report.ok && cowError === undefined && humanError === undefined && (cow?.ok ?? true);
+    out(!!o.json, { ok, grass: report, cow: cow ?? null, cowError: cowError ?? null, human: human ?? null, humanError: humanError ?? null }, () =>
       [
         `${dir}: Grass: ${report.segmentsChecked} sealed segments, ${report.recordsChecked} records, ${report.mappedAddresses} mapped addresses checked`,
         ...report.problems.map((p) => `problem: ${p}`),
         ...(cow === undefined ? [] : [`Cow: ${cow.nodes} nodes, ${cow.dataRecords} data records, ${cow.graveyard} dead subtrees waiting, every reference recounted${cow.checkedData ? ', every block decoded' : ''}`]),
         ...(cow?.problems ?? []).map((p) => `problem: ${p}`),
         ...(cowError === undefined ? [] : [`problem: Cow: ${cowError}`]),
-        ok ? 'no problems found' : `${report.problems.length + (cow?.problemCount ?? 0) + (cowError ? 1 : 0)} problem(s) found`,
+        ...(human === undefined ? [] : [`Human: catalog valid: ${human.volumes} volumes, ${human.snapshots} snapshots${human.scratch ? `, ${human.scratch} unfinished atomic write(s) (reclaimed when the pool next opens)` : ''}`]),
+        ...(humanError === undefined ? [] : [`problem: Human: ${humanError}`]),
+        ok ? 'no problems found' : `${report.problems.length + (cow?.problemCount ?? 0) + (cowError ? 1 : 0) + (humanError ? 1 : 0)} problem(s) found`,
         '',
       ].join('\n'),
     );
