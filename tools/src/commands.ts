@@ -95,7 +95,7 @@ empty catalog. Then: pnpm pasture volume create NAME --size 10G --store file:DIR
 
 const init: Command = {
   name: 'init',
-  summary: 'create a new store (file:DIR)',
+  summary: 'create a new pool (file:DIR)',
   run: (argv) => wrap(async () => {
     const o = parse(argv, { store: { type: 'string' }, 'segment-bytes': { type: 'string' }, segments: { type: 'string' }, json: { type: 'boolean' } }, initHelp);
     const dir = storeDir(o.store);
