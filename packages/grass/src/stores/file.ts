@@ -22,6 +22,8 @@ import { FormatError, InvalidArgumentError, StoreLockedError } from '../errors.t
 
 /** Reads up to this size are synchronous positioned reads (see read()). */
 const SYNC_READ_BYTES_MAX = 64 * 1024;
+/** PASTURE_SYNC_READS=0 sends every read through libuv's thread pool (for comparisons). */
+const SYNC_READS = process.env.PASTURE_SYNC_READS !== '0';
 
 const StoreManifest = z.object({
   kind: z.literal('pasture-grass-file-store'),
@@ -169,7 +171,7 @@ export class FileSegmentStore implements SegmentStore {
     // thread pool, and it was most of the cost of reading a block. A read that misses the
     // cache blocks the event loop for one device read. Large reads (the cleaner, recovery)
     // stay asynchronous.
-    if (length <= SYNC_READ_BYTES_MAX) {
+    if (length <= SYNC_READ_BYTES_MAX && SYNC_READS) {
       while (done < length) {
         const bytesRead = readSync(this.segments.fd, buf, done, length - done, base + done);
         if (bytesRead === 0) {
