@@ -11,8 +11,6 @@ import { BLOCK_BYTES, MAX_IO_BYTES, SLOT_BLOCKS, slotBase } from './layout.ts';
 import type { Pool } from './pool.ts';
 
 const B = BigInt(BLOCK_BYTES);
-/** Block reads in flight for one read call: enough to keep libuv's threads and the disk busy. */
-const READ_CONCURRENCY = 32;
 
 export interface ImageStat {
   name: string;
@@ -75,26 +73,12 @@ export class Image {
     if (length === BLOCK_BYTES && offset % BLOCK_BYTES === 0) {
       return (await cow.read(this.base + BigInt(offset / BLOCK_BYTES))) ?? new Uint8Array(BLOCK_BYTES);
     }
-    const out = new Uint8Array(length);
-    // Blocks are read concurrently (up to READ_CONCURRENCY at once): each is a positioned read
-    // of the segment file, and one at a time would leave the disk and threads idle.
-    const pieces: { blk: number; within: number; n: number; at: number }[] = [];
-    for (let pos = offset; pos < offset + length; ) {
-      const blk = Math.floor(pos / BLOCK_BYTES);
-      const within = pos - blk * BLOCK_BYTES;
-      const n = Math.min(BLOCK_BYTES - within, offset + length - pos);
-      pieces.push({ blk, within, n, at: pos - offset });
-      pos += n;
-    }
-    let next = 0;
-    const worker = async (): Promise<void> => {
-      while (next < pieces.length) {
-        const p = pieces[next++]!;
-        const data = await cow.read(this.base + BigInt(p.blk));
-        if (data !== undefined) out.set(data.subarray(p.within, p.within + p.n), p.at);
-      }
-    };
-    await Promise.all(Array.from({ length: Math.min(READ_CONCURRENCY, pieces.length) }, worker));
+    // The covering blocks in one walk of Cow's tree, then the bytes asked for.
+    const first = Math.floor(offset / BLOCK_BYTES);
+    const last = Math.ceil((offset + length) / BLOCK_BYTES);
+    const blocks = new Uint8Array((last - first) * BLOCK_BYTES);
+    await cow.readBlocks(this.base + BigInt(first), last - first, blocks);
+    const out = offset === first * BLOCK_BYTES && length === blocks.length ? blocks : blocks.slice(offset - first * BLOCK_BYTES, offset - first * BLOCK_BYTES + length);
     return out;
   }
 
