@@ -1,6 +1,6 @@
 /** The pasture commands. Each parses its own options with node:util's parseArgs. */
 import { parseArgs, type ParseArgsConfig } from 'node:util';
-import { io } from './io.ts';
+import { formatBytes as human, io } from './io.ts';
 import { serve, parseHostPort, type ServeOptions } from './serve.ts';
 import { mkdir } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
@@ -63,9 +63,9 @@ function size(v: Parsed[string], what: string, dflt: number): number {
 
 export function storeDir(v: Parsed[string]): string {
   if (typeof v !== 'string') throw new UsageError('--store is required, e.g. --store file:./mypool');
-  if (v.startsWith('file:')) return resolve(v.slice(5));
+  if (v.startsWith('file:')) return io.resolve(v.slice(5));
   if (/^[a-z0-9]+:\/\//i.test(v)) throw new UsageError(`store '${v}': only file:DIR stores exist yet`);
-  return resolve(v);
+  return io.resolve(v);
 }
 
 function out(json: boolean, obj: unknown, text: () => string): void {
@@ -327,7 +327,7 @@ async function benchCow(o: Parsed): Promise<number> {
     say(`4 KiB random overwrites, incompressible, flush every ${r.perFlush}: Cow ${r.cowMBps.toFixed(0)} MB/s, Grass alone ${r.grassMBps.toFixed(0)} MB/s; ratio ${r.ratio.toFixed(2)} (target: at least 0.5; medians of ${r.rounds} rounds)`);
   }
   if (mode === 'image' || mode === 'all') {
-    const tree = typeof o.tree === 'string' ? resolve(o.tree) : resolve(import.meta.dirname, '..', '..', 'node_modules', '.pnpm');
+    const tree = typeof o.tree === 'string' ? io.resolve(o.tree) : resolve(import.meta.dirname, '..', '..', 'node_modules', '.pnpm');
     const r = await benchImage({ tree, dir });
     result.image = r;
     say(`ext4 image of ${r.tree}: ${(r.imageBytes / 2 ** 20).toFixed(0)} MiB logical, ${(r.physicalBytes / 2 ** 20).toFixed(1)} MiB physical = ${r.physicalOverLogical.toFixed(3)} of logical (target: at most 0.45), ${r.physicalOverNonZero.toFixed(3)} of its non-zero blocks; compression ratio ${r.compressionRatio.toFixed(2)}; read back ${r.readBackIdentical ? 'identical' : 'DIFFERENT'}`);
@@ -432,7 +432,7 @@ function serveOptions(o: Parsed, dir: string): ServeOptions {
   return {
     dir,
     ...(o.listen !== undefined ? { listen: hp(o.listen, '--listen') } : {}),
-    ...(typeof o.socket === 'string' ? { socket: resolve(o.socket) } : {}),
+    ...(typeof o.socket === 'string' ? { socket: io.resolve(o.socket) } : {}),
     ...(typeof o.export === 'string' ? { only: o.export } : {}),
     ...(tlsMode !== undefined ? { tls: { certFile: String(o['tls-cert']), keyFile: String(o['tls-key']), require: tlsMode === 'require' } } : {}),
     ...(o.metrics !== undefined ? { metrics: hp(o.metrics, '--metrics') } : {}),
@@ -520,17 +520,6 @@ function need(o: Parsed, i: number, what: string, help: string): string {
   const v = o._[i];
   if (v === undefined) throw new UsageError(`missing ${what}\n\n${help}`);
   return v;
-}
-
-function human(bytes: number): string {
-  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
-  let u = 0;
-  let v = bytes;
-  while (v >= 1024 && u < units.length - 1) {
-    v /= 1024;
-    u++;
-  }
-  return `${u === 0 ? v : v.toFixed(1)} ${units[u]}`;
 }
 
 function table(rows: string[][]): string {
@@ -761,7 +750,7 @@ const importCmd: Command = {
     const o = parse(argv, storeOption, importHelp);
     const [file, name] = [need(o, 0, 'FILE', importHelp), need(o, 1, 'VOLUME', importHelp)];
     return withPool(o, false, async (pool) => {
-      const r = await importImage(pool, resolve(file), name, progressBar(!!o.json, 'import'));
+      const r = await importImage(pool, io.resolve(file), name, progressBar(!!o.json, 'import'));
       out(!!o.json, { volume: name, ...r, mbps: r.bytes / 1e6 / r.seconds }, () => `imported ${file} into ${name}: ${human(r.bytes)} (${human(r.dataBytes)} of data) in ${r.seconds.toFixed(1)} s\n`);
       return 0;
     });
@@ -781,8 +770,8 @@ const exportCmd: Command = {
     const o = parse(argv, storeOption, exportHelp);
     const [spec, file] = [need(o, 0, 'VOLUME[@SNAP]', exportHelp), need(o, 1, 'FILE', exportHelp)];
     return withPool(o, true, async (pool) => {
-      const r = await exportImage(pool, spec, resolve(file), progressBar(!!o.json, 'export'));
-      out(!!o.json, { spec, file: resolve(file), ...r }, () => `exported ${spec} to ${file}: ${human(r.bytes)} (${human(r.dataBytes)} of data) in ${r.seconds.toFixed(1)} s\n`);
+      const r = await exportImage(pool, spec, io.resolve(file), progressBar(!!o.json, 'export'));
+      out(!!o.json, { spec, file: io.resolve(file), ...r }, () => `exported ${spec} to ${file}: ${human(r.bytes)} (${human(r.dataBytes)} of data) in ${r.seconds.toFixed(1)} s\n`);
       return 0;
     });
   }),

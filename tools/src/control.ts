@@ -2,12 +2,13 @@
  * The control socket: while `pasture serve` holds a store, management commands run by other
  * `pasture` processes are forwarded to it over a unix socket in the store directory
  * (DIR/control.sock) and run there against the open pool; their output and exit code come
- * back. Protocol: one JSON line each way, {argv} then {stdout, stderr, code}.
+ * back. Protocol: one JSON line each way, {argv, cwd} then {stdout, stderr, code}; paths in
+ * argv are resolved against the client's cwd (io.resolve).
  */
 import { createConnection, createServer, type Server } from 'node:net';
 import { existsSync } from 'node:fs';
 import { unlink } from 'node:fs/promises';
-import { join, resolve } from 'node:path';
+import { isAbsolute, join, resolve } from 'node:path';
 import { io, type Capture } from './io.ts';
 
 export const CONTROL_SOCKET = 'control.sock';
@@ -38,13 +39,16 @@ export async function startControl(storeDir: string, run: (argv: string[]) => Pr
       if (nl < 0) return;
       sock.pause();
       void (async () => {
-        const cap: Capture = { stdout: [], stderr: [] };
         let code = 1;
+        const cap: Capture = { stdout: [], stderr: [], cwd: '/' };
         try {
-          const req = JSON.parse(buf.slice(0, nl)) as { argv?: unknown };
-          if (!Array.isArray(req.argv) || !req.argv.every((a) => typeof a === 'string') || !LIVE_COMMANDS.has(req.argv[0] as string)) {
+          const req = JSON.parse(buf.slice(0, nl)) as { argv?: unknown; cwd?: unknown };
+          if (typeof req.cwd !== 'string' || !isAbsolute(req.cwd)) {
+            cap.stderr.push('pasture: a control request needs the absolute working directory of its client\n');
+          } else if (!Array.isArray(req.argv) || !req.argv.every((a) => typeof a === 'string') || !LIVE_COMMANDS.has(req.argv[0] as string)) {
             cap.stderr.push('pasture: the control socket runs only management commands\n');
           } else {
+            cap.cwd = req.cwd;
             code = await io.captured(cap, () => run(req.argv as string[]));
           }
         } catch (e) {
@@ -61,24 +65,14 @@ export async function startControl(storeDir: string, run: (argv: string[]) => Pr
   return server;
 }
 
-/** Absolute paths for the file arguments of commands that take them, so the server finds them. */
-function absolutize(argv: string[]): string[] {
-  const out = [...argv];
-  const positional = out.map((a, i) => ({ a, i })).filter(({ a, i }) => i > 0 && !a.startsWith('-') && !(out[i - 1] ?? '').startsWith('--'));
-  const fileIndex = out[0] === 'import' ? 0 : out[0] === 'export' ? 1 : -1;
-  const p = positional[fileIndex];
-  if (p !== undefined) out[p.i] = resolve(p.a);
-  return out.map((a, i) => (out[i - 1] === '--store' && !a.startsWith('file:') ? resolve(a) : out[i - 1] === '--store' ? `file:${resolve(a.slice(5))}` : a));
-}
-
 /**
  * If `argv` is a management command on a store that a live server holds, run it there and
  * return its exit code; undefined if there is no live server (run it here).
  */
 export async function forwardIfLive(argv: string[]): Promise<number | undefined> {
   if (!LIVE_COMMANDS.has(argv[0] ?? '')) return undefined;
-  const i = argv.indexOf('--store');
-  const store = i >= 0 ? argv[i + 1] : undefined;
+  const i = argv.findIndex((a) => a === '--store' || a.startsWith('--store='));
+  const store = i < 0 ? undefined : argv[i]!.startsWith('--store=') ? argv[i]!.slice(8) : argv[i + 1];
   if (store === undefined) return undefined;
   const dir = resolve(store.startsWith('file:') ? store.slice(5) : store);
   const path = controlPath(dir);
@@ -87,7 +81,7 @@ export async function forwardIfLive(argv: string[]): Promise<number | undefined>
     const sock = createConnection(path);
     let data = '';
     sock.setEncoding('utf8');
-    sock.on('connect', () => sock.write(JSON.stringify({ argv: absolutize(argv) }) + '\n'));
+    sock.on('connect', () => sock.write(JSON.stringify({ argv, cwd: process.cwd() }) + '\n'));
     sock.on('data', (d: string) => (data += d));
     sock.on('end', () => res(data));
     sock.on('error', () => res(undefined)); // nobody listening: a stale socket

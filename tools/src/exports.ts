@@ -6,16 +6,7 @@
 import type { BlockDevice, ExportInfo, ExportProvider, OpenExport } from '@pasture/nbd';
 import type { Image, Pool } from '@pasture/human';
 import { MAX_IO_BYTES } from '@pasture/human';
-
-function humanSize(n: number): string {
-  const u = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
-  let i = 0;
-  while (n >= 1024 && i < u.length - 1) {
-    n /= 1024;
-    i++;
-  }
-  return `${i === 0 ? n : n.toFixed(1)} ${u[i]}`;
-}
+import { formatBytes } from './io.ts';
 
 export class ImageDevice implements BlockDevice {
   readonly readOnly: boolean;
@@ -84,8 +75,8 @@ export class PoolExports implements ExportProvider {
   list(): ExportInfo[] {
     const out: ExportInfo[] = [];
     for (const v of this.pool.listVolumes()) {
-      out.push({ name: v.name, description: `volume, ${humanSize(v.size)}${v.parent ? `, clone of ${v.parent}` : ''}` });
-      for (const s of this.pool.listSnapshots(v.name)) out.push({ name: s.spec, description: `snapshot of ${v.name}, ${humanSize(s.size)}, read-only` });
+      out.push({ name: v.name, description: `volume, ${formatBytes(v.size)}${v.parent ? `, clone of ${v.parent}` : ''}` });
+      for (const s of this.pool.listSnapshots(v.name)) out.push({ name: s.spec, description: `snapshot of ${v.name}, ${formatBytes(s.size)}, read-only` });
     }
     return this.only === undefined ? out : out.filter((e) => e.name === this.only);
   }

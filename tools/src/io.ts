@@ -4,10 +4,13 @@
  * back instead (AsyncLocalStorage keeps concurrent commands apart).
  */
 import { AsyncLocalStorage } from 'node:async_hooks';
+import { resolve } from 'node:path';
 
 export interface Capture {
   stdout: string[];
   stderr: string[];
+  /** The working directory of the client whose command this is. */
+  cwd: string;
 }
 
 const capture = new AsyncLocalStorage<Capture>();
@@ -27,7 +30,23 @@ export const io = {
   get tty(): boolean {
     return capture.getStore() === undefined && process.stderr.isTTY === true;
   },
+  /** A path the user gave, resolved against their working directory. */
+  resolve(...paths: string[]): string {
+    return resolve(capture.getStore()?.cwd ?? process.cwd(), ...paths);
+  },
   captured<T>(c: Capture, fn: () => Promise<T>): Promise<T> {
     return capture.run(c, fn);
   },
 };
+
+/** Bytes in binary units: 4096 -> "4.0 KiB". */
+export function formatBytes(bytes: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
+  let u = 0;
+  let v = bytes;
+  while (v >= 1024 && u < units.length - 1) {
+    v /= 1024;
+    u++;
+  }
+  return `${u === 0 ? v : v.toFixed(1)} ${units[u]}`;
+}
