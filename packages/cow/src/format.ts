@@ -338,12 +338,12 @@ export interface Superblock {
   /** Metadata records (nodes, refcount and graveyard pages, this superblock) and bytes. */
   metaRecords: number;
   metaBytes: number;
-  /** Transactions committed, ever. */
-  transactions: number;
+  /** Superblock generation: +1 on each rewrite. */
+  generation: number;
 }
 
 export function emptySuperblock(): Superblock {
-  return { root: 0, rootHeight: 0, nextGaddr: FIRST_ALLOC_GADDR, graveCount: 0, dataRecords: 0, dataBytes: 0, metaRecords: 0, metaBytes: 0, transactions: 0 };
+  return { root: 0, rootHeight: 0, nextGaddr: FIRST_ALLOC_GADDR, graveCount: 0, dataRecords: 0, dataBytes: 0, metaRecords: 0, metaBytes: 0, generation: 0 };
 }
 
 export function encodeSuperblock(sb: Superblock): Uint8Array {
@@ -362,7 +362,7 @@ export function encodeSuperblock(sb: Superblock): Uint8Array {
   putU64(v, 40, sb.dataBytes);
   putU64(v, 48, sb.metaRecords);
   putU64(v, 56, sb.metaBytes);
-  putU64(v, 64, sb.transactions);
+  putU64(v, 64, sb.generation);
   // Superblocks are never compressed, so their size is fixed.
   const out = new Uint8Array(META_HEADER_BYTES + SUPERBLOCK_BODY_BYTES);
   out[0] = MetaKind.Superblock;
@@ -388,7 +388,7 @@ export function decodeSuperblock(record: Uint8Array): Superblock {
     dataBytes: getU64(v, 40, 'data byte count'),
     metaRecords: getU64(v, 48, 'metadata record count'),
     metaBytes: getU64(v, 56, 'metadata byte count'),
-    transactions: getU64(v, 64, 'transaction count'),
+    generation: getU64(v, 64, 'superblock generation'),
   };
   if (sb.root !== 0 && !isAllocGaddr(sb.root)) throw new CowCorruptionError(`Cow superblock has invalid root ${sb.root}`);
   if (sb.rootHeight > MAX_HEIGHT || (sb.root === 0 && sb.rootHeight !== 0)) throw new CowCorruptionError(`Cow superblock has root height ${sb.rootHeight}`);

@@ -572,7 +572,7 @@ export class Txn implements CowTransaction, AllocView {
     // The superblock is rewritten only when something in it changed: an in-place overwrite of
     // an unshared block that compresses to the same size is one Grass put and nothing else.
     if (!sameSuperblock(sb, this.store.sb)) {
-      sb.transactions++;
+      sb.generation++;
       put(SUPERBLOCK_GADDR, encodeSuperblock(sb), 'meta'); // fixed size: no change to the counters
     }
     if (ops.length > MAX_BATCH_OPS || bytes > MAX_BATCH_BYTES) {

@@ -7,7 +7,7 @@
  */
 import type { CowTransaction, Extent } from '@pasture/cow';
 import { ClosedError, InvalidArgumentError, ReadOnlyError } from './errors.ts';
-import { BLOCK_BYTES, MAX_IO_BYTES, SLOT_BLOCKS, slotBase } from './layout.ts';
+import { BLOCK_BYTES, MAX_IO_BYTES, slotBase } from './layout.ts';
 import type { Pool } from './pool.ts';
 
 const B = BigInt(BLOCK_BYTES);
@@ -78,7 +78,7 @@ export class Image {
     const last = Math.ceil((offset + length) / BLOCK_BYTES);
     const blocks = new Uint8Array((last - first) * BLOCK_BYTES);
     await cow.readBlocks(this.base + BigInt(first), last - first, blocks);
-    const out = offset === first * BLOCK_BYTES && length === blocks.length ? blocks : blocks.slice(offset - first * BLOCK_BYTES, offset - first * BLOCK_BYTES + length);
+    const out = offset === first * BLOCK_BYTES && length === blocks.length ? blocks : blocks.subarray(offset - first * BLOCK_BYTES, offset - first * BLOCK_BYTES + length);
     return out;
   }
 
@@ -236,6 +236,3 @@ export function mergeSpans(spans: [number, number][]): [number, number][] {
   }
   return out;
 }
-
-/** Every block of a slot, for whole-slot copies (snapshots, rollback, clones). */
-export const WHOLE_SLOT = SLOT_BLOCKS;

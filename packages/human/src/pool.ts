@@ -15,12 +15,12 @@
  *
  * Ownership: a Pool owns its CowStore (and so its Grass) and closes it.
  */
-import { CowStore, type Cow, type CowTransaction } from '@pasture/cow';
+import { CowStore, type CowTransaction } from '@pasture/cow';
 import type { Grass } from '@pasture/grass';
 import { type Catalog, type Entry, NAME_RE, type SnapshotEntry, type VolumeEntry, decodeCatalog, emptyCatalog, encodeCatalog } from './catalog.ts';
 import { BusyError, ClosedError, ExistsError, InvalidArgumentError, NotFoundError, ReadOnlyError } from './errors.ts';
-import { Image, WHOLE_SLOT } from './image.ts';
-import { BLOCK_BYTES, MAX_IMAGE_ID, MAX_VOLUME_BYTES, slotBase } from './layout.ts';
+import { Image } from './image.ts';
+import { BLOCK_BYTES, MAX_IMAGE_ID, MAX_VOLUME_BYTES, SLOT_BLOCKS, slotBase } from './layout.ts';
 
 export interface VolumeInfo {
   name: string;
@@ -230,7 +230,7 @@ export class Pool {
       if (snaps.length > 0) throw new BusyError(`volume '${name}' has ${snaps.length} snapshot(s); remove them first`);
       if ((this.openCount.get(v.id) ?? 0) > 0) throw new BusyError(`volume '${name}' is open`);
       c.entries = c.entries.filter((e) => e.id !== v.id);
-      await tx.trim(slotBase(v.id), WHOLE_SLOT);
+      await tx.trim(slotBase(v.id), SLOT_BLOCKS);
     });
   }
 
@@ -258,7 +258,7 @@ export class Pool {
     await this.mutate(async (c, tx) => {
       const v = this.volumeByName(c, name);
       if (v.size !== seenSize && size < v.size && !options.allowShrink) throw new BusyError(`'${name}' was resized meanwhile; try again`);
-      if (size < v.size) await tx.trim(slotBase(v.id) + BigInt(size / BLOCK_BYTES), WHOLE_SLOT - BigInt(size / BLOCK_BYTES));
+      if (size < v.size) await tx.trim(slotBase(v.id) + BigInt(size / BLOCK_BYTES), SLOT_BLOCKS - BigInt(size / BLOCK_BYTES));
       v.size = size;
     });
   }
@@ -271,7 +271,7 @@ export class Pool {
       if (c.entries.some((e) => e.kind === 'volume' && e.name === to)) throw new ExistsError(`a volume named '${to}' exists`);
       const v: VolumeEntry = { kind: 'volume', id: this.newId(c), name: to, size: src.size, created: new Date().toISOString(), parent: null };
       c.entries.push(v);
-      await tx.copy(slotBase(src.id), slotBase(v.id), WHOLE_SLOT);
+      await tx.copy(slotBase(src.id), slotBase(v.id), SLOT_BLOCKS);
       return this.volumeInfo(c, v);
     });
   }
@@ -280,7 +280,7 @@ export class Pool {
   async usage(spec: string): Promise<ImageUsage> {
     this.checkOpen();
     const e = this.resolve(this.catalog, spec);
-    const u = await this.cow.usage(slotBase(e.id), WHOLE_SLOT);
+    const u = await this.cow.usage(slotBase(e.id), SLOT_BLOCKS);
     return { spec, size: e.size, allocatedBytes: Number(u.mapped) * BLOCK_BYTES, uniqueBytes: Number(u.exclusive) * BLOCK_BYTES };
   }
 
@@ -296,7 +296,7 @@ export class Pool {
       if (c.entries.some((e) => e.kind === 'snapshot' && e.volume === v.id && e.name === name)) throw new ExistsError(`snapshot '${volume}@${name}' exists`);
       const s: SnapshotEntry = { kind: 'snapshot', id: this.newId(c), name, volume: v.id, size: v.size, created: new Date().toISOString(), protected: false };
       c.entries.push(s);
-      await tx.copy(slotBase(v.id), slotBase(s.id), WHOLE_SLOT);
+      await tx.copy(slotBase(v.id), slotBase(s.id), SLOT_BLOCKS);
       return this.snapshotInfo(c, s);
     });
   }
@@ -320,7 +320,7 @@ export class Pool {
       if (kids.length > 0) throw new BusyError(`snapshot '${spec}' has clones (${kids.map((k) => k.name).join(', ')}); remove or flatten them first`);
       if ((this.openCount.get(s.id) ?? 0) > 0) throw new BusyError(`snapshot '${spec}' is open`);
       c.entries = c.entries.filter((e) => e.id !== s.id);
-      await tx.trim(slotBase(s.id), WHOLE_SLOT);
+      await tx.trim(slotBase(s.id), SLOT_BLOCKS);
     });
   }
 
@@ -330,7 +330,7 @@ export class Pool {
       const s = this.snapshotOf(c, spec);
       const v = c.entries.find((e): e is VolumeEntry => e.kind === 'volume' && e.id === s.volume)!;
       if ((this.openCount.get(v.id) ?? 0) > 0) throw new BusyError(`volume '${v.name}' is open (by a client?); roll back an idle volume`);
-      await tx.copy(slotBase(s.id), slotBase(v.id), WHOLE_SLOT);
+      await tx.copy(slotBase(s.id), slotBase(v.id), SLOT_BLOCKS);
       v.size = s.size;
     });
   }
@@ -358,7 +358,7 @@ export class Pool {
       const v: VolumeEntry = { kind: 'volume', id: this.newId(c), name, size: s.size, created: new Date().toISOString(), parent: s.id };
       c.entries.push(v);
       s.protected = true;
-      await tx.copy(slotBase(s.id), slotBase(v.id), WHOLE_SLOT);
+      await tx.copy(slotBase(s.id), slotBase(v.id), SLOT_BLOCKS);
       return this.volumeInfo(c, v);
     });
   }
@@ -416,14 +416,14 @@ export class Pool {
   async commitScratch(id: number, fn: (tx: CowTransaction) => Promise<void>): Promise<void> {
     await this.mutate(async (c, tx) => {
       await fn(tx);
-      await tx.trim(slotBase(id), WHOLE_SLOT);
+      await tx.trim(slotBase(id), SLOT_BLOCKS);
       c.entries = c.entries.filter((e) => e.id !== id);
     });
   }
 
   async dropScratch(id: number): Promise<void> {
     await this.mutate(async (c, tx) => {
-      await tx.trim(slotBase(id), WHOLE_SLOT);
+      await tx.trim(slotBase(id), SLOT_BLOCKS);
       c.entries = c.entries.filter((e) => e.id !== id);
     });
   }
@@ -447,11 +447,6 @@ export class Pool {
     const n = (this.openCount.get(id) ?? 1) - 1;
     if (n <= 0) this.openCount.delete(id);
     else this.openCount.set(id, n);
-  }
-
-  /** The Cow interface underneath, for tools that want the space itself. */
-  get space(): Cow {
-    return this.cow;
   }
 
   async flush(): Promise<void> {
