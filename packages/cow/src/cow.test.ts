@@ -74,7 +74,6 @@ test('BLOCK-COPY of an aligned range writes O(log n) records, not one per block'
   t.is(tagAt(await cow.read((1n << 80n) + 12345n)), 12346);
   // Overwriting the destination later frees the old destination subtree through the reaper.
   await cow.copy(1000n, 1n << 80n, BigInt(n));
-  t.true(cow.stats().pendingReap > 0 || (await fsckCow(cow)).ok);
   await cow.reap();
   t.is(tagAt(await cow.read((1n << 80n) + 5n)), 1006);
   await healthy(t, cow);
@@ -199,8 +198,6 @@ test('fsck reports a refcount that disagrees with the tree', async (t) => {
   await cow.copy(0n, 1000n, 20n);
   await healthy(t, cow);
   // Damage a refcount page behind Cow's back: raise the count of the first data record.
-  const g = (await cow.extents(0n, 1n))[0]!;
-  t.truthy(g);
   const page = (await cow.loadRefcounts(0)).slice();
   const target = page.findIndex((c, i) => i >= 2 && c === 1);
   page[target] = 3;
