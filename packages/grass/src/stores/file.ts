@@ -245,7 +245,7 @@ function pidAlive(pid: number): boolean {
  * Take the store's lock file, or explain who holds it. A lock left by a dead process on this
  * host is stale and is taken over; a lock from another host is never broken automatically.
  */
-async function takeLock(lockPath: string): Promise<void> {
+export async function takeLock(lockPath: string): Promise<void> {
   const me = { pid: process.pid, host: hostname(), since: new Date().toISOString() };
   for (let attempt = 0; attempt < 3; attempt++) {
     try {

@@ -1,0 +1,252 @@
+/**
+ * Bucket: the few S3 calls a segment store makes, over @aws-sdk/client-s3, with the retry
+ * policy and counters in one place. Nothing else in Pasture talks to S3.
+ *
+ * Retries: the SDK's standard strategy (exponential backoff with full jitter, on 5xx,
+ * throttling, resets and time-outs) inside each call, with `maxAttempts` per call. Callers
+ * that must not give up (background uploads) loop on top with their own backoff.
+ *
+ * Every call here is idempotent except a conditional PUT, whose retry after an ambiguous
+ * failure ("applied, but the reply was lost") comes back 412; `putIfAbsent` then reads the
+ * object back and decides by content whether the winner was this writer.
+ */
+import {
+  S3Client, PutObjectCommand, GetObjectCommand, DeleteObjectsCommand, ListObjectsV2Command,
+  CreateMultipartUploadCommand, UploadPartCommand, CompleteMultipartUploadCommand, AbortMultipartUploadCommand,
+  DeleteObjectCommand, HeadBucketCommand, CreateBucketCommand,
+} from '@aws-sdk/client-s3';
+import type { S3ClientConfig } from '@aws-sdk/client-s3';
+import { NodeHttpHandler } from '@smithy/node-http-handler';
+
+/** The SDK's HTTP handler shape, which fault injection wraps. */
+export interface HttpHandler {
+  handle: NodeHttpHandler['handle'];
+  destroy?(): void;
+}
+export type HttpRequest = Parameters<NodeHttpHandler['handle']>[0];
+export type HttpResult = Awaited<ReturnType<NodeHttpHandler['handle']>>;
+import { Agent } from 'node:http';
+import { Agent as HttpsAgent } from 'node:https';
+
+export interface BucketOptions {
+  bucket: string;
+  /** Key prefix without a trailing slash ('' for the bucket's root). */
+  prefix: string;
+  endpoint?: string;
+  region?: string;
+  accessKeyId?: string;
+  secretAccessKey?: string;
+  forcePathStyle?: boolean;
+  /** Attempts per call, with the SDK's jittered exponential backoff between them (default 5). */
+  maxAttempts?: number;
+  /** Milliseconds a request may stay silent before it is abandoned and retried (default 30 000). */
+  requestTimeoutMs?: number;
+  /** Parallel connections (default 16). */
+  maxSockets?: number;
+  /** Wraps the HTTP handler: fault injection in tests. */
+  wrapHandler?: (inner: HttpHandler) => HttpHandler;
+}
+
+export interface BucketCounters {
+  puts: number;
+  gets: number;
+  lists: number;
+  deletes: number;
+  bytesUp: number;
+  bytesDown: number;
+  /** Calls that failed after the SDK's own retries. */
+  failures: number;
+}
+
+/** An S3 error's HTTP status, if it has one. */
+export function httpStatus(e: unknown): number | undefined {
+  return (e as { $metadata?: { httpStatusCode?: number } })?.$metadata?.httpStatusCode;
+}
+
+function isNotFound(e: unknown): boolean {
+  const name = (e as Error)?.name;
+  return name === 'NoSuchKey' || name === 'NotFound' || httpStatus(e) === 404;
+}
+
+function isPreconditionFailed(e: unknown): boolean {
+  return httpStatus(e) === 412 || (e as Error)?.name === 'PreconditionFailed';
+}
+
+/** Parts of a multipart upload; S3's minimum part is 5 MiB. */
+const PART_BYTES = 8 * 1024 * 1024;
+/** DeleteObjects takes at most 1000 keys. */
+const DELETE_BATCH = 1000;
+
+export class Bucket {
+  readonly client: S3Client;
+  readonly name: string;
+  readonly prefix: string;
+  readonly counters: BucketCounters = { puts: 0, gets: 0, lists: 0, deletes: 0, bytesUp: 0, bytesDown: 0, failures: 0 };
+
+  constructor(options: BucketOptions) {
+    this.name = options.bucket;
+    this.prefix = options.prefix.replace(/\/+$/, '');
+    const maxSockets = options.maxSockets ?? 16;
+    let handler: HttpHandler = new NodeHttpHandler({
+      requestTimeout: options.requestTimeoutMs ?? 30_000,
+      connectionTimeout: Math.min(options.requestTimeoutMs ?? 30_000, 10_000),
+      httpAgent: new Agent({ keepAlive: true, maxSockets }),
+      httpsAgent: new HttpsAgent({ keepAlive: true, maxSockets }),
+    });
+    if (options.wrapHandler !== undefined) handler = options.wrapHandler(handler);
+    const config: S3ClientConfig = {
+      region: options.region ?? 'us-east-1',
+      forcePathStyle: options.forcePathStyle ?? true,
+      maxAttempts: options.maxAttempts ?? 5,
+      requestHandler: handler as NodeHttpHandler,
+      // Checksums only where S3 requires them: radosgw and MinIO differ on the newer defaults.
+      requestChecksumCalculation: 'WHEN_REQUIRED',
+      responseChecksumValidation: 'WHEN_REQUIRED',
+    };
+    if (options.endpoint !== undefined) config.endpoint = options.endpoint;
+    if (options.accessKeyId !== undefined && options.secretAccessKey !== undefined) {
+      config.credentials = { accessKeyId: options.accessKeyId, secretAccessKey: options.secretAccessKey };
+    }
+    this.client = new S3Client(config);
+  }
+
+  /** `s3://bucket/prefix`. */
+  describe(): string {
+    return `s3://${this.name}/${this.prefix}`;
+  }
+
+  key(rel: string): string {
+    return this.prefix === '' ? rel : `${this.prefix}/${rel}`;
+  }
+
+  private async call<T>(p: Promise<T>): Promise<T> {
+    try {
+      return await p;
+    } catch (e) {
+      this.counters.failures++;
+      throw e;
+    }
+  }
+
+  /** Create the bucket if it does not exist (tests and `pasture init`). */
+  async ensureBucket(): Promise<void> {
+    try {
+      await this.client.send(new HeadBucketCommand({ Bucket: this.name }));
+    } catch (e) {
+      if (!isNotFound(e)) throw e;
+      await this.client.send(new CreateBucketCommand({ Bucket: this.name }));
+    }
+  }
+
+  async put(rel: string, body: Uint8Array): Promise<void> {
+    if (body.length > 2 * PART_BYTES) return this.putMultipart(rel, body);
+    this.counters.puts++;
+    await this.call(this.client.send(new PutObjectCommand({ Bucket: this.name, Key: this.key(rel), Body: body, ContentLength: body.length })));
+    this.counters.bytesUp += body.length;
+  }
+
+  /** A large object in PART_BYTES parts, uploaded two at a time. */
+  private async putMultipart(rel: string, body: Uint8Array): Promise<void> {
+    const Key = this.key(rel);
+    this.counters.puts++;
+    const { UploadId } = await this.call(this.client.send(new CreateMultipartUploadCommand({ Bucket: this.name, Key })));
+    if (UploadId === undefined) throw new Error(`S3 returned no UploadId for ${Key}`);
+    try {
+      const parts: { PartNumber: number; ETag: string }[] = [];
+      const count = Math.ceil(body.length / PART_BYTES);
+      let next = 0;
+      const worker = async (): Promise<void> => {
+        while (next < count) {
+          const i = next++;
+          const chunk = body.subarray(i * PART_BYTES, Math.min(body.length, (i + 1) * PART_BYTES));
+          this.counters.puts++;
+          const r = await this.call(this.client.send(new UploadPartCommand({ Bucket: this.name, Key, UploadId, PartNumber: i + 1, Body: chunk, ContentLength: chunk.length })));
+          if (r.ETag === undefined) throw new Error(`S3 returned no ETag for part ${i + 1} of ${Key}`);
+          parts[i] = { PartNumber: i + 1, ETag: r.ETag };
+          this.counters.bytesUp += chunk.length;
+        }
+      };
+      await Promise.all([worker(), worker()]);
+      this.counters.puts++;
+      // radosgw answers with an empty ETag here; nothing below relies on it.
+      await this.call(this.client.send(new CompleteMultipartUploadCommand({ Bucket: this.name, Key, UploadId, MultipartUpload: { Parts: parts } })));
+    } catch (e) {
+      await this.client.send(new AbortMultipartUploadCommand({ Bucket: this.name, Key, UploadId })).catch(() => undefined);
+      throw e;
+    }
+  }
+
+  /**
+   * Create `rel` only if it does not exist (`If-None-Match: *`). Returns true if this call
+   * created it. If S3 says it exists, reads it back: identical bytes mean an earlier attempt of
+   * this same call took effect (the reply was lost), which counts as created.
+   */
+  async putIfAbsent(rel: string, body: Uint8Array): Promise<boolean> {
+    this.counters.puts++;
+    try {
+      await this.call(this.client.send(new PutObjectCommand({ Bucket: this.name, Key: this.key(rel), Body: body, ContentLength: body.length, IfNoneMatch: '*' })));
+      this.counters.bytesUp += body.length;
+      return true;
+    } catch (e) {
+      if (!isPreconditionFailed(e) && (e as Error)?.name !== 'ConditionalRequestConflict' && httpStatus(e) !== 409) throw e;
+      const existing = await this.get(rel);
+      return existing !== undefined && Buffer.compare(Buffer.from(existing), Buffer.from(body)) === 0;
+    }
+  }
+
+  /** The whole object, or a byte range of it; undefined if it does not exist. */
+  async get(rel: string, range?: { offset: number; length: number }): Promise<Uint8Array | undefined> {
+    this.counters.gets++;
+    try {
+      const r = await this.call(this.client.send(new GetObjectCommand({
+        Bucket: this.name, Key: this.key(rel),
+        ...(range !== undefined ? { Range: `bytes=${range.offset}-${range.offset + range.length - 1}` } : {}),
+      })));
+      if (r.Body === undefined) throw new Error(`S3 returned no body for ${this.key(rel)}`);
+      const bytes = await r.Body.transformToByteArray();
+      this.counters.bytesDown += bytes.length;
+      return bytes;
+    } catch (e) {
+      if (isNotFound(e)) return undefined;
+      throw e;
+    }
+  }
+
+  /** Keys (relative to the prefix) under `relPrefix`, with sizes and times, in key order. */
+  async list(relPrefix: string): Promise<{ key: string; size: number; modified: Date | undefined }[]> {
+    const out: { key: string; size: number; modified: Date | undefined }[] = [];
+    const full = this.key(relPrefix);
+    const strip = this.prefix === '' ? 0 : this.prefix.length + 1;
+    let token: string | undefined;
+    do {
+      this.counters.lists++;
+      const r = await this.call(this.client.send(new ListObjectsV2Command({ Bucket: this.name, Prefix: full, ContinuationToken: token })));
+      for (const o of r.Contents ?? []) {
+        if (o.Key !== undefined) out.push({ key: o.Key.slice(strip), size: o.Size ?? 0, modified: o.LastModified });
+      }
+      token = r.IsTruncated === true ? r.NextContinuationToken : undefined;
+    } while (token !== undefined);
+    return out;
+  }
+
+  async delete(rels: string[]): Promise<void> {
+    for (let i = 0; i < rels.length; i += DELETE_BATCH) {
+      const batch = rels.slice(i, i + DELETE_BATCH);
+      this.counters.deletes += batch.length;
+      if (batch.length === 1) {
+        await this.call(this.client.send(new DeleteObjectCommand({ Bucket: this.name, Key: this.key(batch[0]!) })));
+        continue;
+      }
+      const r = await this.call(this.client.send(new DeleteObjectsCommand({
+        Bucket: this.name, Delete: { Objects: batch.map((k) => ({ Key: this.key(k) })), Quiet: true },
+      })));
+      const errors = (r.Errors ?? []).filter((e) => e.Code !== 'NoSuchKey');
+      if (errors.length > 0) throw new Error(`S3 could not delete ${errors.length} objects, first ${errors[0]!.Key}: ${errors[0]!.Code} ${errors[0]!.Message ?? ''}`);
+    }
+  }
+
+  destroy(): void {
+    this.client.destroy();
+  }
+}
+

@@ -1,0 +1,1039 @@
+/**
+ * S3SegmentStore: Grass segments in an S3 bucket, with a local journal and read cache (the
+ * LSVD shape of seed 001). FORMAT.md beside this file gives the keys and files.
+ *
+ * The local cache directory is the journal:
+ *   DIR/store.json     which bucket and prefix, the store id, geometry, the last epoch used
+ *   DIR/superblock     the two Grass superblock slots (as in the file store)
+ *   DIR/seg/SLOT.KEY.open     a segment being written: `sync` is its fdatasync
+ *   DIR/seg/SLOT.KEY.sealed   sealed, durable here, not yet uploaded
+ *   DIR/seg/SLOT.KEY.cached   uploaded; kept as a read cache, evicted least recently used
+ *   DIR/lock           the local process holding DIR
+ *
+ * So a flush is durable once it is in the journal and never waits for S3. Sealed segments are
+ * uploaded in the background, each as one object written once. The bucket's state is advanced by
+ * publishing a manifest (at each Grass checkpoint, every `publishIntervalMs`, and at close):
+ * it waits for the uploads it needs, uploads the open segments' written prefixes as partial
+ * objects, and creates the next manifest in the chain with If-None-Match. Recovery from the
+ * bucket alone opens at the last published manifest: a prefix of what was written.
+ *
+ * Deletes follow publication: an object that a released segment or a superseded partial leaves
+ * behind is deleted only after a manifest that no longer lists it is durable, plus a grace
+ * period for readers of older manifests. `sweep()` deletes orphans that a crash left.
+ */
+import { open, mkdir, readFile, writeFile, rename, readdir, unlink, rm } from 'node:fs/promises';
+import type { FileHandle } from 'node:fs/promises';
+import { readSync } from 'node:fs';
+import { hostname } from 'node:os';
+import { join } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { z } from 'zod';
+import {
+  checkRange, takeLock, type SegmentStore, InvalidArgumentError, FormatError, StoreLockedError, ClosedError,
+  SUPERBLOCK_BYTES, MIN_SEGMENT_BYTES, MAX_SEGMENT_BYTES, MAX_SEGMENT_COUNT,
+} from '@pasture/grass';
+import { Bucket, type BucketOptions } from './bucket.ts';
+import {
+  LOCK_KEY, LockRecord, MANIFEST_DIR, MANIFEST_FORMAT_VERSION, SEGMENT_DIR, decodeManifest, encodeManifest, epochOfKey,
+  manifestKey, manifestSeqOf, partialKey, segmentKey, type Manifest, type ManifestEntry, type Writer,
+} from './manifest.ts';
+
+export interface S3StoreOptions {
+  /** The bucket, or how to reach it. */
+  bucket: Bucket | BucketOptions;
+  /** Local journal and cache directory. */
+  cacheDir: string;
+  /** Bytes of uploaded segments kept locally for reads (default 1 GiB). */
+  cacheBytes?: number;
+  /** `seal` waits while sealed segments not yet uploaded exceed this (default 512 MiB). */
+  maxUploadBacklogBytes?: number;
+  /** Segment uploads in flight (default 4). */
+  uploadConcurrency?: number;
+  /** Publish a manifest this often when something changed; 0 = only at checkpoints and close (default 10 000). */
+  publishIntervalMs?: number;
+  /** Delay between a manifest that no longer lists an object and the object's delete (default 60 000). */
+  deleteGraceMs?: number;
+  /** Manifests kept besides the newest (default 3). */
+  keepManifests?: number;
+  /** How long `close` waits for uploads and the last publication (default 60 000). */
+  closeTimeoutMs?: number;
+  /** Take the store over from a holder that looks alive (its lock is overridden; it gets fenced). */
+  takeover?: boolean;
+}
+
+export interface S3CreateOptions extends S3StoreOptions {
+  segmentBytes: number;
+  segmentCount: number;
+  /** Create the bucket if it does not exist. */
+  createBucket?: boolean;
+}
+
+export interface S3StoreStats {
+  puts: number;
+  gets: number;
+  lists: number;
+  deletes: number;
+  bytesUp: number;
+  bytesDown: number;
+  s3Failures: number;
+  cacheHits: number;
+  cacheMisses: number;
+  cachedBytes: number;
+  uploadBacklogSegments: number;
+  uploadBacklogBytes: number;
+  uploadRetries: number;
+  publications: number;
+  lastPublishedSeq: number;
+  pendingDeletes: number;
+  epoch: number;
+  lastError: string | undefined;
+}
+
+const CacheManifest = z.object({
+  kind: z.literal('pasture-grass-s3-cache'),
+  formatVersion: z.literal(MANIFEST_FORMAT_VERSION),
+  storeId: z.string(),
+  bucket: z.string(),
+  prefix: z.string(),
+  endpoint: z.string().optional(),
+  region: z.string().optional(),
+  segmentBytes: z.number().int().min(MIN_SEGMENT_BYTES).max(MAX_SEGMENT_BYTES),
+  segmentCount: z.number().int().min(4).max(MAX_SEGMENT_COUNT),
+  /** The epoch of the last writer that used this directory. */
+  epoch: z.number().int().min(0),
+});
+export type CacheManifest = z.infer<typeof CacheManifest>;
+
+/** Reads up to this size are synchronous positioned reads of a local file (as in the file store). */
+const SYNC_READ_BYTES_MAX = 64 * 1024;
+const MAX_UPLOAD_BACKOFF_MS = 30_000;
+
+type SegState = 'open' | 'sealed' | 'cached';
+
+/** One life of one slot: the data Grass wrote there between a write at offset 0 and its release. */
+class Seg {
+  fh: FileHandle | undefined;
+  /** Highest byte written (open) or segmentBytes (sealed). */
+  length = 0;
+  /** The full object exists in S3. */
+  remote = false;
+  /** A durable manifest lists the full object. */
+  published = false;
+  /** The last partial object uploaded for it while open. */
+  partial: { key: string; length: number } | undefined;
+  released = false;
+  dirty = false;
+  uploading: Promise<void> | undefined;
+  uploadDone: (() => void) | undefined;
+  fetching: Promise<void> | undefined;
+  /** Reads in flight on fh: close waits for them. */
+  readers = 0;
+  lastUse = 0;
+
+  constructor(
+    readonly slot: number,
+    readonly key: string,
+    public state: SegState,
+  ) {}
+
+  get local(): boolean {
+    return this.fh !== undefined;
+  }
+}
+
+interface Retired {
+  key: string;
+  /** The publication count when it was retired: a later publication no longer lists it. */
+  snap: number;
+  /** Delete at or after this time (set once such a publication is durable). */
+  dueAt: number | undefined;
+}
+
+function fileName(slot: number, key: string, state: SegState | 'tmp'): string {
+  return `${slot}.${key.slice(SEGMENT_DIR.length)}.${state}`;
+}
+
+function parseFileName(name: string): { slot: number; key: string; state: SegState | 'tmp' } | undefined {
+  const m = /^([0-9]+)\.([0-9a-f]{8}-[0-9a-f]{8})\.(open|sealed|cached|tmp)$/.exec(name);
+  if (m === null) return undefined;
+  return { slot: Number(m[1]), key: `${SEGMENT_DIR}${m[2]}`, state: m[3] as SegState | 'tmp' };
+}
+
+async function syncDir(dir: string): Promise<void> {
+  const h = await open(dir, 'r');
+  try {
+    await h.sync();
+  } finally {
+    await h.close();
+  }
+}
+
+async function writeFileDurably(path: string, data: string | Uint8Array): Promise<void> {
+  await writeFile(`${path}.tmp`, data);
+  const h = await open(`${path}.tmp`, 'r');
+  await h.sync();
+  await h.close();
+  await rename(`${path}.tmp`, path);
+}
+
+function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms).unref());
+
+export class S3SegmentStore implements SegmentStore {
+  private readonly slots: (Seg | undefined)[];
+  private readonly superblocks: [Uint8Array | undefined, Uint8Array | undefined] = [undefined, undefined];
+  private superblockFile!: FileHandle;
+  private readonly dirty = new Set<Seg>();
+  private dirDirty = false;
+  private nextIncarnation = 0;
+  private closed = false;
+  private fenced: StoreLockedError | undefined;
+  /** Stops the background loops (set by close, after the final publication). */
+  private stopping = false;
+
+  // Upload queue.
+  private readonly uploadQueue: Seg[] = [];
+  private uploadsRunning = 0;
+  private backlogBytes = 0;
+  private backlogWaiters: (() => void)[] = [];
+
+  // Publication.
+  private publishRunning: Promise<void> | undefined;
+  private publishQueued: Promise<void> | undefined;
+  private snapshots = 0;
+  private changedSincePublish = false;
+  private lastManifest: Manifest;
+  private publishTimer: NodeJS.Timeout | undefined;
+
+  // Deletes.
+  private readonly retired: Retired[] = [];
+  private deleteTimer: NodeJS.Timeout | undefined;
+  private deleting = false;
+
+  private cachedBytes = 0;
+  private useClock = 0;
+  private readonly counters = { cacheHits: 0, cacheMisses: 0, uploadRetries: 0, publications: 0 };
+  private lastError: string | undefined;
+
+  private readonly cacheBytes: number;
+  private readonly maxBacklog: number;
+  private readonly uploadConcurrency: number;
+  private readonly publishIntervalMs: number;
+  private readonly deleteGraceMs: number;
+  private readonly keepManifests: number;
+  private readonly closeTimeoutMs: number;
+
+  private constructor(
+    readonly bucket: Bucket,
+    readonly dir: string,
+    readonly segmentBytes: number,
+    readonly segmentCount: number,
+    readonly epoch: number,
+    readonly writer: Writer,
+    private readonly storeId: string,
+    manifest: Manifest,
+    options: S3StoreOptions,
+  ) {
+    this.slots = new Array<Seg | undefined>(segmentCount).fill(undefined);
+    this.lastManifest = manifest;
+    this.cacheBytes = options.cacheBytes ?? 1 << 30;
+    this.maxBacklog = Math.max(options.maxUploadBacklogBytes ?? 512 << 20, 2 * segmentBytes);
+    this.uploadConcurrency = options.uploadConcurrency ?? 4;
+    this.publishIntervalMs = options.publishIntervalMs ?? 10_000;
+    this.deleteGraceMs = options.deleteGraceMs ?? 60_000;
+    this.keepManifests = options.keepManifests ?? 3;
+    this.closeTimeoutMs = options.closeTimeoutMs ?? 60_000;
+  }
+
+  // =====================================================================================
+  // Create and open
+  // =====================================================================================
+
+  /** Make a new store under the bucket's prefix (which must hold none) and open it. */
+  static async create(options: S3CreateOptions): Promise<S3SegmentStore> {
+    const bucket = options.bucket instanceof Bucket ? options.bucket : new Bucket(options.bucket);
+    const { segmentBytes, segmentCount } = options;
+    if (!Number.isInteger(segmentBytes) || segmentBytes < MIN_SEGMENT_BYTES || segmentBytes > MAX_SEGMENT_BYTES || segmentBytes % 4096 !== 0) {
+      throw new InvalidArgumentError(`segment size must be a multiple of 4096 in [${MIN_SEGMENT_BYTES}, ${MAX_SEGMENT_BYTES}], not ${segmentBytes}`);
+    }
+    if (!Number.isInteger(segmentCount) || segmentCount < 4 || segmentCount > MAX_SEGMENT_COUNT) {
+      throw new InvalidArgumentError(`segment count must be in [4, ${MAX_SEGMENT_COUNT}], not ${segmentCount}`);
+    }
+    if (options.createBucket === true) await bucket.ensureBucket();
+    const existing = await bucket.list(MANIFEST_DIR);
+    if (existing.length > 0) throw new InvalidArgumentError(`${bucket.describe()} already holds a Pasture store`);
+    try {
+      if ((await readdir(options.cacheDir)).length > 0) throw new InvalidArgumentError(`cache directory ${options.cacheDir} is not empty`);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+    }
+    const m: Manifest = {
+      kind: 'pasture-grass-s3-manifest', formatVersion: MANIFEST_FORMAT_VERSION, storeId: randomBytes(8).toString('hex'),
+      seq: 0, epoch: 0, writer: newWriter(), segmentBytes, segmentCount, superblocks: [null, null], entries: [], publishedAt: new Date().toISOString(),
+    };
+    if (!(await bucket.putIfAbsent(manifestKey(0), encodeManifest(m)))) {
+      throw new StoreLockedError(`${bucket.describe()}: another process created a store there at the same time`);
+    }
+    return S3SegmentStore.open({ ...options, bucket });
+  }
+
+  /** The cache directory's record of its bucket, if DIR is an S3 store's cache. */
+  static async readCacheManifest(dir: string): Promise<CacheManifest | undefined> {
+    let raw: string;
+    try {
+      raw = await readFile(join(dir, 'store.json'), 'utf8');
+    } catch {
+      return undefined;
+    }
+    const r = CacheManifest.safeParse(JSON.parse(raw));
+    return r.success ? r.data : undefined;
+  }
+
+  /**
+   * Open the store: take the local and the bucket's lock, claim the next epoch in the manifest
+   * chain, and reconcile the local journal with the bucket (replaying or re-uploading what the
+   * journal holds, or starting from the bucket alone when the journal is empty or missing).
+   */
+  static async open(options: S3StoreOptions): Promise<S3SegmentStore> {
+    const bucket = options.bucket instanceof Bucket ? options.bucket : new Bucket(options.bucket);
+    const dir = options.cacheDir;
+    await mkdir(join(dir, 'seg'), { recursive: true });
+    const localLock = join(dir, 'lock');
+    await takeLock(localLock);
+    const writer = newWriter();
+    let lockTaken = false;
+    try {
+      // --- The bucket's lock: tells a second writer who holds the store. ---
+      await takeBucketLock(bucket, writer, options.takeover === true);
+      lockTaken = true;
+
+      // --- The newest manifest, then claim the next number with a new epoch. ---
+      const latest = await readLatestManifest(bucket);
+      const local = await S3SegmentStore.readCacheManifest(dir);
+      if (local !== undefined && (local.storeId !== latest.storeId || local.bucket !== bucket.name || local.prefix !== bucket.prefix)) {
+        throw new InvalidArgumentError(`cache directory ${dir} belongs to store ${local.storeId} at s3://${local.bucket}/${local.prefix}, not to ${bucket.describe()} (store ${latest.storeId})`);
+      }
+      const claim: Manifest = { ...latest, seq: latest.seq + 1, epoch: latest.epoch + 1, writer, publishedAt: new Date().toISOString() };
+      if (!(await bucket.putIfAbsent(manifestKey(claim.seq), encodeManifest(claim)))) {
+        throw new StoreLockedError(`${bucket.describe()}: another writer claimed the store while this one was opening`);
+      }
+      const store = new S3SegmentStore(bucket, dir, latest.segmentBytes, latest.segmentCount, claim.epoch, writer, latest.storeId, claim, options);
+      try {
+        await store.reconcile(latest, local);
+      } catch (e) {
+        await store.abandon();
+        throw e;
+      }
+      const cm: CacheManifest = {
+        kind: 'pasture-grass-s3-cache', formatVersion: MANIFEST_FORMAT_VERSION, storeId: latest.storeId, bucket: bucket.name, prefix: bucket.prefix,
+        segmentBytes: store.segmentBytes, segmentCount: store.segmentCount, epoch: claim.epoch,
+      };
+      const opts = options.bucket instanceof Bucket ? undefined : options.bucket;
+      if (opts?.endpoint !== undefined) cm.endpoint = opts.endpoint;
+      if (opts?.region !== undefined) cm.region = opts.region;
+      await writeFileDurably(join(dir, 'store.json'), JSON.stringify(cm, null, 2) + '\n');
+      await syncDir(dir);
+      store.startBackground();
+      return store;
+    } catch (e) {
+      if (lockTaken) await releaseBucketLock(bucket, writer).catch(() => undefined);
+      await unlink(localLock).catch(() => undefined);
+      throw e;
+    }
+  }
+
+  /** Build the slot table from the journal and the newest manifest. */
+  private async reconcile(latest: Manifest, local: CacheManifest | undefined): Promise<void> {
+    const segDir = join(this.dir, 'seg');
+    let useJournal = local !== undefined;
+    const files = (await readdir(segDir)).map((n) => ({ name: n, parsed: parseFileName(n) }));
+    if (local !== undefined && latest.epoch !== local.epoch) {
+      // Someone else wrote the bucket since this directory's writer: its journal is stale.
+      const unsent = files.filter((f) => f.parsed !== undefined && (f.parsed.state === 'open' || f.parsed.state === 'sealed'));
+      if (unsent.length > 0) {
+        throw new StoreLockedError(
+          `cache directory ${this.dir} holds ${unsent.length} segments that never reached ${this.bucket.describe()}, and ${latest.writer.host} ` +
+          `(pid ${latest.writer.pid}) has written the store since; move the directory away to open the store as the bucket has it`,
+        );
+      }
+      useJournal = false;
+    }
+    if (!useJournal) {
+      for (const f of files) await unlink(join(segDir, f.name));
+      await rm(join(this.dir, 'superblock'), { force: true });
+      files.length = 0;
+    }
+
+    // Superblocks: the journal's if it has them, else the manifest's.
+    this.superblockFile = await open(join(this.dir, 'superblock'), 'a+').then(async (h) => {
+      await h.close();
+      return open(join(this.dir, 'superblock'), 'r+');
+    });
+    const sbBuf = Buffer.alloc(2 * SUPERBLOCK_BYTES);
+    const { bytesRead } = await this.superblockFile.read(sbBuf, 0, sbBuf.length, 0);
+    if (bytesRead === sbBuf.length && !sbBuf.every((b) => b === 0)) {
+      for (const i of [0, 1] as const) {
+        const s = sbBuf.subarray(i * SUPERBLOCK_BYTES, (i + 1) * SUPERBLOCK_BYTES);
+        this.superblocks[i] = s.every((b) => b === 0) ? undefined : new Uint8Array(s);
+      }
+    } else {
+      for (const i of [0, 1] as const) {
+        const b64 = latest.superblocks[i];
+        this.superblocks[i] = b64 === null ? undefined : new Uint8Array(Buffer.from(b64, 'base64'));
+      }
+      const out = Buffer.alloc(2 * SUPERBLOCK_BYTES);
+      for (const i of [0, 1] as const) if (this.superblocks[i] !== undefined) out.set(this.superblocks[i]!, i * SUPERBLOCK_BYTES);
+      await this.superblockFile.write(out, 0, out.length, 0);
+      await this.superblockFile.datasync();
+    }
+
+    // Journal files: the newest life of each slot wins; older ones are leftovers of releases.
+    const newest = new Map<number, { name: string; key: string; state: SegState }>();
+    for (const f of files) {
+      const p = f.parsed;
+      if (p === undefined || p.state === 'tmp' || p.slot >= this.segmentCount) {
+        await unlink(join(segDir, f.name));
+        continue;
+      }
+      const cur = newest.get(p.slot);
+      if (cur === undefined || cur.key < p.key) {
+        if (cur !== undefined) await unlink(join(segDir, cur.name));
+        newest.set(p.slot, { name: f.name, key: p.key, state: p.state });
+      } else {
+        await unlink(join(segDir, f.name));
+      }
+    }
+    const listed = new Map(latest.entries.map((e) => [e.slot, e]));
+    for (const [slot, f] of newest) {
+      const seg = new Seg(slot, f.key, f.state);
+      const e = listed.get(slot);
+      seg.fh = await open(join(segDir, f.name), 'r+');
+      const size = (await seg.fh.stat()).size;
+      if (e !== undefined && e.key === f.key && e.sealed) {
+        seg.remote = true;
+        seg.published = true;
+      }
+      if (f.state === 'open') {
+        seg.length = Math.min(size, this.segmentBytes);
+        if (e !== undefined && !e.sealed && e.key.startsWith(f.key)) seg.partial = { key: e.key, length: e.length };
+      } else {
+        seg.length = this.segmentBytes;
+        if (size < this.segmentBytes) await seg.fh.truncate(this.segmentBytes);
+        if (f.state === 'cached') seg.remote = true;
+      }
+      if (seg.state === 'sealed' && seg.remote) await this.renameLocal(seg, 'cached');
+      if (seg.state === 'cached') this.cachedBytes += this.segmentBytes;
+      this.slots[slot] = seg;
+    }
+    // The manifest's segments that the journal does not hold.
+    for (const e of latest.entries) {
+      const have = this.slots[e.slot];
+      if (have !== undefined) {
+        if (e.key !== have.key && e.key !== have.partial?.key) this.retire({ key: e.key });
+        continue;
+      }
+      if (useJournal && !e.sealed) {
+        // The journal dropped this open segment (released, or never synced): not needed.
+        this.retire({ key: e.key });
+        continue;
+      }
+      const base = e.sealed ? e.key : e.key.replace(/\.p[0-9]+$/, '');
+      const seg = new Seg(e.slot, base, e.sealed ? 'cached' : 'open');
+      if (e.sealed) {
+        seg.remote = true;
+        seg.published = true;
+        seg.length = this.segmentBytes;
+      } else {
+        // An open segment from the bucket alone: its prefix becomes the journal's open file.
+        const bytes = await this.bucket.get(e.key);
+        if (bytes === undefined || bytes.length !== e.length) throw new FormatError(`${this.bucket.describe()}: manifest ${latest.seq} lists ${e.key} (${e.length} B) but S3 has ${bytes === undefined ? 'no such object' : `${bytes.length} B`}`);
+        const path = join(segDir, fileName(e.slot, base, 'open'));
+        await writeFile(path, bytes);
+        seg.fh = await open(path, 'r+');
+        await seg.fh.datasync();
+        seg.length = e.length;
+        seg.partial = { key: e.key, length: e.length };
+        this.dirDirty = true;
+      }
+      this.slots[e.slot] = seg;
+    }
+    if (this.dirDirty) {
+      await syncDir(segDir);
+      this.dirDirty = false;
+    }
+    for (const seg of this.slots) {
+      if (seg !== undefined && seg.state === 'sealed') this.queueUpload(seg);
+    }
+    this.changedSincePublish = true;
+  }
+
+  private startBackground(): void {
+    if (this.publishIntervalMs > 0) {
+      this.publishTimer = setInterval(() => {
+        if (this.changedSincePublish && this.publishQueued === undefined) this.publish().catch(() => undefined);
+      }, this.publishIntervalMs);
+      this.publishTimer.unref();
+    }
+    this.deleteTimer = setInterval(() => void this.runDeletes(), Math.max(200, Math.min(5000, this.deleteGraceMs / 4)));
+    this.deleteTimer.unref();
+  }
+
+  // =====================================================================================
+  // SegmentStore
+  // =====================================================================================
+
+  describe(): string {
+    return `${this.bucket.describe()} (cache ${this.dir}; ${this.segmentCount} x ${this.segmentBytes} B)`;
+  }
+
+  private live(): void {
+    if (this.closed) throw new ClosedError(`S3 segment store ${this.bucket.describe()} is closed`);
+    if (this.fenced !== undefined) throw this.fenced;
+  }
+
+  private segDir(): string {
+    return join(this.dir, 'seg');
+  }
+
+  async write(segment: number, offset: number, data: Uint8Array): Promise<void> {
+    this.live();
+    checkRange(this, segment, offset, data.length);
+    let seg = this.slots[segment];
+    if (offset === 0) {
+      // A write at offset 0 starts a new life of the slot (the contract: a reused slot was released).
+      if (seg !== undefined) this.retireSeg(seg);
+      seg = new Seg(segment, segmentKey(this.epoch, this.nextIncarnation++), 'open');
+      seg.fh = await open(join(this.segDir(), fileName(segment, seg.key, 'open')), 'w+');
+      this.slots[segment] = seg;
+      this.dirDirty = true;
+    } else if (seg === undefined || seg.state !== 'open' || seg.fh === undefined) {
+      throw new InvalidArgumentError(`write to segment ${segment} at ${offset}: the segment is not open (${seg?.state ?? 'empty'})`);
+    }
+    let done = 0;
+    while (done < data.length) {
+      const { bytesWritten } = await seg.fh!.write(data, done, data.length - done, offset + done);
+      if (bytesWritten <= 0) throw new Error(`short write to the journal of segment ${segment}`);
+      done += bytesWritten;
+    }
+    seg.length = Math.max(seg.length, offset + data.length);
+    seg.dirty = true;
+    this.dirty.add(seg);
+    this.changedSincePublish = true;
+  }
+
+  async sync(): Promise<void> {
+    this.live();
+    const segs = [...this.dirty];
+    this.dirty.clear();
+    await Promise.all(segs.map(async (s) => {
+      if (s.fh !== undefined) await s.fh.datasync();
+      s.dirty = false;
+    }));
+    if (this.dirDirty) {
+      this.dirDirty = false;
+      await syncDir(this.segDir());
+    }
+  }
+
+  async seal(segment: number): Promise<void> {
+    this.live();
+    checkRange(this, segment, 0, 0);
+    const seg = this.slots[segment];
+    if (seg === undefined || seg.state !== 'open' || seg.fh === undefined) throw new InvalidArgumentError(`seal of segment ${segment}, which is not open`);
+    // A full-length file, so that reads and the upload see the unwritten middle as zeros.
+    await seg.fh.truncate(this.segmentBytes);
+    await seg.fh.datasync();
+    this.dirty.delete(seg);
+    seg.dirty = false;
+    seg.length = this.segmentBytes;
+    await this.renameLocal(seg, 'sealed');
+    await syncDir(this.segDir());
+    this.dirDirty = false;
+    this.changedSincePublish = true;
+    this.queueUpload(seg);
+    // Backpressure: the journal absorbs bursts, but an S3 that cannot keep up (or is down)
+    // must slow writers down rather than fill the local disk.
+    while (this.backlogBytes > this.maxBacklog && !this.closed && this.fenced === undefined) {
+      await new Promise<void>((r) => this.backlogWaiters.push(r));
+    }
+    this.live();
+  }
+
+  async read(segment: number, offset: number, length: number): Promise<Uint8Array> {
+    this.live();
+    checkRange(this, segment, offset, length);
+    const seg = this.slots[segment];
+    const buf = Buffer.alloc(length);
+    if (seg === undefined || length === 0) return buf;
+    if (seg.fh === undefined) {
+      this.counters.cacheMisses++;
+      await this.fetch(seg);
+      if (seg.fh === undefined) throw new Error(`segment ${segment} vanished from the cache while being read`);
+    } else if (seg.state === 'cached') {
+      this.counters.cacheHits++;
+    }
+    seg.lastUse = ++this.useClock;
+    const fh = seg.fh;
+    if (length <= SYNC_READ_BYTES_MAX) {
+      let done = 0;
+      while (done < length) {
+        const n = readSync(fh.fd, buf, done, length - done, offset + done);
+        if (n === 0) break;
+        done += n;
+      }
+      return buf;
+    }
+    seg.readers++;
+    try {
+      let done = 0;
+      while (done < length) {
+        const { bytesRead } = await fh.read(buf, done, length - done, offset + done);
+        if (bytesRead === 0) break;
+        done += bytesRead;
+      }
+    } finally {
+      seg.readers--;
+      if (seg.readers === 0 && seg.released) await this.dropLocal(seg);
+    }
+    return buf;
+  }
+
+  async release(segment: number): Promise<void> {
+    this.live();
+    checkRange(this, segment, 0, 0);
+    const seg = this.slots[segment];
+    if (seg !== undefined) this.retireSeg(seg);
+  }
+
+  async readSuperblock(slot: 0 | 1): Promise<Uint8Array | undefined> {
+    this.live();
+    const s = this.superblocks[slot];
+    return s === undefined ? undefined : new Uint8Array(s);
+  }
+
+  async writeSuperblock(slot: 0 | 1, data: Uint8Array): Promise<void> {
+    this.live();
+    if (data.length !== SUPERBLOCK_BYTES) throw new RangeError('superblock must be SUPERBLOCK_BYTES long');
+    await this.superblockFile.write(data, 0, SUPERBLOCK_BYTES, slot * SUPERBLOCK_BYTES);
+    await this.superblockFile.datasync();
+    this.superblocks[slot] = new Uint8Array(data);
+    this.changedSincePublish = true;
+    // A checkpoint is a good moment for the bucket to catch up; it happens in the background.
+    this.publish().catch(() => undefined);
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    // Let the uploads finish and publish the final state, within a bound: with S3 down, the
+    // journal keeps everything and the next open uploads it.
+    if (this.fenced === undefined) {
+      let timer: NodeJS.Timeout | undefined;
+      const timeout = new Promise<'timeout'>((r) => (timer = setTimeout(() => r('timeout'), this.closeTimeoutMs)));
+      const drained = (async (): Promise<void> => {
+        this.changedSincePublish = true;
+        await this.publish();
+      })();
+      const r = await Promise.race([drained.then(() => 'ok' as const, (e: unknown) => e), timeout]);
+      clearTimeout(timer);
+      if (r !== 'ok') this.lastError = r === 'timeout' ? `close: S3 did not take the final state within ${this.closeTimeoutMs} ms; the journal keeps it` : String((r as Error).message ?? r);
+      if (r === 'ok') await this.runDeletes();
+    }
+    await this.abandon();
+  }
+
+  /**
+   * For tests: stop as a killed process would, without publishing or uploading, and leave the
+   * locks as the dead process's (removed, as the stale-lock check would find them).
+   */
+  async simulateCrash(): Promise<void> {
+    this.stopping = true;
+    this.closed = true;
+    await releaseBucketLock(this.bucket, this.writer).catch(() => undefined);
+    this.fenced ??= new StoreLockedError('crashed');
+    await this.abandon();
+  }
+
+  /** Stop everything and let go of local and bucket locks, without publishing. */
+  private async abandon(): Promise<void> {
+    this.closed = true;
+    this.stopping = true;
+    clearInterval(this.publishTimer);
+    clearInterval(this.deleteTimer);
+    for (const w of this.backlogWaiters.splice(0)) w();
+    for (const seg of this.slots) {
+      if (seg?.fh !== undefined) {
+        const fh = seg.fh;
+        seg.fh = undefined;
+        await fh.close().catch(() => undefined);
+      }
+    }
+    await this.superblockFile?.close().catch(() => undefined);
+    if (this.fenced === undefined) await releaseBucketLock(this.bucket, this.writer).catch(() => undefined);
+    await unlink(join(this.dir, 'lock')).catch(() => undefined);
+    this.bucket.destroy();
+  }
+
+  // =====================================================================================
+  // Uploads
+  // =====================================================================================
+
+  private queueUpload(seg: Seg): void {
+    this.backlogBytes += this.segmentBytes;
+    seg.uploading = new Promise<void>((r) => (seg.uploadDone = r));
+    this.uploadQueue.push(seg);
+    this.pumpUploads();
+  }
+
+  private pumpUploads(): void {
+    while (this.uploadsRunning < this.uploadConcurrency && this.uploadQueue.length > 0) {
+      const seg = this.uploadQueue.shift()!;
+      this.uploadsRunning++;
+      void this.uploadOne(seg).finally(() => {
+        this.uploadsRunning--;
+        this.pumpUploads();
+      });
+    }
+  }
+
+  /** Upload one sealed segment, retrying with backoff until it succeeds or the store closes. */
+  private async uploadOne(seg: Seg): Promise<void> {
+    let attempt = 0;
+    while (!this.stopping) {
+      try {
+        const body = Buffer.alloc(this.segmentBytes);
+        seg.readers++;
+        try {
+          const { bytesRead } = await seg.fh!.read(body, 0, this.segmentBytes, 0);
+          if (bytesRead !== this.segmentBytes) throw new Error(`journal file of segment ${seg.slot} has ${bytesRead} of ${this.segmentBytes} bytes`);
+        } finally {
+          seg.readers--;
+        }
+        if (this.fenced !== undefined) return;
+        await this.bucket.put(seg.key, body);
+        seg.remote = true;
+        this.backlogBytes -= this.segmentBytes;
+        for (const w of this.backlogWaiters.splice(0)) w();
+        if (seg.partial !== undefined) {
+          this.retire({ key: seg.partial.key });
+          seg.partial = undefined;
+        }
+        if (seg.released) {
+          this.retire({ key: seg.key });
+          await this.dropLocal(seg);
+        } else {
+          await this.renameLocal(seg, 'cached');
+          this.cachedBytes += this.segmentBytes;
+          this.evict();
+        }
+        seg.uploadDone?.();
+        return;
+      } catch (e) {
+        if (this.stopping) return;
+        this.lastError = `upload of ${seg.key}: ${(e as Error).message}`;
+        this.counters.uploadRetries++;
+        attempt++;
+        await sleep(Math.random() * Math.min(MAX_UPLOAD_BACKOFF_MS, 250 * 2 ** Math.min(attempt, 10)));
+      }
+    }
+  }
+
+  private async renameLocal(seg: Seg, state: SegState): Promise<void> {
+    await rename(join(this.segDir(), fileName(seg.slot, seg.key, seg.state)), join(this.segDir(), fileName(seg.slot, seg.key, state)));
+    seg.state = state;
+  }
+
+  // =====================================================================================
+  // Reads from S3 and the cache
+  // =====================================================================================
+
+  private fetch(seg: Seg): Promise<void> {
+    if (seg.fetching !== undefined) return seg.fetching;
+    seg.fetching = (async () => {
+      try {
+        const bytes = await this.bucket.get(seg.key);
+        if (bytes === undefined) throw new FormatError(`${this.bucket.describe()}: segment object ${seg.key} (slot ${seg.slot}) is missing`);
+        if (bytes.length !== this.segmentBytes) throw new FormatError(`${this.bucket.describe()}: segment object ${seg.key} has ${bytes.length} bytes, expected ${this.segmentBytes}`);
+        if (seg.released || this.closed) return;
+        const tmp = join(this.segDir(), fileName(seg.slot, seg.key, 'tmp'));
+        await writeFile(tmp, bytes);
+        const path = join(this.segDir(), fileName(seg.slot, seg.key, 'cached'));
+        await rename(tmp, path);
+        seg.fh = await open(path, 'r');
+        seg.state = 'cached';
+        this.cachedBytes += this.segmentBytes;
+        seg.lastUse = ++this.useClock;
+        this.evict(seg);
+      } finally {
+        seg.fetching = undefined;
+      }
+    })();
+    return seg.fetching;
+  }
+
+  /** Drop least recently used cached copies over the bound (only published ones: the journal must not forget a segment the bucket's manifest lacks). */
+  private evict(keep?: Seg): void {
+    if (this.cachedBytes <= this.cacheBytes) return;
+    const candidates = this.slots.filter((s): s is Seg => s !== undefined && s !== keep && s.state === 'cached' && s.fh !== undefined && s.published && s.readers === 0);
+    candidates.sort((a, b) => a.lastUse - b.lastUse);
+    for (const s of candidates) {
+      if (this.cachedBytes <= this.cacheBytes) break;
+      void this.dropLocal(s);
+    }
+  }
+
+  private async dropLocal(seg: Seg): Promise<void> {
+    if (seg.fh === undefined || seg.readers > 0) return;
+    const fh = seg.fh;
+    seg.fh = undefined;
+    if (seg.state === 'cached') this.cachedBytes -= this.segmentBytes;
+    await fh.close().catch(() => undefined);
+    await unlink(join(this.segDir(), fileName(seg.slot, seg.key, seg.state))).catch(() => undefined);
+  }
+
+  // =====================================================================================
+  // Release, publication, deletes
+  // =====================================================================================
+
+  /** A life of a slot is over: its local copy goes now, its objects after the next publication. */
+  private retireSeg(seg: Seg): void {
+    seg.released = true;
+    if (this.slots[seg.slot] === seg) this.slots[seg.slot] = undefined;
+    this.dirty.delete(seg);
+    this.changedSincePublish = true;
+    if (seg.partial !== undefined) this.retire({ key: seg.partial.key });
+    if (seg.state === 'sealed' && !seg.remote) return; // its upload finishes, then retires it
+    if (seg.remote) this.retire({ key: seg.key });
+    void this.dropLocal(seg);
+  }
+
+  private retire(r: { key: string }): void {
+    this.retired.push({ key: r.key, snap: this.snapshots, dueAt: undefined });
+  }
+
+  /**
+   * Make the bucket hold the current state: wait for the uploads it needs, upload the open
+   * segments' written prefixes, then create the next manifest. Concurrent callers share one.
+   */
+  publish(): Promise<void> {
+    if (this.publishQueued !== undefined) return this.publishQueued;
+    const after = this.publishRunning ?? Promise.resolve();
+    const p = after.catch(() => undefined).then(() => {
+      this.publishQueued = undefined;
+      const run = this.publishOnce();
+      this.publishRunning = run;
+      return run.finally(() => {
+        if (this.publishRunning === run) this.publishRunning = undefined;
+      });
+    });
+    this.publishQueued = p;
+    return p;
+  }
+
+  private async publishOnce(): Promise<void> {
+    if (this.fenced !== undefined) throw this.fenced;
+    const snap = ++this.snapshots;
+    this.changedSincePublish = false;
+    const superblocks: [string | null, string | null] = [
+      this.superblocks[0] === undefined ? null : Buffer.from(this.superblocks[0]).toString('base64'),
+      this.superblocks[1] === undefined ? null : Buffer.from(this.superblocks[1]).toString('base64'),
+    ];
+    const segs = this.slots.filter((s): s is Seg => s !== undefined);
+    const entries: ManifestEntry[] = [];
+    for (const seg of segs) {
+      if (seg.state === 'open' && seg.fh !== undefined) {
+        if (seg.partial === undefined || seg.partial.length !== seg.length) {
+          const length = seg.length;
+          const body = Buffer.alloc(length);
+          seg.readers++;
+          try {
+            await seg.fh.read(body, 0, length, 0);
+          } finally {
+            seg.readers--;
+            if (seg.readers === 0 && seg.released) await this.dropLocal(seg);
+          }
+          const key = partialKey(seg.key, length);
+          await this.bucket.put(key, body);
+          if (seg.partial !== undefined) this.retire({ key: seg.partial.key });
+          if (seg.state === 'open') {
+            seg.partial = { key, length };
+          } else {
+            this.retire({ key }); // sealed meanwhile: the full object replaces it
+          }
+        }
+        if (seg.state === 'open' || !seg.remote) {
+          entries.push({ slot: seg.slot, key: seg.partial!.key, length: seg.partial!.length, sealed: false });
+          continue;
+        }
+      }
+      if (!seg.remote) await seg.uploading;
+      if (!seg.remote) throw this.fenced ?? new ClosedError(`store closed before segment ${seg.key} reached S3`);
+      entries.push({ slot: seg.slot, key: seg.key, length: this.segmentBytes, sealed: true });
+    }
+    entries.sort((a, b) => a.slot - b.slot);
+    const m: Manifest = {
+      ...this.lastManifest, seq: this.lastManifest.seq + 1, epoch: this.epoch, writer: this.writer, superblocks, entries, publishedAt: new Date().toISOString(),
+    };
+    const created = await this.bucket.putIfAbsent(manifestKey(m.seq), encodeManifest(m));
+    if (!created) {
+      const winner = await this.bucket.get(manifestKey(m.seq)).then((b) => (b === undefined ? undefined : decodeManifest(b)), () => undefined);
+      const who = winner !== undefined && typeof winner !== 'string' ? `${winner.writer.host} (pid ${winner.writer.pid}, epoch ${winner.epoch})` : 'another writer';
+      this.fenced = new StoreLockedError(`${this.bucket.describe()} was taken over by ${who}; this writer stopped, and its unpublished writes stay in ${this.dir}`);
+      for (const w of this.backlogWaiters.splice(0)) w();
+      throw this.fenced;
+    }
+    this.lastManifest = m;
+    this.counters.publications++;
+    const listed = new Set(entries.filter((e) => e.sealed).map((e) => e.key));
+    for (const seg of segs) if (listed.has(seg.key)) seg.published = true;
+    const now = Date.now();
+    for (const r of this.retired) if (r.dueAt === undefined && r.snap < snap) r.dueAt = now + this.deleteGraceMs;
+    const old = m.seq - this.keepManifests - 1;
+    if (old >= 0) this.retired.push({ key: manifestKey(old), snap: 0, dueAt: now + this.deleteGraceMs });
+    this.evict();
+  }
+
+  private async runDeletes(): Promise<void> {
+    if (this.deleting || this.fenced !== undefined) return;
+    this.deleting = true;
+    try {
+      const now = Date.now();
+      const due = this.retired.filter((r) => r.dueAt !== undefined && r.dueAt <= now);
+      if (due.length === 0) return;
+      await this.bucket.delete(due.map((r) => r.key));
+      const done = new Set(due);
+      for (let i = this.retired.length - 1; i >= 0; i--) if (done.has(this.retired[i]!)) this.retired.splice(i, 1);
+    } catch (e) {
+      this.lastError = `delete: ${(e as Error).message}`;
+    } finally {
+      this.deleting = false;
+    }
+  }
+
+  /**
+   * Delete objects no manifest or live writer needs: segment objects of earlier epochs that the
+   * newest manifest does not list and this writer does not hold, older than the grace period.
+   * Returns the keys deleted.
+   */
+  async sweep(): Promise<string[]> {
+    this.live();
+    const keep = new Set<string>();
+    for (const e of this.lastManifest.entries) keep.add(e.key);
+    for (const s of this.slots) {
+      if (s === undefined) continue;
+      keep.add(s.key);
+      if (s.partial !== undefined) keep.add(s.partial.key);
+    }
+    for (const r of this.retired) keep.add(r.key);
+    const cutoff = Date.now() - this.deleteGraceMs;
+    const doomed: string[] = [];
+    for (const o of await this.bucket.list(SEGMENT_DIR)) {
+      const epoch = epochOfKey(o.key);
+      if (epoch === undefined || epoch >= this.epoch || keep.has(o.key)) continue;
+      if (o.modified !== undefined && o.modified.getTime() > cutoff) continue;
+      doomed.push(o.key);
+    }
+    // Check the chain once more: a writer that was taken over must not sweep.
+    const head = await this.bucket.get(manifestKey(this.lastManifest.seq + 1));
+    if (head !== undefined) throw new StoreLockedError(`${this.bucket.describe()}: a newer manifest exists; not sweeping`);
+    // Manifests older than the ones kept.
+    for (const o of await this.bucket.list(MANIFEST_DIR)) {
+      const seq = manifestSeqOf(o.key);
+      if (seq !== undefined && seq < this.lastManifest.seq - this.keepManifests && !this.retired.some((r) => r.key === o.key)) doomed.push(o.key);
+    }
+    if (doomed.length > 0) await this.bucket.delete(doomed);
+    return doomed;
+  }
+
+  /** Wait until every sealed segment has reached S3 and the current state is published. */
+  async drain(): Promise<void> {
+    this.changedSincePublish = true;
+    await this.publish();
+  }
+
+  stats(): S3StoreStats {
+    const c = this.bucket.counters;
+    return {
+      puts: c.puts, gets: c.gets, lists: c.lists, deletes: c.deletes, bytesUp: c.bytesUp, bytesDown: c.bytesDown, s3Failures: c.failures,
+      cacheHits: this.counters.cacheHits, cacheMisses: this.counters.cacheMisses, cachedBytes: this.cachedBytes,
+      uploadBacklogSegments: Math.round(this.backlogBytes / this.segmentBytes), uploadBacklogBytes: this.backlogBytes,
+      uploadRetries: this.counters.uploadRetries, publications: this.counters.publications, lastPublishedSeq: this.lastManifest.seq,
+      pendingDeletes: this.retired.length, epoch: this.epoch, lastError: this.lastError,
+    };
+  }
+
+  /** The manifest last made durable. */
+  get manifest(): Manifest {
+    return this.lastManifest;
+  }
+
+  /** Local files (for tests). */
+  async journalFiles(): Promise<string[]> {
+    return (await readdir(this.segDir())).sort();
+  }
+}
+
+function newWriter(): Writer {
+  return { host: hostname(), pid: process.pid, id: randomBytes(8).toString('hex'), since: new Date().toISOString() };
+}
+
+async function readLatestManifest(bucket: Bucket): Promise<Manifest> {
+  const keys = (await bucket.list(MANIFEST_DIR)).map((o) => manifestSeqOf(o.key)).filter((s): s is number => s !== undefined).sort((a, b) => b - a);
+  if (keys.length === 0) throw new InvalidArgumentError(`${bucket.describe()} holds no Pasture store; create one with 'pasture init --store ${bucket.describe()}'`);
+  // The newest readable one; a list can race a creation, so read until a key is missing.
+  let seq = keys[0]!;
+  for (;;) {
+    const next = await bucket.get(manifestKey(seq + 1));
+    if (next === undefined) break;
+    seq++;
+  }
+  const bytes = await bucket.get(manifestKey(seq));
+  if (bytes === undefined) throw new FormatError(`${bucket.describe()}: manifest ${seq} vanished while being read`);
+  const m = decodeManifest(bytes);
+  if (typeof m === 'string') throw new FormatError(`${bucket.describe()}: manifest ${seq} is not valid: ${m}`);
+  return m;
+}
+
+async function takeBucketLock(bucket: Bucket, writer: Writer, takeover: boolean): Promise<void> {
+  const me: LockRecord = { host: writer.host, pid: writer.pid, since: writer.since, writer: writer.id };
+  const body = new TextEncoder().encode(JSON.stringify(me) + '\n');
+  for (let attempt = 0; attempt < 3; attempt++) {
+    if (await bucket.putIfAbsent(LOCK_KEY, body)) return;
+    const raw = await bucket.get(LOCK_KEY);
+    if (raw === undefined) continue;
+    let holder: LockRecord | undefined;
+    try {
+      const r = LockRecord.safeParse(JSON.parse(new TextDecoder().decode(raw)));
+      holder = r.success ? r.data : undefined;
+    } catch {
+      holder = undefined;
+    }
+    const stale = holder !== undefined && holder.host === writer.host && holder.pid !== process.pid && !pidAlive(holder.pid);
+    if (stale || takeover) {
+      await bucket.delete([LOCK_KEY]);
+      continue;
+    }
+    const who = holder === undefined ? 'a writer whose lock is unreadable' : `process ${holder.pid} on ${holder.host} since ${holder.since}`;
+    throw new StoreLockedError(`${bucket.describe()} is in use by ${who}; if that writer is gone for good, open with takeover (pasture: --takeover)`);
+  }
+  throw new StoreLockedError(`${bucket.describe()}: could not take the store's lock`);
+}
+
+async function releaseBucketLock(bucket: Bucket, writer: Writer): Promise<void> {
+  const raw = await bucket.get(LOCK_KEY);
+  if (raw === undefined) return;
+  try {
+    const r = LockRecord.safeParse(JSON.parse(new TextDecoder().decode(raw)));
+    if (r.success && r.data.writer !== writer.id) return; // someone else's now
+  } catch {
+    return;
+  }
+  await bucket.delete([LOCK_KEY]);
+}
