@@ -5,8 +5,10 @@ import { serve, parseHostPort, type ServeOptions } from './serve.ts';
 import { mkdir } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import {
-  FileSegmentStore, GrassLog, POLICIES, Rng, fsck, policyByName,
+  GrassLog, POLICIES, Rng, fsck, policyByName,
 } from '@pasture/grass';
+import type { SegmentStore } from '@pasture/grass';
+import { createStore, openStore, parseStoreSpec, s3Stats, storeExists, StoreSpecError, type S3Flags, type StoreSpec } from './stores.ts';
 import { benchCleaning, benchMapMemory, benchRecovery, benchThroughput } from '@pasture/grass/bench';
 import { defaultSimParams, runSimulation } from '@pasture/grass/simulator';
 import { CowStore } from '@pasture/cow';
@@ -61,11 +63,44 @@ function size(v: Parsed[string], what: string, dflt: number): number {
   return Math.round(Number(m[1]) * mult);
 }
 
-export function storeDir(v: Parsed[string]): string {
-  if (typeof v !== 'string') throw new UsageError('--store is required, e.g. --store file:./mypool');
-  if (v.startsWith('file:')) return io.resolve(v.slice(5));
-  if (/^[a-z0-9]+:\/\//i.test(v)) throw new UsageError(`store '${v}': only file:DIR stores exist yet`);
-  return io.resolve(v);
+/** The store `--store` (and `--cache-dir`) name. */
+export function storeSpec(o: Parsed): StoreSpec {
+  try {
+    return parseStoreSpec(o.store, o['cache-dir'], io.resolve);
+  } catch (e) {
+    if (e instanceof StoreSpecError) throw new UsageError(e.message);
+    throw e;
+  }
+}
+
+/** The store's local directory: the file store's, or the S3 store's cache. */
+export function storeDir(o: Parsed): string {
+  return storeSpec(o).dir;
+}
+
+function s3Flags(o: Parsed): S3Flags {
+  const f: S3Flags = {};
+  if (typeof o['s3-endpoint'] === 'string') f.endpoint = o['s3-endpoint'];
+  if (typeof o['s3-region'] === 'string') f.region = o['s3-region'];
+  if (o.takeover === true) f.takeover = true;
+  if (o['cache-bytes'] !== undefined) f.cacheBytes = size(o['cache-bytes'], 'cache-bytes', 1 << 30);
+  return f;
+}
+
+/** Options every command that opens a store takes. */
+const STORE_FLAGS = {
+  store: { type: 'string' as const }, 'cache-dir': { type: 'string' as const }, 's3-endpoint': { type: 'string' as const },
+  's3-region': { type: 'string' as const }, takeover: { type: 'boolean' as const }, 'cache-bytes': { type: 'string' as const },
+};
+
+const STORE_HELP = `Stores: --store file:DIR (or DIR), or --store s3://BUCKET/PREFIX --cache-dir DIR for a pool in
+S3 with its journal and read cache in DIR (then --store DIR alone also finds it). S3 settings:
+--s3-endpoint URL or AWS_ENDPOINT_URL, --s3-region or AWS_REGION, AWS_ACCESS_KEY_ID and
+AWS_SECRET_ACCESS_KEY; --cache-bytes SIZE bounds the read cache (default 1G); --takeover
+takes the store from a writer that looks alive (it is fenced off).`;
+
+async function openSpec(o: Parsed): Promise<SegmentStore> {
+  return openStore(storeSpec(o), s3Flags(o));
 }
 
 function out(json: boolean, obj: unknown, text: () => string): void {
@@ -86,20 +121,27 @@ async function wrap(fn: () => Promise<number>): Promise<number> {
   }
 }
 
-const initHelp = `Usage: pnpm pasture init --store file:DIR [--segment-bytes 8M] [--segments 1024]
+const initHelp = `Usage: pnpm pasture init --store file:DIR | s3://BUCKET/PREFIX --cache-dir DIR [--segment-bytes 8M] [--segments 1024]
 
-Create a new, empty pool in DIR: a Grass log (a directory with a sparse segment file of
-segments x segment-bytes, two superblocks and a lock file) holding a Cow space with an
-empty catalog. Then: pnpm pasture volume create NAME --size 10G --store file:DIR
+Create a new, empty pool: a Grass log holding a Cow space with an empty catalog.
+- file:DIR: a directory with a sparse segment file of segments x segment-bytes, two
+  superblocks and a lock file.
+- s3://BUCKET/PREFIX --cache-dir DIR: each sealed segment is one object under PREFIX/seg/,
+  the state is published as PREFIX/manifest/N objects; DIR holds the local journal (a flush
+  is durable there) and the read cache. The bucket is created if missing.
+Then: pnpm pasture volume create NAME --size 10G --store DIR
+
+${STORE_HELP}
 `;
 
 const init: Command = {
   name: 'init',
-  summary: 'create a new pool (file:DIR)',
+  summary: 'create a new pool (file:DIR, or s3://BUCKET/PREFIX with a local cache)',
   run: (argv) => wrap(async () => {
-    const o = parse(argv, { store: { type: 'string' }, 'segment-bytes': { type: 'string' }, segments: { type: 'string' }, json: { type: 'boolean' } }, initHelp);
-    const dir = storeDir(o.store);
-    const store = await FileSegmentStore.create(dir, { segmentBytes: size(o['segment-bytes'], 'segment-bytes', 8 << 20), segmentCount: num(o.segments, 'segments', 1024) });
+    const o = parse(argv, { ...STORE_FLAGS, 'segment-bytes': { type: 'string' }, segments: { type: 'string' }, json: { type: 'boolean' } }, initHelp);
+    const spec = storeSpec(o);
+    const dir = spec.kind === 's3' ? String(o.store) : spec.dir;
+    const store = await createStore(spec, { segmentBytes: size(o['segment-bytes'], 'segment-bytes', 8 << 20), segmentCount: num(o.segments, 'segments', 1024) }, s3Flags(o));
     const g = await GrassLog.create(store);
     const st = g.stats();
     const pool = await Pool.create(g);
@@ -117,21 +159,23 @@ the tree, recount every reference, and report leaks, double references, refcount
 missing records and wrong counters (--data also decodes every data block). Human (if it is
 a pool): the catalog decodes and passes its schema. Prints each problem; exits 1 if there
 are any.
+
+${STORE_HELP}
 `;
 
 const fsckCmd: Command = {
   name: 'fsck',
   summary: 'check a store; non-zero exit if anything is wrong',
   run: (argv) => wrap(async () => {
-    const o = parse(argv, { store: { type: 'string' }, json: { type: 'boolean' }, data: { type: 'boolean' } }, fsckHelp);
-    const dir = storeDir(o.store);
-    const report = await fsck(await FileSegmentStore.open(dir));
+    const o = parse(argv, { ...STORE_FLAGS, json: { type: 'boolean' }, data: { type: 'boolean' } }, fsckHelp);
+    const dir = typeof o.store === 'string' && o.store.startsWith('s3://') ? o.store : storeDir(o);
+    const report = await fsck(await openSpec(o));
     let cow: CowFsckReport | undefined;
     let cowError: string | undefined;
     let human: { volumes: number; snapshots: number; scratch: number } | undefined;
     let humanError: string | undefined;
     if (report.ok) {
-      const g = await GrassLog.open(await FileSegmentStore.open(dir), { readOnly: true });
+      const g = await GrassLog.open(await openSpec(o), { readOnly: true });
       try {
         if (g.size(1) !== undefined) {
           const c = await CowStore.open(g, { readOnly: true });
@@ -176,20 +220,25 @@ const statsHelp = `Usage: pnpm pasture stats --store file:DIR [--json]
 Open a store read-only and print its counters. Grass: segments free and used, live
 records, utilization histogram, recovery report. Cow: logical blocks mapped, shared
 blocks, physical bytes, compression ratio, tree depth, cache hit rate.
+
+${STORE_HELP}
 `;
 
 const stats: Command = {
   name: 'stats',
   summary: 'print a store\'s statistics',
   run: (argv) => wrap(async () => {
-    const o = parse(argv, { store: { type: 'string' }, json: { type: 'boolean' } }, statsHelp);
-    if (live !== undefined && storeDir(o.store) === live.dir) {
+    const o = parse(argv, { ...STORE_FLAGS, json: { type: 'boolean' } }, statsHelp);
+    const lines = (o2: object): string => Object.entries(o2).map(([k, v]) => `${k}: ${Array.isArray(v) ? v.join(' ') : typeof v === 'object' && v !== null ? JSON.stringify(v) : v}`).join('\n') + '\n';
+    if (live !== undefined && storeDir(o) === live.dir) {
       const c = live.pool.cow;
       const cow = { ...c.stats(), ...(await c.scan()) };
-      out(!!o.json, { grass: c.grass.stats(), cow, live: true }, () => `live store (served by this process)\nGrass\n${Object.entries(c.grass.stats()).map(([k, v]) => `${k}: ${Array.isArray(v) ? v.join(' ') : v}`).join('\n')}\n\nCow\n${Object.entries(cow).map(([k, v]) => `${k}: ${typeof v === 'object' ? JSON.stringify(v) : v}`).join('\n')}\n`);
+      const s3 = live.store === undefined ? undefined : s3Stats(live.store);
+      out(!!o.json, { grass: c.grass.stats(), cow, s3: s3 ?? null, live: true }, () => `live store (served by this process)\nGrass\n${lines(c.grass.stats())}\nCow\n${lines(cow)}${s3 === undefined ? '' : `\nS3\n${lines(s3)}`}`);
       return 0;
     }
-    const g = await GrassLog.open(await FileSegmentStore.open(storeDir(o.store)), { readOnly: true });
+    const store = await openSpec(o);
+    const g = await GrassLog.open(store, { readOnly: true });
     const st = g.stats();
     const rec = g.recovery;
     let cow: Record<string, unknown> | undefined;
@@ -197,9 +246,9 @@ const stats: Command = {
       const c = await CowStore.open(g, { readOnly: true });
       cow = { ...c.stats(), ...(await c.scan()) };
     }
+    const s3 = s3Stats(store);
     await g.close();
-    const lines = (o2: object): string => Object.entries(o2).map(([k, v]) => `${k}: ${Array.isArray(v) ? v.join(' ') : typeof v === 'object' && v !== null ? JSON.stringify(v) : v}`).join('\n') + '\n';
-    out(!!o.json, { grass: { ...st, recovery: rec }, cow: cow ?? null }, () => `Grass\n${lines(st)}${cow === undefined ? '' : `\nCow\n${lines(cow)}`}`);
+    out(!!o.json, { grass: { ...st, recovery: rec }, cow: cow ?? null, s3: s3 ?? null }, () => `Grass\n${lines(st)}${cow === undefined ? '' : `\nCow\n${lines(cow)}`}${s3 === undefined ? '' : `\nS3\n${lines(s3)}`}`);
     return 0;
   }),
 };
@@ -415,9 +464,11 @@ flush, close the pool, exit 0.
   --tls on|require       default on when a certificate is given
   --metrics HOST:PORT    Prometheus metrics at http://HOST:PORT/metrics
   --json                 print one JSON object (uri, exports) when ready
+
+${STORE_HELP}
 `;
 
-function serveOptions(o: Parsed, dir: string): ServeOptions {
+function serveOptions(o: Parsed, dir: string, open: () => Promise<SegmentStore>): ServeOptions {
   if (o.listen !== undefined && o.socket !== undefined) throw new UsageError('give --listen or --socket, not both');
   const tlsMode = (o.tls as string | undefined) ?? (o['tls-cert'] ? 'on' : undefined);
   if (tlsMode !== undefined && !['on', 'require'].includes(tlsMode)) throw new UsageError(`--tls is on or require, got '${tlsMode}'`);
@@ -431,6 +482,7 @@ function serveOptions(o: Parsed, dir: string): ServeOptions {
   };
   return {
     dir,
+    openStore: open,
     ...(o.listen !== undefined ? { listen: hp(o.listen, '--listen') } : {}),
     ...(typeof o.socket === 'string' ? { socket: io.resolve(o.socket) } : {}),
     ...(typeof o.export === 'string' ? { only: o.export } : {}),
@@ -446,7 +498,7 @@ function serveOptions(o: Parsed, dir: string): ServeOptions {
 }
 
 const serveFlags = {
-  store: { type: 'string' as const }, listen: { type: 'string' as const }, socket: { type: 'string' as const }, export: { type: 'string' as const },
+  ...STORE_FLAGS, listen: { type: 'string' as const }, socket: { type: 'string' as const }, export: { type: 'string' as const },
   'tls-cert': { type: 'string' as const }, 'tls-key': { type: 'string' as const }, tls: { type: 'string' as const }, metrics: { type: 'string' as const }, json: { type: 'boolean' as const },
 };
 
@@ -455,7 +507,7 @@ const serveCmd: Command = {
   summary: 'serve a pool\'s volumes and snapshots over NBD',
   run: (argv) => wrap(async () => {
     const o = parse(argv, serveFlags, serveHelp);
-    return serve(serveOptions(o, storeDir(o.store)));
+    return serve(serveOptions(o, storeDir(o), () => openSpec(o)));
   }),
 };
 
@@ -474,14 +526,15 @@ const demo: Command = {
   run: (argv) => wrap(async () => {
     const o = parse(argv, { ...serveFlags, dir: { type: 'string' } }, demoHelp);
     const dir = resolve(typeof o.dir === 'string' ? o.dir : join('.pasture', 'demo'));
-    if (!(await FileSegmentStore.exists(dir))) {
+    const spec: StoreSpec = { kind: 'file', dir };
+    if (!(await storeExists(spec))) {
       await mkdir(dir, { recursive: true });
-      const pool = await Pool.create(await GrassLog.create(await FileSegmentStore.create(dir, { segmentBytes: 8 << 20, segmentCount: 512 })));
+      const pool = await Pool.create(await GrassLog.create(await createStore(spec, { segmentBytes: 8 << 20, segmentCount: 512 })));
       await pool.createVolume('demo', 1 << 30);
       await pool.close();
       if (!o.json) io.out(`created a pool in ${dir} (4 GiB of segments, sparse) with volume 'demo' (1 GiB)\n`);
     }
-    return serve(serveOptions(o, dir));
+    return serve(serveOptions(o, dir, () => openStore(spec)));
   }),
 };
 
@@ -489,19 +542,25 @@ const demo: Command = {
 // Pool management: volume, snap, clone, flatten, diff, import, export
 // =============================================================================================
 
-const storeOption = { store: { type: 'string' as const }, json: { type: 'boolean' as const } };
+const storeOption = { ...STORE_FLAGS, json: { type: 'boolean' as const } };
 
 /** The pool `pasture serve` holds open, used by commands it runs for control-socket clients. */
-let live: { dir: string; pool: Pool } | undefined;
+let live: LivePool | undefined;
 
-export function setLivePool(l: { dir: string; pool: Pool } | undefined): void {
+export interface LivePool {
+  dir: string;
+  pool: Pool;
+  store?: SegmentStore;
+}
+
+export function setLivePool(l: LivePool | undefined): void {
   live = l;
 }
 
 /** Open the pool at --store, run fn, close it (even on error). */
 async function withPool<T>(o: Parsed, readOnly: boolean, fn: (pool: Pool) => Promise<T>): Promise<T> {
-  if (live !== undefined && storeDir(o.store) === live.dir) return fn(live.pool);
-  const g = await GrassLog.open(await FileSegmentStore.open(storeDir(o.store)), readOnly ? { readOnly: true } : {});
+  if (live !== undefined && storeDir(o) === live.dir) return fn(live.pool);
+  const g = await GrassLog.open(await openSpec(o), readOnly ? { readOnly: true } : {});
   let pool: Pool;
   try {
     pool = await Pool.open(g, { readOnly });
@@ -540,6 +599,8 @@ const volumeHelp = `Usage: pnpm pasture volume <subcommand> --store file:DIR [--
   copy FROM NEWNAME             a new volume with FROM's contents (FROM: VOLUME or
                                 VOLUME@SNAPSHOT); instant, blocks shared until written
   remove NAME                   refused while it has snapshots; space returns in the background
+
+${STORE_HELP}
 `;
 
 const volume: Command = {
@@ -608,6 +669,8 @@ const snapHelp = `Usage: pnpm pasture snap <subcommand> --store file:DIR [--json
   rollback VOLUME@SNAP          make the volume exactly the snapshot (size included)
   protect VOLUME@SNAP           refuse removal
   unprotect VOLUME@SNAP
+
+${STORE_HELP}
 `;
 
 const snap: Command = {
@@ -662,6 +725,8 @@ const snap: Command = {
 const cloneHelp = `Usage: pnpm pasture clone VOLUME@SNAP NEWVOLUME --store file:DIR [--json]
 
 A writable volume that starts as the snapshot (instant; the snapshot becomes protected).
+
+${STORE_HELP}
 `;
 
 const clone: Command = {
@@ -682,6 +747,8 @@ const flattenHelp = `Usage: pnpm pasture flatten VOLUME --store file:DIR [--json
 
 Detach a clone from its parent snapshot. Its blocks are already its own (shared through
 reference counts), so this is instant and copies nothing.
+
+${STORE_HELP}
 `;
 
 const flatten: Command = {
@@ -702,6 +769,8 @@ const diffHelp = `Usage: pnpm pasture diff VOLUME@FROM [VOLUME@TO | VOLUME] --st
 
 The byte extents that changed between two snapshots, or between a snapshot and the volume
 (the default), for incremental backup.
+
+${STORE_HELP}
 `;
 
 const diff: Command = {
@@ -741,6 +810,8 @@ const importHelp = `Usage: pnpm pasture import FILE VOLUME --store file:DIR [--j
 
 Create VOLUME, sized to FILE (rounded up to 4 KiB), and copy the raw image into it. Zero
 blocks are skipped (they are holes). Shows a progress bar on a terminal.
+
+${STORE_HELP}
 `;
 
 const importCmd: Command = {
@@ -761,6 +832,8 @@ const exportHelp = `Usage: pnpm pasture export VOLUME[@SNAP] FILE --store file:D
 
 Write a volume or snapshot to a raw image file. Only allocated extents are written; holes
 stay holes in FILE. Shows a progress bar on a terminal.
+
+${STORE_HELP}
 `;
 
 const exportCmd: Command = {

@@ -71,10 +71,16 @@ export async function startControl(storeDir: string, run: (argv: string[]) => Pr
  */
 export async function forwardIfLive(argv: string[]): Promise<number | undefined> {
   if (!LIVE_COMMANDS.has(argv[0] ?? '')) return undefined;
-  const i = argv.findIndex((a) => a === '--store' || a.startsWith('--store='));
-  const store = i < 0 ? undefined : argv[i]!.startsWith('--store=') ? argv[i]!.slice(8) : argv[i + 1];
+  const flag = (name: string): string | undefined => {
+    const i = argv.findIndex((a) => a === `--${name}` || a.startsWith(`--${name}=`));
+    return i < 0 ? undefined : argv[i]!.startsWith(`--${name}=`) ? argv[i]!.slice(name.length + 3) : argv[i + 1];
+  };
+  const store = flag('store');
   if (store === undefined) return undefined;
-  const dir = resolve(store.startsWith('file:') ? store.slice(5) : store);
+  // An S3 store's local directory is its cache directory.
+  const local = store.startsWith('s3://') ? flag('cache-dir') : store.startsWith('file:') ? store.slice(5) : store;
+  if (local === undefined) return undefined;
+  const dir = resolve(local);
   const path = controlPath(dir);
   if (!existsSync(path)) return undefined;
   const reply = await new Promise<string | undefined>((res) => {

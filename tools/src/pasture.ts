@@ -3,6 +3,9 @@
  * pasture: the command-line tool. `pnpm pasture <command> --help` explains each command.
  * Every listing and benchmark takes --json and then prints exactly one JSON object.
  */
+// The AWS SDK warns on every run that its releases after January 2027 need Node 22; Pasture
+// pins the SDK's major version and supports Node 20, so the CLI does not repeat it to users.
+process.env['AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED'] ??= 'true';
 import { commands, type Command } from './commands.ts';
 import { forwardIfLive } from './control.ts';
 

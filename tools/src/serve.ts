@@ -6,16 +6,19 @@
 import { readFile } from 'node:fs/promises';
 import { createServer as createHttpServer, type Server as HttpServer } from 'node:http';
 import type { Server } from 'node:net';
-import { FileSegmentStore, GrassLog } from '@pasture/grass';
+import { GrassLog, type SegmentStore } from '@pasture/grass';
 import { Pool } from '@pasture/human';
 import { NbdServer } from '@pasture/nbd';
 import { Registry, Gauge, collectDefaultMetrics } from 'prom-client';
 import { startControl } from './control.ts';
 import { PoolExports } from './exports.ts';
 import { io } from './io.ts';
+import { s3Stats } from './stores.ts';
 
 export interface ServeOptions {
+  /** The store's local directory (file store, or S3 cache): the control socket lives there. */
   dir: string;
+  openStore: () => Promise<SegmentStore>;
   listen?: { host: string; port: number };
   socket?: string;
   only?: string;
@@ -24,7 +27,7 @@ export interface ServeOptions {
   json: boolean;
   /** Run a management command against the live pool (the CLI's own commands). */
   runCommand: (argv: string[]) => Promise<number>;
-  setLive: (l: { dir: string; pool: Pool } | undefined) => void;
+  setLive: (l: { dir: string; pool: Pool; store?: SegmentStore } | undefined) => void;
 }
 
 export function parseHostPort(v: string, what: string): { host: string; port: number } {
@@ -35,7 +38,8 @@ export function parseHostPort(v: string, what: string): { host: string; port: nu
 
 /** Serve until SIGTERM/SIGINT; resolves with the exit code. */
 export async function serve(o: ServeOptions): Promise<number> {
-  const g = await GrassLog.open(await FileSegmentStore.open(o.dir));
+  const store = await o.openStore();
+  const g = await GrassLog.open(store);
   const pool = await Pool.open(g);
   const provider = new PoolExports(pool, o.only);
   if (o.only !== undefined && provider.list().length === 0) {
@@ -46,10 +50,10 @@ export async function serve(o: ServeOptions): Promise<number> {
   const server = new NbdServer(provider, { ...(tls ? { tls } : {}) });
   const target = o.socket !== undefined ? { path: o.socket } : (o.listen ?? { host: '127.0.0.1', port: 10809 });
   const { uri } = await server.listen(target);
-  o.setLive({ dir: o.dir, pool });
+  o.setLive({ dir: o.dir, pool, store });
   const control: Server = await startControl(o.dir, o.runCommand);
   let metrics: HttpServer | undefined;
-  if (o.metrics !== undefined) metrics = await startMetrics(o.metrics, server, pool);
+  if (o.metrics !== undefined) metrics = await startMetrics(o.metrics, server, pool, store);
 
   const exportsNow = provider.list();
   if (o.json) io.out(JSON.stringify({ uri, exports: exportsNow, control: `${o.dir}/control.sock`, metrics: o.metrics ? `http://${o.metrics.host}:${o.metrics.port}/metrics` : null }) + '\n');
@@ -85,7 +89,7 @@ export async function serve(o: ServeOptions): Promise<number> {
   });
 }
 
-async function startMetrics(at: { host: string; port: number }, server: NbdServer, pool: Pool): Promise<HttpServer> {
+async function startMetrics(at: { host: string; port: number }, server: NbdServer, pool: Pool, store: SegmentStore): Promise<HttpServer> {
   const registry = new Registry();
   collectDefaultMetrics({ register: registry });
   const gauge = (name: string, help: string, labelNames: string[], collect: (g: Gauge) => void): void => {
@@ -101,6 +105,19 @@ async function startMetrics(at: { host: string; port: number }, server: NbdServe
   gauge('pasture_cow_compression_ratio', 'Cow compression ratio of stored data blocks', [], (g) => g.set(pool.cow.stats().compressionRatio));
   gauge('pasture_cow_physical_bytes', 'Cow physical bytes (data and metadata records)', [], (g) => g.set(pool.cow.stats().physicalBytes));
   gauge('pasture_cow_cache_hit_ratio', 'Cow node cache hit rate', [], (g) => g.set(pool.cow.stats().cache.hitRate));
+  const s3 = s3Stats(store);
+  if (s3 !== undefined) {
+    // Counters read at scrape time; exposed as gauges because prom-client counters cannot be set.
+    const fields: [keyof typeof s3, string][] = [
+      ['puts', 'S3 PUT requests (including multipart parts)'], ['gets', 'S3 GET requests'], ['bytesUp', 'Bytes uploaded to S3'],
+      ['bytesDown', 'Bytes downloaded from S3'], ['cacheHits', 'Segment reads served by the local cache'], ['cacheMisses', 'Segment reads that fetched from S3'],
+      ['uploadBacklogBytes', 'Sealed segment bytes waiting for upload'], ['s3Failures', 'S3 calls that failed after retries'], ['publications', 'Manifests published'],
+    ];
+    for (const [f, help] of fields) {
+      const name = `pasture_s3_${f.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`)}`;
+      gauge(name, help, [], (g) => g.set(Number(s3Stats(store)![f] ?? 0)));
+    }
+  }
   const http = createHttpServer((req, res) => {
     if (req.url !== '/metrics') {
       res.writeHead(404).end('try /metrics\n');

@@ -1,0 +1,127 @@
+/**
+ * A pool in S3 through the CLI and NBD, against a real S3 server (radosgw) started here:
+ * init with --store s3://, the management commands unchanged, serve with a real NBD client,
+ * live commands through the control socket, a second writer refused by name, and recovery
+ * of the pool from the bucket alone after its cache directory is lost.
+ */
+import test from 'ava';
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { promisify } from 'node:util';
+import { mkdtemp, rm, readFile, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { randomBytes } from 'node:crypto';
+import { startS3Server, s3Available, type S3Server } from '@pasture/grass-s3/testing';
+
+const cli = fileURLToPath(new URL('./pasture.ts', import.meta.url));
+const run = promisify(execFile);
+let server: S3Server | undefined;
+let env: NodeJS.ProcessEnv = process.env;
+
+test.before(async () => {
+  if (!s3Available()) throw new Error('this test needs radosgw: apt-get install --no-install-recommends ceph-mon ceph-osd radosgw ceph-common');
+  server = await startS3Server();
+  env = {
+    ...process.env, AWS_ENDPOINT_URL: server.endpoint, AWS_REGION: server.region,
+    AWS_ACCESS_KEY_ID: server.accessKeyId, AWS_SECRET_ACCESS_KEY: server.secretAccessKey,
+  };
+});
+
+test.after.always(async () => {
+  await server?.stop();
+});
+
+async function pasture(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  try {
+    const { stdout, stderr } = await run(process.execPath, ['--import', 'tsx', cli, ...args], { timeout: 120_000, env });
+    return { code: 0, stdout, stderr };
+  } catch (e) {
+    const err = e as { code: number; stdout: string; stderr: string };
+    return { code: err.code, stdout: err.stdout, stderr: err.stderr };
+  }
+}
+
+async function startServer(args: string[], port: number): Promise<{ child: ChildProcess; uri: string }> {
+  const child = spawn(process.execPath, ['--import', 'tsx', cli, 'serve', ...args, '--listen', `127.0.0.1:${port}`, '--json'], { stdio: ['ignore', 'pipe', 'pipe'], env });
+  let out = '';
+  let err = '';
+  child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
+  const uri = await new Promise<string>((resolve, reject) => {
+    const t = setTimeout(() => reject(new Error(`serve did not start: ${err}`)), 60_000);
+    child.stdout!.on('data', (d: Buffer) => {
+      out += d.toString();
+      const nl = out.indexOf('\n');
+      if (nl >= 0) {
+        clearTimeout(t);
+        resolve((JSON.parse(out.slice(0, nl)) as { uri: string }).uri);
+      }
+    });
+    child.once('exit', (code) => reject(new Error(`serve exited with ${code}: ${err}`)));
+  });
+  return { child, uri };
+}
+
+test('a pool in S3: init, volumes, import and export, serve to qemu-io, live snapshot, a second writer refused, recovery from the bucket alone', async (t) => {
+  const base = await mkdtemp(join(tmpdir(), 'pasture-s3cli-'));
+  try {
+    const bucket = `cli-${randomBytes(4).toString('hex')}`;
+    const url = `s3://${bucket}/pools/one`;
+    const cache = join(base, 'cache');
+    const init = await pasture('init', '--store', url, '--cache-dir', cache, '--segment-bytes', '1M', '--segments', '256', '--json');
+    t.is(init.code, 0, init.stderr);
+    t.is(JSON.parse(init.stdout).segmentCount, 256);
+    const again = await pasture('init', '--store', url, '--cache-dir', join(base, 'other'));
+    t.is(again.code, 1);
+    t.regex(again.stderr, /already holds a Pasture store/);
+
+    const data = randomBytes(3 << 20);
+    const img = join(base, 'in.img');
+    await writeFile(img, data);
+    const imp = await pasture('import', img, 'v', '--store', url, '--cache-dir', cache);
+    t.is(imp.code, 0, imp.stderr);
+    // The cache directory alone names the store from now on.
+    const grow = await pasture('volume', 'resize', 'v', '--size', '64M', '--store', cache);
+    t.is(grow.code, 0, grow.stderr);
+    t.is((await pasture('snap', 'create', 'v@s1', '--store', cache)).code, 0);
+
+    const { child, uri } = await startServer(['--store', cache], 10890);
+    try {
+      const vol = uri.endsWith('/') ? `${uri}v` : `${uri}/v`;
+      const w = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 8M 1M', '-c', 'flush', '-c', 'read -P 0x5a 8M 1M', vol], { timeout: 60_000 });
+      t.notRegex(w.stdout, /fail|error/i);
+      // Live commands go through the control socket of the server that holds the store.
+      const snap = await pasture('snap', 'create', 'v@s2', '--store', cache);
+      t.is(snap.code, 0, snap.stderr);
+      const stats = await pasture('stats', '--store', cache, '--json');
+      t.is(stats.code, 0, stats.stderr);
+      const s3 = JSON.parse(stats.stdout).s3 as { puts: number; uploadBacklogBytes: number; epoch: number };
+      t.true(s3.puts > 0, 'the live stats show S3 traffic');
+      // A second writer elsewhere (another cache directory) is refused by name.
+      const second = await pasture('volume', 'list', '--store', url, '--cache-dir', join(base, 'elsewhere'));
+      t.is(second.code, 1);
+      t.regex(second.stderr, new RegExp(`in use by process ${child.pid} on `));
+    } finally {
+      child.kill('SIGTERM');
+      const code = await new Promise<number | null>((r) => (child.exitCode !== null ? r(child.exitCode) : child.once('exit', r)));
+      t.is(code, 0);
+    }
+
+    // Lose the cache directory: the pool opens from the bucket alone, as of the clean stop.
+    await rm(cache, { recursive: true, force: true });
+    const cache2 = join(base, 'cache2');
+    const out1 = join(base, 's1.img');
+    t.is((await pasture('export', 'v@s1', out1, '--store', url, '--cache-dir', cache2)).code, 0);
+    t.true(Buffer.compare((await readFile(out1)).subarray(0, data.length), data) === 0, 'the snapshot reads back from the bucket');
+    const out2 = join(base, 's2.img');
+    t.is((await pasture('export', 'v@s2', out2, '--store', cache2)).code, 0);
+    const s2 = await readFile(out2);
+    t.true(s2.subarray(8 << 20, 9 << 20).every((b) => b === 0x5a), 'the NBD write before the live snapshot is in it');
+    t.true(Buffer.compare(s2.subarray(0, data.length), data) === 0);
+    const fsck = await pasture('fsck', '--store', cache2, '--json');
+    t.is(fsck.code, 0, fsck.stdout + fsck.stderr);
+    t.true(JSON.parse(fsck.stdout).ok);
+  } finally {
+    await rm(base, { recursive: true, force: true });
+  }
+});
