@@ -55,6 +55,11 @@ export interface S3StoreOptions {
   deleteGraceMs?: number;
   /** Manifests kept besides the newest (default 3). */
   keepManifests?: number;
+  /**
+   * Segments fetched ahead when reads move from slot s-1 to slot s (default 4): a volume
+   * written in order lies in consecutive slots, so a sequential read becomes parallel GETs.
+   */
+  readaheadSegments?: number;
   /** How long `close` waits for uploads and the last publication (default 60 000). */
   closeTimeoutMs?: number;
   /** Take the store over from a holder that looks alive (its lock is overridden; it gets fenced). */
@@ -78,10 +83,19 @@ export interface S3StoreStats {
   s3Failures: number;
   cacheHits: number;
   cacheMisses: number;
+  /** cacheHits / (cacheHits + cacheMisses), for reads of uploaded segments. */
+  cacheHitRate: number;
+  /** Segments fetched ahead of a sequential read. */
+  prefetches: number;
   cachedBytes: number;
   uploadBacklogSegments: number;
   uploadBacklogBytes: number;
   uploadRetries: number;
+  /** Sealed segments uploaded (one object each). */
+  segmentUploads: number;
+  /** Open segments' prefixes uploaded by publications. */
+  partialUploads: number;
+  /** Manifests published (one conditional PUT each). */
   publications: number;
   lastPublishedSeq: number;
   pendingDeletes: number;
@@ -220,7 +234,7 @@ export class S3SegmentStore implements SegmentStore {
 
   private cachedBytes = 0;
   private useClock = 0;
-  private readonly counters = { cacheHits: 0, cacheMisses: 0, uploadRetries: 0, publications: 0 };
+  private readonly counters = { cacheHits: 0, cacheMisses: 0, uploadRetries: 0, publications: 0, segmentUploads: 0, partialUploads: 0, prefetches: 0 };
   private lastError: string | undefined;
 
   private readonly cacheBytes: number;
@@ -230,6 +244,9 @@ export class S3SegmentStore implements SegmentStore {
   private readonly deleteGraceMs: number;
   private readonly keepManifests: number;
   private readonly closeTimeoutMs: number;
+  private readonly readahead: number;
+  /** The last few distinct slots read, newest last: a read of s after s-1 looks sequential. */
+  private readonly recentSlots: number[] = [];
 
   private constructor(
     readonly bucket: Bucket,
@@ -251,6 +268,7 @@ export class S3SegmentStore implements SegmentStore {
     this.deleteGraceMs = options.deleteGraceMs ?? 60_000;
     this.keepManifests = options.keepManifests ?? 3;
     this.closeTimeoutMs = options.closeTimeoutMs ?? 60_000;
+    this.readahead = options.readaheadSegments ?? 4;
   }
 
   // =====================================================================================
@@ -573,6 +591,14 @@ export class S3SegmentStore implements SegmentStore {
     const seg = this.slots[segment];
     const buf = Buffer.alloc(length);
     if (seg === undefined || length === 0) return buf;
+    if (this.recentSlots[this.recentSlots.length - 1] !== segment) {
+      // Cow's node reads interleave with data reads, so look a few slots back, not one.
+      if (this.readahead > 0 && this.recentSlots.includes(segment - 1)) this.readAhead(segment);
+      const i = this.recentSlots.indexOf(segment);
+      if (i >= 0) this.recentSlots.splice(i, 1);
+      this.recentSlots.push(segment);
+      if (this.recentSlots.length > 8) this.recentSlots.shift();
+    }
     if (seg.fh === undefined) {
       this.counters.cacheMisses++;
       await this.fetch(seg);
@@ -718,6 +744,7 @@ export class S3SegmentStore implements SegmentStore {
         }
         if (this.fenced !== undefined) return;
         await this.bucket.put(seg.key, body);
+        this.counters.segmentUploads++;
         seg.remote = true;
         this.backlogBytes -= this.segmentBytes;
         for (const w of this.backlogWaiters.splice(0)) w();
@@ -753,6 +780,17 @@ export class S3SegmentStore implements SegmentStore {
   // =====================================================================================
   // Reads from S3 and the cache
   // =====================================================================================
+
+  /** Start fetching the segments after `slot` that are only in S3. */
+  private readAhead(slot: number): void {
+    for (let s = slot + 1; s <= slot + this.readahead && s < this.segmentCount; s++) {
+      const seg = this.slots[s];
+      if (seg !== undefined && seg.fh === undefined && seg.fetching === undefined) {
+        this.counters.prefetches++;
+        this.fetch(seg).catch(() => undefined);
+      }
+    }
+  }
 
   private fetch(seg: Seg): Promise<void> {
     if (seg.fetching !== undefined) return seg.fetching;
@@ -861,6 +899,7 @@ export class S3SegmentStore implements SegmentStore {
           }
           const key = partialKey(seg.key, length);
           await this.bucket.put(key, body);
+          this.counters.partialUploads++;
           if (seg.partial !== undefined) this.retire({ key: seg.partial.key });
           if (seg.state === 'open') {
             seg.partial = { key, length };
@@ -962,9 +1001,12 @@ export class S3SegmentStore implements SegmentStore {
     const c = this.bucket.counters;
     return {
       puts: c.puts, gets: c.gets, lists: c.lists, deletes: c.deletes, bytesUp: c.bytesUp, bytesDown: c.bytesDown, s3Failures: c.failures,
-      cacheHits: this.counters.cacheHits, cacheMisses: this.counters.cacheMisses, cachedBytes: this.cachedBytes,
+      cacheHits: this.counters.cacheHits, cacheMisses: this.counters.cacheMisses,
+      cacheHitRate: this.counters.cacheHits + this.counters.cacheMisses === 0 ? 1 : this.counters.cacheHits / (this.counters.cacheHits + this.counters.cacheMisses),
+      prefetches: this.counters.prefetches, cachedBytes: this.cachedBytes,
       uploadBacklogSegments: Math.round(this.backlogBytes / this.segmentBytes), uploadBacklogBytes: this.backlogBytes,
-      uploadRetries: this.counters.uploadRetries, publications: this.counters.publications, lastPublishedSeq: this.lastManifest.seq,
+      uploadRetries: this.counters.uploadRetries, segmentUploads: this.counters.segmentUploads, partialUploads: this.counters.partialUploads,
+      publications: this.counters.publications, lastPublishedSeq: this.lastManifest.seq,
       pendingDeletes: this.retired.length, epoch: this.epoch, lastError: this.lastError,
     };
   }
