@@ -434,3 +434,31 @@ test('simulation: crashes, lost machines and faults over many cycles, checked ag
   t.log(`seed ${seed}: ${cycles} cycles (${kinds.crash} process crashes, ${kinds.lost} lost machines, ${kinds.clean} clean stops); faults: ${JSON.stringify(faults.counters)}`);
   t.true(kinds.crash + kinds.lost > 0);
 });
+
+test('a publication keeps what it listed: a slot rewritten while the publication runs is published as it was', async (t) => {
+  const name = newBucketName();
+  const store = await S3SegmentStore.create({ bucket: bucketOptions(name), cacheDir: await tempDir(), ...GEOMETRY, createBucket: true, ...quick });
+  const before = new Uint8Array(8192).fill(0xaa);
+  await store.write(2, 0, new Uint8Array(4096).fill(0x22));
+  await store.write(5, 0, before);
+  await store.sync();
+  // The publication snapshots slots 2 and 5, then uploads them in slot order: while slot 2's
+  // upload is under way, slot 5 gets a new life.
+  const publishing = store.drain();
+  await new Promise((r) => setImmediate(r));
+  await store.write(5, 0, new Uint8Array(4096).fill(0xbb)); // a new life of slot 5 meanwhile
+  await publishing;
+  const entry = store.manifest.entries.find((e) => e.slot === 5);
+  t.truthy(entry);
+  t.is(entry!.length, 8192);
+  const bucket = new Bucket(bucketOptions(name));
+  const obj = await bucket.get(entry!.key);
+  t.true(obj !== undefined && Buffer.from(obj).equals(Buffer.from(before)), 'the object holds the life the snapshot saw');
+  await store.drain();
+  const next = store.manifest.entries.find((e) => e.slot === 5);
+  t.is(next!.length, 4096, 'the next publication lists the new life');
+  t.not(next!.key, entry!.key);
+  t.true(Buffer.from(await store.read(5, 0, 4096)).equals(Buffer.alloc(4096, 0xbb)));
+  await store.close();
+  bucket.destroy();
+});

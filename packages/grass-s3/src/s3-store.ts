@@ -142,6 +142,8 @@ class Seg {
   fetching: Promise<void> | undefined;
   /** Reads in flight on fh: close waits for them. */
   readers = 0;
+  /** Publications that listed it and have not finished: its local file stays until they do. */
+  pins = 0;
   lastUse = 0;
 
   constructor(
@@ -828,7 +830,8 @@ export class S3SegmentStore implements SegmentStore {
   }
 
   private async dropLocal(seg: Seg): Promise<void> {
-    if (seg.fh === undefined || seg.readers > 0) return;
+    // Not while a read or a publication uses the file, nor before a sealed segment's upload.
+    if (seg.fh === undefined || seg.readers > 0 || seg.pins > 0 || (seg.state === 'sealed' && !seg.remote)) return;
     const fh = seg.fh;
     seg.fh = undefined;
     if (seg.state === 'cached') this.cachedBytes -= this.segmentBytes;
@@ -884,37 +887,45 @@ export class S3SegmentStore implements SegmentStore {
       this.superblocks[1] === undefined ? null : Buffer.from(this.superblocks[1]).toString('base64'),
     ];
     const segs = this.slots.filter((s): s is Seg => s !== undefined);
+    // The snapshot: these segments as they are now. Pinned, so that a segment released or
+    // rewritten meanwhile keeps its local file until this publication has what it needs.
+    for (const seg of segs) seg.pins++;
     const entries: ManifestEntry[] = [];
-    for (const seg of segs) {
-      if (seg.state === 'open' && seg.fh !== undefined) {
-        if (seg.partial === undefined || seg.partial.length !== seg.length) {
-          const length = seg.length;
-          const body = Buffer.alloc(length);
-          seg.readers++;
-          try {
+    try {
+      for (const seg of segs) {
+        if (seg.state === 'open') {
+          if (seg.fh === undefined) throw new Error(`open segment ${seg.key} has no journal file`);
+          if (seg.partial === undefined || seg.partial.length !== seg.length) {
+            const length = seg.length;
+            const body = Buffer.alloc(length);
             await seg.fh.read(body, 0, length, 0);
-          } finally {
-            seg.readers--;
-            if (seg.readers === 0 && seg.released) await this.dropLocal(seg);
-          }
-          const key = partialKey(seg.key, length);
-          await this.bucket.put(key, body);
-          this.counters.partialUploads++;
-          if (seg.partial !== undefined) this.retire({ key: seg.partial.key });
-          if (seg.state === 'open') {
-            seg.partial = { key, length };
-          } else {
-            this.retire({ key }); // sealed meanwhile: the full object replaces it
+            const key = partialKey(seg.key, length);
+            await this.bucket.put(key, body);
+            this.counters.partialUploads++;
+            if (seg.partial !== undefined) this.retire({ key: seg.partial.key });
+            if (seg.state === 'open' && !seg.released) {
+              seg.partial = { key, length };
+            } else {
+              this.retire({ key }); // sealed or released meanwhile: listed here, then superseded
+            }
+            if (seg.state === 'open' || seg.released) {
+              entries.push({ slot: seg.slot, key, length, sealed: false });
+              continue;
+            }
+          } else if (seg.state === 'open') {
+            entries.push({ slot: seg.slot, key: seg.partial.key, length: seg.partial.length, sealed: false });
+            continue;
           }
         }
-        if (seg.state === 'open' || !seg.remote) {
-          entries.push({ slot: seg.slot, key: seg.partial!.key, length: seg.partial!.length, sealed: false });
-          continue;
-        }
+        if (!seg.remote) await seg.uploading;
+        if (!seg.remote) throw this.fenced ?? new ClosedError(`store closed before segment ${seg.key} reached S3`);
+        entries.push({ slot: seg.slot, key: seg.key, length: this.segmentBytes, sealed: true });
       }
-      if (!seg.remote) await seg.uploading;
-      if (!seg.remote) throw this.fenced ?? new ClosedError(`store closed before segment ${seg.key} reached S3`);
-      entries.push({ slot: seg.slot, key: seg.key, length: this.segmentBytes, sealed: true });
+    } finally {
+      for (const seg of segs) {
+        seg.pins--;
+        if (seg.pins === 0 && seg.released && seg.readers === 0) await this.dropLocal(seg);
+      }
     }
     entries.sort((a, b) => a.slot - b.slot);
     const m: Manifest = {
