@@ -336,14 +336,20 @@ export class S3SegmentStore implements SegmentStore {
       lockTaken = true;
 
       // --- The newest manifest, then claim the next number with a new epoch. ---
-      const latest = await readLatestManifest(bucket);
+      // A takeover may race the old writer's last publication: read again and claim again.
+      let latest: Manifest;
+      let claim: Manifest;
+      for (let attempt = 0; ; attempt++) {
+        latest = await readLatestManifest(bucket);
+        claim = { ...latest, seq: latest.seq + 1, epoch: latest.epoch + 1, writer, publishedAt: new Date().toISOString() };
+        if (await bucket.putIfAbsent(manifestKey(claim.seq), encodeManifest(claim))) break;
+        if (options.takeover !== true || attempt >= 4) {
+          throw new StoreLockedError(`${bucket.describe()}: another writer (${latest.writer.host}, pid ${latest.writer.pid}) published while this one was opening`);
+        }
+      }
       const local = await S3SegmentStore.readCacheManifest(dir);
       if (local !== undefined && (local.storeId !== latest.storeId || local.bucket !== bucket.name || local.prefix !== bucket.prefix)) {
         throw new InvalidArgumentError(`cache directory ${dir} belongs to store ${local.storeId} at s3://${local.bucket}/${local.prefix}, not to ${bucket.describe()} (store ${latest.storeId})`);
-      }
-      const claim: Manifest = { ...latest, seq: latest.seq + 1, epoch: latest.epoch + 1, writer, publishedAt: new Date().toISOString() };
-      if (!(await bucket.putIfAbsent(manifestKey(claim.seq), encodeManifest(claim)))) {
-        throw new StoreLockedError(`${bucket.describe()}: another writer claimed the store while this one was opening`);
       }
       const store = new S3SegmentStore(bucket, dir, latest.segmentBytes, latest.segmentCount, claim.epoch, writer, latest.storeId, claim, options);
       try {
@@ -684,6 +690,8 @@ export class S3SegmentStore implements SegmentStore {
   async simulateCrash(): Promise<void> {
     this.stopping = true;
     this.closed = true;
+    // A dead process sends nothing more: let requests already sent land (or fail) first.
+    await this.publishRunning?.catch(() => undefined);
     await releaseBucketLock(this.bucket, this.writer).catch(() => undefined);
     this.fenced ??= new StoreLockedError('crashed');
     await this.abandon();
@@ -900,6 +908,7 @@ export class S3SegmentStore implements SegmentStore {
             const body = Buffer.alloc(length);
             await seg.fh.read(body, 0, length, 0);
             const key = partialKey(seg.key, length);
+            if (this.stopping) throw new ClosedError(`S3 segment store ${this.bucket.describe()} stopped before publishing`);
             await this.bucket.put(key, body);
             this.counters.partialUploads++;
             if (seg.partial !== undefined) this.retire({ key: seg.partial.key });
@@ -928,6 +937,7 @@ export class S3SegmentStore implements SegmentStore {
       }
     }
     entries.sort((a, b) => a.slot - b.slot);
+    if (this.stopping) throw new ClosedError(`S3 segment store ${this.bucket.describe()} stopped before publishing`);
     const m: Manifest = {
       ...this.lastManifest, seq: this.lastManifest.seq + 1, epoch: this.epoch, writer: this.writer, superblocks, entries, publishedAt: new Date().toISOString(),
     };
