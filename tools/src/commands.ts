@@ -9,7 +9,7 @@ import {
 } from '@pasture/grass';
 import type { SegmentStore } from '@pasture/grass';
 import { benchS3 } from './bench-s3.ts';
-import { createStore, openStore, parseStoreSpec, s3Stats, storeExists, StoreSpecError, type S3Flags, type StoreSpec } from './stores.ts';
+import { checkBucket, createStore, openStore, parseStoreSpec, s3Stats, storeExists, StoreSpecError, type S3Flags, type StoreSpec } from './stores.ts';
 import { benchCleaning, benchMapMemory, benchRecovery, benchThroughput } from '@pasture/grass/bench';
 import { defaultSimParams, runSimulation } from '@pasture/grass/simulator';
 import { CowStore } from '@pasture/cow';
@@ -170,7 +170,9 @@ const fsckCmd: Command = {
   run: (argv) => wrap(async () => {
     const o = parse(argv, { ...STORE_FLAGS, json: { type: 'boolean' }, data: { type: 'boolean' } }, fsckHelp);
     const dir = typeof o.store === 'string' && o.store.startsWith('s3://') ? o.store : storeDir(o);
-    const report = await fsck(await openSpec(o));
+    const opened = await openSpec(o);
+    const bucket = await checkBucket(opened);
+    const report = await fsck(opened);
     let cow: CowFsckReport | undefined;
     let cowError: string | undefined;
     let human: { volumes: number; snapshots: number; scratch: number } | undefined;
@@ -198,9 +200,11 @@ const fsckCmd: Command = {
         await g.close();
       }
     }
-    const ok = report.ok && cowError === undefined && humanError === undefined && (cow?.ok ?? true);
-    out(!!o.json, { ok, grass: report, cow: cow ?? null, cowError: cowError ?? null, human: human ?? null, humanError: humanError ?? null }, () =>
+    const ok = report.ok && cowError === undefined && humanError === undefined && (cow?.ok ?? true) && (bucket?.problems.length ?? 0) === 0;
+    out(!!o.json, { ok, grass: report, cow: cow ?? null, cowError: cowError ?? null, human: human ?? null, humanError: humanError ?? null, s3: bucket ?? null }, () =>
       [
+        ...(bucket === undefined ? [] : [`S3: manifest ${bucket.manifestSeq} lists ${bucket.listed} segment objects${bucket.problems.length === 0 ? ', all present' : ''}; ${bucket.unlisted} other segment objects (waiting for deletion, or orphans for the sweep)`]),
+        ...(bucket?.problems ?? []).map((p) => `problem: S3: ${p}`),
         `${dir}: Grass: ${report.segmentsChecked} sealed segments, ${report.recordsChecked} records, ${report.mappedAddresses} mapped addresses checked`,
         ...report.problems.map((p) => `problem: ${p}`),
         ...(cow === undefined ? [] : [`Cow: ${cow.nodes} nodes, ${cow.dataRecords} data records, ${cow.graveyard} dead subtrees waiting, every reference recounted${cow.checkedData ? ', every block decoded' : ''}`]),
@@ -208,7 +212,7 @@ const fsckCmd: Command = {
         ...(cowError === undefined ? [] : [`problem: Cow: ${cowError}`]),
         ...(human === undefined ? [] : [`Human: catalog valid: ${human.volumes} volumes, ${human.snapshots} snapshots${human.scratch ? `, ${human.scratch} unfinished atomic write(s) (reclaimed when the pool next opens)` : ''}`]),
         ...(humanError === undefined ? [] : [`problem: Human: ${humanError}`]),
-        ok ? 'no problems found' : `${report.problems.length + (cow?.problemCount ?? 0) + (cowError ? 1 : 0) + (humanError ? 1 : 0)} problem(s) found`,
+        ok ? 'no problems found' : `${report.problems.length + (cow?.problemCount ?? 0) + (cowError ? 1 : 0) + (humanError ? 1 : 0) + (bucket?.problems.length ?? 0)} problem(s) found`,
         '',
       ].join('\n'),
     );

@@ -12,6 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { randomBytes } from 'node:crypto';
+import { Bucket } from '@pasture/grass-s3';
 import { startS3Server, s3Available, type S3Server } from '@pasture/grass-s3/testing';
 
 const cli = fileURLToPath(new URL('./pasture.ts', import.meta.url));
@@ -39,6 +40,24 @@ async function pasture(...args: string[]): Promise<{ code: number; stdout: strin
   } catch (e) {
     const err = e as { code: number; stdout: string; stderr: string };
     return { code: err.code, stdout: err.stdout, stderr: err.stderr };
+  }
+}
+
+async function s3get(bucket: string, key: string): Promise<Uint8Array | undefined> {
+  const b = new Bucket({ bucket, prefix: '', endpoint: server!.endpoint, region: server!.region, accessKeyId: server!.accessKeyId, secretAccessKey: server!.secretAccessKey });
+  try {
+    return await b.get(key);
+  } finally {
+    b.destroy();
+  }
+}
+
+async function s3delete(bucket: string, key: string): Promise<void> {
+  const b = new Bucket({ bucket, prefix: '', endpoint: server!.endpoint, region: server!.region, accessKeyId: server!.accessKeyId, secretAccessKey: server!.secretAccessKey });
+  try {
+    await b.delete([key]);
+  } finally {
+    b.destroy();
   }
 }
 
@@ -120,7 +139,19 @@ test('a pool in S3: init, volumes, import and export, serve to qemu-io, live sna
     t.true(Buffer.compare(s2.subarray(0, data.length), data) === 0);
     const fsck = await pasture('fsck', '--store', cache2, '--json');
     t.is(fsck.code, 0, fsck.stdout + fsck.stderr);
-    t.true(JSON.parse(fsck.stdout).ok);
+    const report = JSON.parse(fsck.stdout) as { ok: boolean; s3: { listed: number; problems: string[]; manifestSeq: number } };
+    t.true(report.ok);
+    t.true(report.s3.listed > 0);
+    t.deepEqual(report.s3.problems, []);
+
+    // An object the manifest lists goes missing from the bucket: fsck says which, and fails.
+    const manifest = JSON.parse(Buffer.from((await s3get(bucket, `pools/one/manifest/${String(report.s3.manifestSeq + 1).padStart(12, '0')}`))!).toString()) as { entries: { key: string; sealed: boolean }[] };
+    const victim = manifest.entries.find((e) => e.sealed)!.key;
+    await s3delete(bucket, `pools/one/${victim}`);
+    await rm(cache2, { recursive: true, force: true });
+    const bad = await pasture('fsck', '--store', url, '--cache-dir', cache2, '--json');
+    t.is(bad.code, 1);
+    t.regex(bad.stdout, new RegExp(`${victim}.*not in the bucket`), bad.stderr);
   } finally {
     await rm(base, { recursive: true, force: true });
   }

@@ -102,3 +102,8 @@ export async function storeExists(spec: StoreSpec): Promise<boolean> {
 export function s3Stats(store: SegmentStore): ReturnType<S3SegmentStore['stats']> | undefined {
   return store instanceof S3SegmentStore ? store.stats() : undefined;
 }
+
+/** For an S3 store, check the bucket against its newest manifest; undefined for other stores. */
+export async function checkBucket(store: SegmentStore): Promise<Awaited<ReturnType<S3SegmentStore['checkBucket']>> | undefined> {
+  return store instanceof S3SegmentStore ? store.checkBucket() : undefined;
+}

@@ -81,11 +81,13 @@ export class Bucket {
   readonly client: S3Client;
   readonly name: string;
   readonly prefix: string;
+  readonly endpoint: string | undefined;
   readonly counters: BucketCounters = { puts: 0, gets: 0, lists: 0, deletes: 0, bytesUp: 0, bytesDown: 0, failures: 0 };
 
   constructor(options: BucketOptions) {
     this.name = options.bucket;
     this.prefix = options.prefix.replace(/\/+$/, '');
+    this.endpoint = options.endpoint;
     const maxSockets = options.maxSockets ?? 16;
     let handler: HttpHandler = new NodeHttpHandler({
       requestTimeout: options.requestTimeoutMs ?? 30_000,
@@ -119,11 +121,16 @@ export class Bucket {
     return this.prefix === '' ? rel : `${this.prefix}/${rel}`;
   }
 
-  private async call<T>(p: Promise<T>): Promise<T> {
+  /** Await an S3 call; a failure's message names the call, the object and the endpoint. */
+  private async call<T>(what: string, p: Promise<T>): Promise<T> {
     try {
       return await p;
     } catch (e) {
       this.counters.failures++;
+      if (e instanceof Error && !e.message.startsWith('S3 ')) {
+        const status = httpStatus(e);
+        e.message = `S3 ${what} at ${this.endpoint ?? 'the default AWS endpoint'}${status !== undefined ? ` (HTTP ${status})` : ''}: ${e.message || e.name}`;
+      }
       throw e;
     }
   }
@@ -141,7 +148,7 @@ export class Bucket {
   async put(rel: string, body: Uint8Array): Promise<void> {
     if (body.length > 2 * PART_BYTES) return this.putMultipart(rel, body);
     this.counters.puts++;
-    await this.call(this.client.send(new PutObjectCommand({ Bucket: this.name, Key: this.key(rel), Body: body, ContentLength: body.length })));
+    await this.call(`PUT ${this.key(rel)}`, this.client.send(new PutObjectCommand({ Bucket: this.name, Key: this.key(rel), Body: body, ContentLength: body.length })));
     this.counters.bytesUp += body.length;
   }
 
@@ -149,7 +156,7 @@ export class Bucket {
   private async putMultipart(rel: string, body: Uint8Array): Promise<void> {
     const Key = this.key(rel);
     this.counters.puts++;
-    const { UploadId } = await this.call(this.client.send(new CreateMultipartUploadCommand({ Bucket: this.name, Key })));
+    const { UploadId } = await this.call(`CreateMultipartUpload ${Key}`, this.client.send(new CreateMultipartUploadCommand({ Bucket: this.name, Key })));
     if (UploadId === undefined) throw new Error(`S3 returned no UploadId for ${Key}`);
     try {
       const parts: { PartNumber: number; ETag: string }[] = [];
@@ -160,7 +167,7 @@ export class Bucket {
           const i = next++;
           const chunk = body.subarray(i * PART_BYTES, Math.min(body.length, (i + 1) * PART_BYTES));
           this.counters.puts++;
-          const r = await this.call(this.client.send(new UploadPartCommand({ Bucket: this.name, Key, UploadId, PartNumber: i + 1, Body: chunk, ContentLength: chunk.length })));
+          const r = await this.call(`UploadPart ${i + 1} of ${Key}`, this.client.send(new UploadPartCommand({ Bucket: this.name, Key, UploadId, PartNumber: i + 1, Body: chunk, ContentLength: chunk.length })));
           if (r.ETag === undefined) throw new Error(`S3 returned no ETag for part ${i + 1} of ${Key}`);
           parts[i] = { PartNumber: i + 1, ETag: r.ETag };
           this.counters.bytesUp += chunk.length;
@@ -169,7 +176,7 @@ export class Bucket {
       await Promise.all([worker(), worker()]);
       this.counters.puts++;
       // radosgw answers with an empty ETag here; nothing below relies on it.
-      await this.call(this.client.send(new CompleteMultipartUploadCommand({ Bucket: this.name, Key, UploadId, MultipartUpload: { Parts: parts } })));
+      await this.call(`CompleteMultipartUpload ${Key}`, this.client.send(new CompleteMultipartUploadCommand({ Bucket: this.name, Key, UploadId, MultipartUpload: { Parts: parts } })));
     } catch (e) {
       await this.client.send(new AbortMultipartUploadCommand({ Bucket: this.name, Key, UploadId })).catch(() => undefined);
       throw e;
@@ -184,7 +191,7 @@ export class Bucket {
   async putIfAbsent(rel: string, body: Uint8Array): Promise<boolean> {
     this.counters.puts++;
     try {
-      await this.call(this.client.send(new PutObjectCommand({ Bucket: this.name, Key: this.key(rel), Body: body, ContentLength: body.length, IfNoneMatch: '*' })));
+      await this.call(`PUT (If-None-Match) ${this.key(rel)}`, this.client.send(new PutObjectCommand({ Bucket: this.name, Key: this.key(rel), Body: body, ContentLength: body.length, IfNoneMatch: '*' })));
       this.counters.bytesUp += body.length;
       return true;
     } catch (e) {
@@ -198,7 +205,7 @@ export class Bucket {
   async get(rel: string, range?: { offset: number; length: number }): Promise<Uint8Array | undefined> {
     this.counters.gets++;
     try {
-      const r = await this.call(this.client.send(new GetObjectCommand({
+      const r = await this.call(`GET ${this.key(rel)}`, this.client.send(new GetObjectCommand({
         Bucket: this.name, Key: this.key(rel),
         ...(range !== undefined ? { Range: `bytes=${range.offset}-${range.offset + range.length - 1}` } : {}),
       })));
@@ -220,7 +227,7 @@ export class Bucket {
     let token: string | undefined;
     do {
       this.counters.lists++;
-      const r = await this.call(this.client.send(new ListObjectsV2Command({ Bucket: this.name, Prefix: full, ContinuationToken: token })));
+      const r = await this.call(`LIST ${full}`, this.client.send(new ListObjectsV2Command({ Bucket: this.name, Prefix: full, ContinuationToken: token })));
       for (const o of r.Contents ?? []) {
         if (o.Key !== undefined) out.push({ key: o.Key.slice(strip), size: o.Size ?? 0, modified: o.LastModified });
       }
@@ -234,10 +241,10 @@ export class Bucket {
       const batch = rels.slice(i, i + DELETE_BATCH);
       this.counters.deletes += batch.length;
       if (batch.length === 1) {
-        await this.call(this.client.send(new DeleteObjectCommand({ Bucket: this.name, Key: this.key(batch[0]!) })));
+        await this.call(`DELETE ${this.key(batch[0]!)}`, this.client.send(new DeleteObjectCommand({ Bucket: this.name, Key: this.key(batch[0]!) })));
         continue;
       }
-      const r = await this.call(this.client.send(new DeleteObjectsCommand({
+      const r = await this.call(`DeleteObjects (${batch.length} keys)`, this.client.send(new DeleteObjectsCommand({
         Bucket: this.name, Delete: { Objects: batch.map((k) => ({ Key: this.key(k) })), Quiet: true },
       })));
       const errors = (r.Errors ?? []).filter((e) => e.Code !== 'NoSuchKey');

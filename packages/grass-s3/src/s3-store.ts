@@ -53,6 +53,8 @@ export interface S3StoreOptions {
   publishIntervalMs?: number;
   /** Delay between a manifest that no longer lists an object and the object's delete (default 60 000). */
   deleteGraceMs?: number;
+  /** Sweep for orphans this often, the first time a minute (or the grace period) after open; 0 = never (default 3 600 000). */
+  sweepIntervalMs?: number;
   /** Manifests kept besides the newest (default 3). */
   keepManifests?: number;
   /**
@@ -233,6 +235,7 @@ export class S3SegmentStore implements SegmentStore {
   private readonly retired: Retired[] = [];
   private deleteTimer: NodeJS.Timeout | undefined;
   private deleting = false;
+  private sweepTimer: NodeJS.Timeout | undefined;
 
   private cachedBytes = 0;
   private useClock = 0;
@@ -247,6 +250,7 @@ export class S3SegmentStore implements SegmentStore {
   private readonly keepManifests: number;
   private readonly closeTimeoutMs: number;
   private readonly readahead: number;
+  private readonly sweepIntervalMs: number;
   /** The last few distinct slots read, newest last: a read of s after s-1 looks sequential. */
   private readonly recentSlots: number[] = [];
 
@@ -271,6 +275,7 @@ export class S3SegmentStore implements SegmentStore {
     this.keepManifests = options.keepManifests ?? 3;
     this.closeTimeoutMs = options.closeTimeoutMs ?? 60_000;
     this.readahead = options.readaheadSegments ?? 4;
+    this.sweepIntervalMs = options.sweepIntervalMs ?? 3_600_000;
   }
 
   // =====================================================================================
@@ -510,6 +515,17 @@ export class S3SegmentStore implements SegmentStore {
     }
     this.deleteTimer = setInterval(() => void this.runDeletes(), Math.max(200, Math.min(5000, this.deleteGraceMs / 4)));
     this.deleteTimer.unref();
+    if (this.sweepIntervalMs > 0) {
+      const sweep = (): void => {
+        this.sweep().catch((e: unknown) => (this.lastError = `sweep: ${(e as Error).message}`));
+      };
+      this.sweepTimer = setTimeout(() => {
+        sweep();
+        this.sweepTimer = setInterval(sweep, this.sweepIntervalMs);
+        this.sweepTimer.unref();
+      }, Math.max(60_000, this.deleteGraceMs));
+      this.sweepTimer.unref();
+    }
   }
 
   // =====================================================================================
@@ -703,6 +719,7 @@ export class S3SegmentStore implements SegmentStore {
     this.stopping = true;
     clearInterval(this.publishTimer);
     clearInterval(this.deleteTimer);
+    clearInterval(this.sweepTimer);
     for (const w of this.backlogWaiters.splice(0)) w();
     for (const seg of this.slots) {
       if (seg?.fh !== undefined) {
@@ -1010,6 +1027,25 @@ export class S3SegmentStore implements SegmentStore {
     }
     if (doomed.length > 0) await this.bucket.delete(doomed);
     return doomed;
+  }
+
+  /**
+   * Check the bucket against the newest manifest: every object it lists must exist with the
+   * listed length. Objects it does not list are counted (waiting for deletion, or orphans).
+   */
+  async checkBucket(): Promise<{ manifestSeq: number; listed: number; problems: string[]; unlisted: number }> {
+    const m = this.lastManifest;
+    const objects = new Map((await this.bucket.list(SEGMENT_DIR)).map((o) => [o.key, o.size]));
+    const problems: string[] = [];
+    for (const e of m.entries) {
+      const size = objects.get(e.key);
+      if (size === undefined) problems.push(`manifest ${m.seq} lists ${e.key} for slot ${e.slot}, which is not in the bucket`);
+      else if (size !== e.length) problems.push(`manifest ${m.seq} lists ${e.key} with ${e.length} bytes; the bucket has ${size}`);
+    }
+    const listed = new Set(m.entries.map((e) => e.key));
+    let unlisted = 0;
+    for (const k of objects.keys()) if (!listed.has(k)) unlisted++;
+    return { manifestSeq: m.seq, listed: m.entries.length, problems, unlisted };
   }
 
   /** Wait until every sealed segment has reached S3 and the current state is published. */

@@ -52,7 +52,13 @@ export async function fsck(store: SegmentStore, options: { maxProblems?: number 
     if (ins.slotState[s] !== SLOT_SEALED) continue;
     segmentsChecked++;
     const seq = ins.slotSeq[s]!;
-    const bytes = await store.read(s, 0, segBytes);
+    let bytes: Uint8Array;
+    try {
+      bytes = await store.read(s, 0, segBytes);
+    } catch (e) {
+      problem(`segment ${s}: cannot be read: ${(e as Error).message}`);
+      continue;
+    }
     const view = viewOf(bytes);
     const h = decodeSegmentHeader(bytes);
     if (h === undefined || h.seq !== seq || h.slot !== s) {
