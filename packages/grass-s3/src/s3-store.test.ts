@@ -462,3 +462,50 @@ test('a publication keeps what it listed: a slot rewritten while the publication
   await store.close();
   bucket.destroy();
 });
+
+test('reads of segments only in S3 fetch ranges with ranged GETs, fetch ahead when sequential, and stay within the cache bound', async (t) => {
+  const name = newBucketName();
+  const geometry = { segmentBytes: 1 << 20, segmentCount: 8 };
+  const opts = { ...quick, fetchBytes: 64 << 10, readaheadBytes: 256 << 10 };
+  const s1 = await S3SegmentStore.create({ bucket: bucketOptions(name), cacheDir: await tempDir(), ...geometry, createBucket: true, ...opts });
+  const pattern = (slot: number): Buffer => {
+    const b = Buffer.alloc(geometry.segmentBytes);
+    for (let i = 0; i < b.length; i += 4) b.writeUInt32LE((slot << 24) ^ i, i);
+    return b;
+  };
+  for (const slot of [1, 2, 3]) {
+    await s1.write(slot, 0, pattern(slot).subarray(0, 1 << 19));
+    await s1.write(slot, 1 << 19, pattern(slot).subarray(1 << 19));
+    await s1.seal(slot);
+  }
+  await s1.close();
+
+  const cacheBytes = 1536 << 10;
+  const s2 = await S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: await tempDir(), ...opts, cacheBytes });
+  const st = (): { gets: number; bytesDown: number } => ({ gets: s2.stats().gets, bytesDown: s2.stats().bytesDown });
+  const a = st();
+  t.deepEqual(Buffer.from(await s2.read(3, 200_000, 100)), pattern(3).subarray(200_000, 200_100));
+  const b = st();
+  t.is(b.gets - a.gets, 1, 'one GET');
+  t.is(b.bytesDown - a.bytesDown, 64 << 10, 'of the one 64 KiB range holding the bytes');
+  // Across a range boundary: only the range not yet here is fetched.
+  t.deepEqual(Buffer.from(await s2.read(3, 262_140, 8)), pattern(3).subarray(262_140, 262_148));
+  const c = st();
+  t.is(c.gets - b.gets, 1);
+  t.is(c.bytesDown - b.bytesDown, 64 << 10);
+  // Range 5 after range 4: sequential, so ranges 6..9 are fetched ahead in one GET.
+  await s2.read(3, 4 * (64 << 10), 16);
+  await s2.read(3, 5 * (64 << 10), 16);
+  await new Promise((r) => setTimeout(r, 300));
+  const misses = s2.stats().cacheMisses;
+  for (let r = 6; r <= 9; r++) await s2.read(3, r * (64 << 10), 4096);
+  t.is(s2.stats().cacheMisses, misses, 'the ranges read ahead are in the cache when read (the window moves on ahead of them)');
+  t.true(s2.stats().prefetches > 0);
+  // The whole segment: the rest arrives, the local file becomes a complete cached copy.
+  t.deepEqual(Buffer.from(await s2.read(3, 0, geometry.segmentBytes)), pattern(3));
+  t.true((await s2.journalFiles()).some((f) => f.startsWith('3.') && f.endsWith('.cached')));
+  for (const slot of [1, 2]) t.deepEqual(Buffer.from(await s2.read(slot, 0, geometry.segmentBytes)), pattern(slot));
+  t.true(s2.stats().cachedBytes <= cacheBytes, `the cache holds ${s2.stats().cachedBytes} bytes, bound ${cacheBytes}`);
+  t.deepEqual(Buffer.from(await s2.read(3, 100, 100)), pattern(3).subarray(100, 200), 'an evicted segment is fetched again');
+  await s2.close();
+});

@@ -58,10 +58,16 @@ export interface S3StoreOptions {
   /** Manifests kept besides the newest (default 3). */
   keepManifests?: number;
   /**
-   * Segments fetched ahead when reads move from slot s-1 to slot s (default 4): a volume
-   * written in order lies in consecutive slots, so a sequential read becomes parallel GETs.
+   * Reads of segments that are only in S3 fetch aligned ranges of this size with ranged GETs
+   * into the cache (default 1 MiB; a divisor of the segment size, else the whole segment).
    */
-  readaheadSegments?: number;
+  fetchBytes?: number;
+  /**
+   * Bytes fetched ahead when reads move from one fetch range to the next (default 8 MiB): a
+   * volume written in order lies in consecutive slots, so a sequential read becomes parallel
+   * GETs. 0 turns it off.
+   */
+  readaheadBytes?: number;
   /** How long `close` waits for uploads and the last publication (default 60 000). */
   closeTimeoutMs?: number;
   /** Take the store over from a holder that looks alive (its lock is overridden; it gets fenced). */
@@ -87,7 +93,7 @@ export interface S3StoreStats {
   cacheMisses: number;
   /** cacheHits / (cacheHits + cacheMisses), for reads of uploaded segments. */
   cacheHitRate: number;
-  /** Segments fetched ahead of a sequential read. */
+  /** Ranged GETs issued ahead of a sequential read. */
   prefetches: number;
   cachedBytes: number;
   uploadBacklogSegments: number;
@@ -141,7 +147,15 @@ class Seg {
   dirty = false;
   uploading: Promise<void> | undefined;
   uploadDone: (() => void) | undefined;
-  fetching: Promise<void> | undefined;
+  /** While the local file holds only some fetch ranges: which (1 = present). */
+  chunks: Uint8Array | undefined;
+  presentChunks = 0;
+  /** Ranged GETs in flight, by range index. */
+  readonly chunkFetches = new Map<number, Promise<void>>();
+  /** Creating the local file for fetched ranges. */
+  opening: Promise<void> | undefined;
+  /** Bytes of the local file counted in the cache's size. */
+  cachedBytes = 0;
   /** Reads in flight on fh: close waits for them. */
   readers = 0;
   /** Publications that listed it and have not finished: its local file stays until they do. */
@@ -167,14 +181,21 @@ interface Retired {
   dueAt: number | undefined;
 }
 
-function fileName(slot: number, key: string, state: SegState | 'tmp'): string {
+type FileState = SegState | 'chunks' | 'tmp';
+
+function fileName(slot: number, key: string, state: FileState): string {
   return `${slot}.${key.slice(SEGMENT_DIR.length)}.${state}`;
 }
 
-function parseFileName(name: string): { slot: number; key: string; state: SegState | 'tmp' } | undefined {
-  const m = /^([0-9]+)\.([0-9a-f]{8}-[0-9a-f]{8})\.(open|sealed|cached|tmp)$/.exec(name);
+function parseFileName(name: string): { slot: number; key: string; state: FileState } | undefined {
+  const m = /^([0-9]+)\.([0-9a-f]{8}-[0-9a-f]{8})\.(open|sealed|cached|chunks|tmp)$/.exec(name);
   if (m === null) return undefined;
-  return { slot: Number(m[1]), key: `${SEGMENT_DIR}${m[2]}`, state: m[3] as SegState | 'tmp' };
+  return { slot: Number(m[1]), key: `${SEGMENT_DIR}${m[2]}`, state: m[3] as FileState };
+}
+
+/** The local file's name: a partly fetched segment's file says so. */
+function localName(seg: Seg): string {
+  return fileName(seg.slot, seg.key, seg.chunks !== undefined ? 'chunks' : seg.state);
 }
 
 async function syncDir(dir: string): Promise<void> {
@@ -249,10 +270,12 @@ export class S3SegmentStore implements SegmentStore {
   private readonly deleteGraceMs: number;
   private readonly keepManifests: number;
   private readonly closeTimeoutMs: number;
-  private readonly readahead: number;
+  private readonly chunkBytes: number;
+  private readonly chunksPerSegment: number;
+  private readonly readaheadChunks: number;
   private readonly sweepIntervalMs: number;
-  /** The last few distinct slots read, newest last: a read of s after s-1 looks sequential. */
-  private readonly recentSlots: number[] = [];
+  /** The last few distinct fetch ranges read (as slot x ranges + range), newest last. */
+  private readonly recentRanges: number[] = [];
 
   private constructor(
     readonly bucket: Bucket,
@@ -274,7 +297,10 @@ export class S3SegmentStore implements SegmentStore {
     this.deleteGraceMs = options.deleteGraceMs ?? 60_000;
     this.keepManifests = options.keepManifests ?? 3;
     this.closeTimeoutMs = options.closeTimeoutMs ?? 60_000;
-    this.readahead = options.readaheadSegments ?? 4;
+    const fetchBytes = options.fetchBytes ?? 1 << 20;
+    this.chunkBytes = fetchBytes > 0 && segmentBytes % fetchBytes === 0 ? fetchBytes : segmentBytes;
+    this.chunksPerSegment = segmentBytes / this.chunkBytes;
+    this.readaheadChunks = Math.ceil((options.readaheadBytes ?? 8 << 20) / this.chunkBytes);
     this.sweepIntervalMs = options.sweepIntervalMs ?? 3_600_000;
   }
 
@@ -430,14 +456,15 @@ export class S3SegmentStore implements SegmentStore {
     const newest = new Map<number, { name: string; key: string; state: SegState }>();
     for (const f of files) {
       const p = f.parsed;
-      if (p === undefined || p.state === 'tmp' || p.slot >= this.segmentCount) {
+      // Partly fetched files are dropped: which ranges they hold was kept in memory only.
+      if (p === undefined || p.state === 'tmp' || p.state === 'chunks' || p.slot >= this.segmentCount) {
         await unlink(join(segDir, f.name));
         continue;
       }
       const cur = newest.get(p.slot);
       if (cur === undefined || cur.key < p.key) {
         if (cur !== undefined) await unlink(join(segDir, cur.name));
-        newest.set(p.slot, { name: f.name, key: p.key, state: p.state });
+        newest.set(p.slot, { name: f.name, key: p.key, state: p.state as SegState });
       } else {
         await unlink(join(segDir, f.name));
       }
@@ -461,7 +488,10 @@ export class S3SegmentStore implements SegmentStore {
         if (f.state === 'cached') seg.remote = true;
       }
       if (seg.state === 'sealed' && seg.remote) await this.renameLocal(seg, 'cached');
-      if (seg.state === 'cached') this.cachedBytes += this.segmentBytes;
+      if (seg.state === 'cached') {
+        seg.cachedBytes = this.segmentBytes;
+        this.cachedBytes += this.segmentBytes;
+      }
       this.slots[slot] = seg;
     }
     // The manifest's segments that the journal does not hold.
@@ -615,45 +645,38 @@ export class S3SegmentStore implements SegmentStore {
     const seg = this.slots[segment];
     const buf = Buffer.alloc(length);
     if (seg === undefined || length === 0) return buf;
-    if (this.recentSlots[this.recentSlots.length - 1] !== segment) {
-      // Cow's node reads interleave with data reads, so look a few slots back, not one.
-      if (this.readahead > 0 && this.recentSlots.includes(segment - 1)) this.readAhead(segment);
-      const i = this.recentSlots.indexOf(segment);
-      if (i >= 0) this.recentSlots.splice(i, 1);
-      this.recentSlots.push(segment);
-      if (this.recentSlots.length > 8) this.recentSlots.shift();
-    }
-    if (seg.fh === undefined) {
-      this.counters.cacheMisses++;
-      await this.fetch(seg);
-      if (seg.fh === undefined) throw new Error(`segment ${segment} vanished from the cache while being read`);
-    } else if (seg.state === 'cached') {
-      this.counters.cacheHits++;
-    }
-    seg.lastUse = ++this.useClock;
-    const fh = seg.fh;
-    if (length <= SYNC_READ_BYTES_MAX) {
-      let done = 0;
-      while (done < length) {
-        const n = readSync(fh.fd, buf, done, length - done, offset + done);
-        if (n === 0) break;
-        done += n;
-      }
-      return buf;
-    }
-    seg.readers++;
+    this.noteRead(segment * this.chunksPerSegment + Math.floor(offset / this.chunkBytes));
+    seg.readers++; // keeps the local file from eviction until this read is done
     try {
+      if (seg.fh === undefined || seg.chunks !== undefined) {
+        if (await this.ensureRange(seg, offset, length)) this.counters.cacheMisses++;
+        else this.counters.cacheHits++;
+      } else if (seg.state === 'cached') {
+        this.counters.cacheHits++;
+      }
+      const fh = seg.fh;
+      if (fh === undefined) throw new Error(`segment ${segment} has no local copy after its fetch`);
+      seg.lastUse = ++this.useClock;
+      if (length <= SYNC_READ_BYTES_MAX) {
+        let done = 0;
+        while (done < length) {
+          const n = readSync(fh.fd, buf, done, length - done, offset + done);
+          if (n === 0) break;
+          done += n;
+        }
+        return buf;
+      }
       let done = 0;
       while (done < length) {
         const { bytesRead } = await fh.read(buf, done, length - done, offset + done);
         if (bytesRead === 0) break;
         done += bytesRead;
       }
+      return buf;
     } finally {
       seg.readers--;
       if (seg.readers === 0 && seg.released) await this.dropLocal(seg);
     }
-    return buf;
   }
 
   async release(segment: number): Promise<void> {
@@ -784,6 +807,7 @@ export class S3SegmentStore implements SegmentStore {
           await this.dropLocal(seg);
         } else {
           await this.renameLocal(seg, 'cached');
+          seg.cachedBytes = this.segmentBytes;
           this.cachedBytes += this.segmentBytes;
           this.evict();
         }
@@ -808,45 +832,126 @@ export class S3SegmentStore implements SegmentStore {
   // Reads from S3 and the cache
   // =====================================================================================
 
-  /** Start fetching the segments after `slot` that are only in S3. */
-  private readAhead(slot: number): void {
-    for (let s = slot + 1; s <= slot + this.readahead && s < this.segmentCount; s++) {
-      const seg = this.slots[s];
-      if (seg !== undefined && seg.fh === undefined && seg.fetching === undefined) {
-        this.counters.prefetches++;
-        this.fetch(seg).catch(() => undefined);
-      }
+  /** A read of range `pos` (slot x ranges + range): after a read of pos-1, fetch ahead. */
+  private noteRead(pos: number): void {
+    const recent = this.recentRanges;
+    if (recent[recent.length - 1] === pos) return;
+    // Cow's node reads interleave with data reads, so look a few ranges back, not one.
+    if (this.readaheadChunks > 0 && recent.includes(pos - 1)) this.readAhead(pos);
+    const i = recent.indexOf(pos);
+    if (i >= 0) recent.splice(i, 1);
+    recent.push(pos);
+    if (recent.length > 8) recent.shift();
+  }
+
+  /** Start fetching the ranges after `pos` that are only in S3, into the next slots too. */
+  private readAhead(pos: number): void {
+    const end = Math.min(pos + this.readaheadChunks, this.segmentCount * this.chunksPerSegment - 1);
+    let p = pos + 1;
+    while (p <= end) {
+      const slot = Math.floor(p / this.chunksPerSegment);
+      const first = p % this.chunksPerSegment;
+      const last = Math.min(this.chunksPerSegment - 1, first + (end - p));
+      p += last - first + 1;
+      const seg = this.slots[slot];
+      if (seg === undefined || (seg.fh !== undefined && seg.chunks === undefined) || seg.released) continue;
+      this.counters.prefetches++;
+      this.ensureRange(seg, first * this.chunkBytes, (last - first + 1) * this.chunkBytes).catch(() => undefined);
     }
   }
 
-  private fetch(seg: Seg): Promise<void> {
-    if (seg.fetching !== undefined) return seg.fetching;
-    seg.fetching = (async () => {
-      try {
-        const bytes = await this.bucket.get(seg.key);
-        if (bytes === undefined) throw new FormatError(`${this.bucket.describe()}: segment object ${seg.key} (slot ${seg.slot}) is missing`);
-        if (bytes.length !== this.segmentBytes) throw new FormatError(`${this.bucket.describe()}: segment object ${seg.key} has ${bytes.length} bytes, expected ${this.segmentBytes}`);
-        if (seg.released || this.closed) return;
-        const tmp = join(this.segDir(), fileName(seg.slot, seg.key, 'tmp'));
-        await writeFile(tmp, bytes);
-        const path = join(this.segDir(), fileName(seg.slot, seg.key, 'cached'));
-        await rename(tmp, path);
-        seg.fh = await open(path, 'r');
-        seg.state = 'cached';
-        this.cachedBytes += this.segmentBytes;
-        seg.lastUse = ++this.useClock;
-        this.evict(seg);
-      } finally {
-        seg.fetching = undefined;
+  /**
+   * Make [offset, offset + length) of a segment that is only (or partly) local: fetch its
+   * missing ranges with ranged GETs, sharing fetches already in flight. True if any was missing.
+   */
+  private async ensureRange(seg: Seg, offset: number, length: number): Promise<boolean> {
+    if (seg.fh !== undefined && seg.chunks === undefined) return false;
+    if (seg.fh === undefined) await this.openChunkFile(seg);
+    const first = Math.floor(offset / this.chunkBytes);
+    const last = Math.floor((offset + length - 1) / this.chunkBytes);
+    const waits: Promise<void>[] = [];
+    for (let c = first; c <= last && seg.chunks !== undefined; c++) {
+      if (seg.chunks[c] === 1) continue;
+      const inFlight = seg.chunkFetches.get(c);
+      if (inFlight !== undefined) {
+        waits.push(inFlight);
+        continue;
       }
+      let end = c;
+      while (end < last && seg.chunks[end + 1] === 0 && !seg.chunkFetches.has(end + 1)) end++;
+      waits.push(this.fetchChunks(seg, c, end));
+      c = end;
+    }
+    if (waits.length === 0) return false;
+    await Promise.all(waits);
+    return true;
+  }
+
+  private openChunkFile(seg: Seg): Promise<void> {
+    seg.opening ??= (async () => {
+      const path = join(this.segDir(), fileName(seg.slot, seg.key, 'chunks'));
+      const fh = await open(path, 'w+');
+      await fh.truncate(this.segmentBytes);
+      if (seg.released || this.closed) {
+        await fh.close();
+        await unlink(path).catch(() => undefined);
+        throw new ClosedError(`segment ${seg.key} was released while being fetched`);
+      }
+      seg.chunks = new Uint8Array(this.chunksPerSegment);
+      seg.presentChunks = 0;
+      seg.state = 'cached';
+      seg.fh = fh;
+    })().finally(() => {
+      seg.opening = undefined;
+    });
+    return seg.opening;
+  }
+
+  /** One ranged GET for ranges [a, b] of `seg`, written into its local file. */
+  private fetchChunks(seg: Seg, a: number, b: number): Promise<void> {
+    const offset = a * this.chunkBytes;
+    const length = (b - a + 1) * this.chunkBytes;
+    const p = (async () => {
+      const whole = length === this.segmentBytes;
+      const bytes = await this.bucket.get(seg.key, whole ? undefined : { offset, length });
+      if (bytes === undefined) throw new FormatError(`${this.bucket.describe()}: segment object ${seg.key} (slot ${seg.slot}) is missing`);
+      if (bytes.length !== length) throw new FormatError(`${this.bucket.describe()}: segment object ${seg.key} gave ${bytes.length} bytes at ${offset}, expected ${length}`);
+      const fh = seg.fh;
+      if (fh === undefined || seg.chunks === undefined) return; // dropped meanwhile
+      let done = 0;
+      while (done < length) {
+        const { bytesWritten } = await fh.write(bytes, done, length - done, offset + done);
+        done += bytesWritten;
+      }
+      if (seg.fh !== fh || seg.chunks === undefined) return;
+      for (let c = a; c <= b; c++) {
+        if (seg.chunks[c] === 0) {
+          seg.chunks[c] = 1;
+          seg.presentChunks++;
+          seg.cachedBytes += this.chunkBytes;
+          this.cachedBytes += this.chunkBytes;
+        }
+      }
+      seg.lastUse = ++this.useClock;
+      if (seg.presentChunks === this.chunksPerSegment) {
+        const from = join(this.segDir(), localName(seg));
+        seg.chunks = undefined;
+        await rename(from, join(this.segDir(), localName(seg)));
+      }
+      this.evict(seg);
     })();
-    return seg.fetching;
+    for (let c = a; c <= b; c++) seg.chunkFetches.set(c, p);
+    const done = (): void => {
+      for (let c = a; c <= b; c++) if (seg.chunkFetches.get(c) === p) seg.chunkFetches.delete(c);
+    };
+    p.then(done, done);
+    return p;
   }
 
   /** Drop least recently used cached copies over the bound (only published ones: the journal must not forget a segment the bucket's manifest lacks). */
   private evict(keep?: Seg): void {
     if (this.cachedBytes <= this.cacheBytes) return;
-    const candidates = this.slots.filter((s): s is Seg => s !== undefined && s !== keep && s.state === 'cached' && s.fh !== undefined && s.published && s.readers === 0);
+    const candidates = this.slots.filter((s): s is Seg => s !== undefined && s !== keep && s.state === 'cached' && s.fh !== undefined && s.published && s.readers === 0 && s.chunkFetches.size === 0);
     candidates.sort((a, b) => a.lastUse - b.lastUse);
     for (const s of candidates) {
       if (this.cachedBytes <= this.cacheBytes) break;
@@ -858,10 +963,13 @@ export class S3SegmentStore implements SegmentStore {
     // Not while a read or a publication uses the file, nor before a sealed segment's upload.
     if (seg.fh === undefined || seg.readers > 0 || seg.pins > 0 || (seg.state === 'sealed' && !seg.remote)) return;
     const fh = seg.fh;
+    const name = localName(seg);
     seg.fh = undefined;
-    if (seg.state === 'cached') this.cachedBytes -= this.segmentBytes;
+    seg.chunks = undefined;
+    this.cachedBytes -= seg.cachedBytes;
+    seg.cachedBytes = 0;
     await fh.close().catch(() => undefined);
-    await unlink(join(this.segDir(), fileName(seg.slot, seg.key, seg.state))).catch(() => undefined);
+    await unlink(join(this.segDir(), name)).catch(() => undefined);
   }
 
   // =====================================================================================
