@@ -264,7 +264,8 @@ bench s3: the S3 segment store (a radosgw on 127.0.0.1 is started unless AWS_END
 is set): PUTs per GiB written, GETs of warm reads, a cold sequential read from the bucket
 against a warm one, and fio 4 KiB random writes QD32 over NBD on an S3-backed pool against a
 file-backed one. --gib (default 1), --segment-bytes (default 8M), --seconds per fio run
-(default 10), --rounds (default 3), --dir for temporary files.
+(default 10), --rounds (default 3), --no-nbd to skip the NBD comparison, --dir for
+temporary files.
 
 bench human modes (--mode, default all), on file stores in --dir:
   snapshot     snapshot creation time for volumes with --sizes GiB written (default 1,16),
@@ -318,7 +319,7 @@ const bench: Command = {
       json: { type: 'boolean' }, 'list-policies': { type: 'boolean' },
       repeats: { type: 'string' }, rounds: { type: 'string' }, blocks: { type: 'string' }, writes: { type: 'string' }, tree: { type: 'string' },
       sizes: { type: 'string' }, depth: { type: 'string' }, 'volume-mib': { type: 'string' }, reads: { type: 'string' }, gib: { type: 'string' },
-      seconds: { type: 'string' },
+      seconds: { type: 'string' }, 'no-nbd': { type: 'boolean' },
     }, benchHelp);
     if (o['list-policies']) {
       io.out(POLICIES.map((p) => p.name).join('\n') + '\n');
@@ -403,7 +404,7 @@ async function benchS3Command(o: Parsed): Promise<number> {
   const json = !!o.json;
   const r = await benchS3({
     gib: num(o.gib, 'gib', 1), segmentBytes: size(o['segment-bytes'], 'segment-bytes', 8 << 20), seconds: num(o.seconds, 'seconds', 10),
-    rounds: num(o.rounds, 'rounds', 3), ...(typeof o.dir === 'string' ? { dir: o.dir } : {}),
+    rounds: num(o.rounds, 'rounds', 3), ...(typeof o.dir === 'string' ? { dir: o.dir } : {}), skipNbd: o['no-nbd'] === true,
     log: (l) => {
       if (!json) io.err(l + '\n');
     },
@@ -411,13 +412,13 @@ async function benchS3Command(o: Parsed): Promise<number> {
   const p = r.puts as { total: number; perGiB: number; segments: number; partials: number; manifests: number; checkpoints: number; limit: number; met: boolean };
   const w = r.warmReadGets as { gets: number; met: boolean };
   const c = r.coldRead as { coldMiBps: number; warmMiBps: number; ratio: number; met: boolean };
-  const n = r.nbdRandwrite as { fileIops: number; s3Iops: number; ratio: number; met: boolean };
+  const n = r.nbdRandwrite as { fileIops: number; s3Iops: number; ratio: number; met: boolean } | undefined;
   const ok = (m: boolean): string => (m ? 'met' : 'NOT met');
   out(json, r, () => [
     `PUT requests: ${p.total} for ${String(r.gib)} GiB written, ${p.perGiB.toFixed(1)} per GiB (${p.segments} segments, ${p.partials} partial objects, ${p.manifests} manifests; ${p.checkpoints} checkpoints); limit 1.1 x segments' worth + checkpoints = ${p.limit.toFixed(1)}: ${ok(p.met)}`,
     `GETs for warm reads of the whole volume: ${w.gets}: ${ok(w.met)}`,
     `cold sequential read ${c.coldMiBps.toFixed(0)} MiB/s, warm ${c.warmMiBps.toFixed(0)} MiB/s: ${c.ratio.toFixed(2)}x (target 0.3x): ${ok(c.met)}`,
-    `NBD 4 KiB random write QD32: S3-backed ${n.s3Iops.toFixed(0)} IOPS, file-backed ${n.fileIops.toFixed(0)} IOPS: ${n.ratio.toFixed(2)}x (target 0.8x): ${ok(n.met)}`,
+    ...(n === undefined ? [] : [`NBD 4 KiB random write QD32: S3-backed ${n.s3Iops.toFixed(0)} IOPS, file-backed ${n.fileIops.toFixed(0)} IOPS: ${n.ratio.toFixed(2)}x (target 0.8x): ${ok(n.met)}`]),
   ].join('\n') + '\n');
   return 0;
 }
