@@ -15,7 +15,8 @@
  * The S3 server: the one in AWS_ENDPOINT_URL (or S3_ENDPOINT), else a throwaway radosgw on
  * 127.0.0.1 started for the run.
  */
-import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { execFile, type ChildProcess } from 'node:child_process';
+import { startServe } from './serve-process.ts';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -54,19 +55,6 @@ async function seqRead(pool: Pool, bytes: number): Promise<number> {
   const secs = (performance.now() - t0) / 1000;
   await img.close();
   return bytes / MIB / secs;
-}
-
-async function startServe(args: string[], port: number, env: NodeJS.ProcessEnv): Promise<ChildProcess> {
-  const child = spawn(process.execPath, ['--import', 'tsx', cli, 'serve', ...args, '--listen', `127.0.0.1:${port}`, '--export', 'v', '--json'], { stdio: ['ignore', 'pipe', 'inherit'], env });
-  await new Promise<void>((resolve, reject) => {
-    let out = '';
-    child.stdout!.on('data', (d: Buffer) => {
-      out += d.toString();
-      if (out.includes('\n')) resolve();
-    });
-    child.once('exit', (code) => reject(new Error(`pasture serve exited with ${code}`)));
-  });
-  return child;
 }
 
 async function stopChild(child: ChildProcess): Promise<void> {
@@ -187,7 +175,7 @@ export async function benchS3(o: BenchS3Options): Promise<Record<string, unknown
       { name: 'file', port: 10861, args: ['--store', filePool] },
       { name: 's3', port: 10862, args: ['--store', s3Cache] },
     ];
-    for (const s of servers) children.push(await startServe(s.args, s.port, env));
+    for (const s of servers) children.push((await startServe([...s.args, '--listen', `127.0.0.1:${s.port}`, '--export', 'v'], { env })).child);
     const iops: Record<string, number[]> = { file: [], s3: [] };
     for (let r = 0; r < o.rounds; r++) {
       const order = r % 2 === 0 ? servers : [...servers].reverse();

@@ -5,7 +5,8 @@
  * of the pool from the bucket alone after its cache directory is lost.
  */
 import test from 'ava';
-import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { execFile, type ChildProcess } from 'node:child_process';
+import { startServe } from './serve-process.ts';
 import { promisify } from 'node:util';
 import { mkdtemp, rm, readFile, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -61,24 +62,8 @@ async function s3delete(bucket: string, key: string): Promise<void> {
   }
 }
 
-async function startServer(args: string[], port: number): Promise<{ child: ChildProcess; uri: string }> {
-  const child = spawn(process.execPath, ['--import', 'tsx', cli, 'serve', ...args, '--listen', `127.0.0.1:${port}`, '--json'], { stdio: ['ignore', 'pipe', 'pipe'], env });
-  let out = '';
-  let err = '';
-  child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
-  const uri = await new Promise<string>((resolve, reject) => {
-    const t = setTimeout(() => reject(new Error(`serve did not start: ${err}`)), 60_000);
-    child.stdout!.on('data', (d: Buffer) => {
-      out += d.toString();
-      const nl = out.indexOf('\n');
-      if (nl >= 0) {
-        clearTimeout(t);
-        resolve((JSON.parse(out.slice(0, nl)) as { uri: string }).uri);
-      }
-    });
-    child.once('exit', (code) => reject(new Error(`serve exited with ${code}: ${err}`)));
-  });
-  return { child, uri };
+function startServer(args: string[], port: number): Promise<{ child: ChildProcess; uri: string }> {
+  return startServe([...args, '--listen', `127.0.0.1:${port}`], { env });
 }
 
 test('a pool in S3: init, volumes, import and export, serve to qemu-io, live snapshot, a second writer refused, recovery from the bucket alone', async (t) => {

@@ -6,6 +6,7 @@
  */
 import test from 'ava';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { startServe } from './serve-process.ts';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -33,25 +34,8 @@ async function qemuIo(uri: string, ...cmds: string[]): Promise<string> {
   return stdout;
 }
 
-/** Start `pasture serve` (node itself, so signals reach it) and wait for its JSON line. */
-async function startServer(store: string, port: number, extra: string[] = []): Promise<{ child: ChildProcess; uri: string }> {
-  const child = spawn(process.execPath, ['--import', 'tsx', cli, 'serve', '--store', store, '--listen', `127.0.0.1:${port}`, '--json', ...extra], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '';
-  let err = '';
-  child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
-  const uri = await new Promise<string>((resolve, reject) => {
-    const t = setTimeout(() => reject(new Error(`serve did not start: ${err}`)), 30_000);
-    child.stdout!.on('data', (d: Buffer) => {
-      out += d.toString();
-      const nl = out.indexOf('\n');
-      if (nl >= 0) {
-        clearTimeout(t);
-        resolve((JSON.parse(out.slice(0, nl)) as { uri: string }).uri);
-      }
-    });
-    child.once('exit', (code) => reject(new Error(`serve exited with ${code}: ${err}`)));
-  });
-  return { child, uri };
+function startServer(store: string, port: number, extra: string[] = []): Promise<{ child: ChildProcess; uri: string }> {
+  return startServe(['--store', store, '--listen', `127.0.0.1:${port}`, ...extra], { timeoutMs: 30_000 });
 }
 
 function exited(child: ChildProcess): Promise<number | null> {

@@ -29,7 +29,7 @@ import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { z } from 'zod';
 import {
-  checkRange, takeLock, type SegmentStore, InvalidArgumentError, FormatError, StoreLockedError, ClosedError,
+  checkRange, takeLock, syncDir, pidAlive, type SegmentStore, InvalidArgumentError, FormatError, StoreLockedError, ClosedError,
   SUPERBLOCK_BYTES, MIN_SEGMENT_BYTES, MAX_SEGMENT_BYTES, MAX_SEGMENT_COUNT,
 } from '@pasture/grass';
 import { Bucket, type BucketOptions } from './bucket.ts';
@@ -198,30 +198,12 @@ function localName(seg: Seg): string {
   return fileName(seg.slot, seg.key, seg.chunks !== undefined ? 'chunks' : seg.state);
 }
 
-async function syncDir(dir: string): Promise<void> {
-  const h = await open(dir, 'r');
-  try {
-    await h.sync();
-  } finally {
-    await h.close();
-  }
-}
-
 async function writeFileDurably(path: string, data: string | Uint8Array): Promise<void> {
   await writeFile(`${path}.tmp`, data);
   const h = await open(`${path}.tmp`, 'r');
   await h.sync();
   await h.close();
   await rename(`${path}.tmp`, path);
-}
-
-function pidAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
-  }
 }
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms).unref());

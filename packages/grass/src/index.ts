@@ -1,7 +1,7 @@
 export { GrassLog, type Grass, type BatchOp, type GrassOptions, type GrassInspection, MAX_BATCH_OPS, MAX_BATCH_BYTES } from './grass.ts';
 export type { SegmentStore, StoreGeometry } from './segment-store.ts';
 export { MemorySegmentStore } from './stores/memory.ts';
-export { FileSegmentStore, takeLock } from './stores/file.ts';
+export { FileSegmentStore, takeLock, syncDir, pidAlive } from './stores/file.ts';
 export { checkRange } from './segment-store.ts';
 export { SUPERBLOCK_BYTES, MIN_SEGMENT_BYTES, MAX_SEGMENT_BYTES, MAX_SEGMENT_COUNT } from './format.ts';
 export { FaultySegmentStore, CrashedError, InjectedError, type FaultOptions } from './stores/faulty.ts';

@@ -223,7 +223,8 @@ export class FileSegmentStore implements SegmentStore {
   }
 }
 
-async function syncDir(dir: string): Promise<void> {
+/** fsync a directory, so that entries created or renamed in it are durable. */
+export async function syncDir(dir: string): Promise<void> {
   const h = await open(dir, 'r');
   try {
     await h.sync();
@@ -232,7 +233,8 @@ async function syncDir(dir: string): Promise<void> {
   }
 }
 
-function pidAlive(pid: number): boolean {
+/** True if a process with this pid exists on this host. */
+export function pidAlive(pid: number): boolean {
   try {
     process.kill(pid, 0);
     return true;
