@@ -197,7 +197,9 @@ export class Bucket {
     } catch (e) {
       if (!isPreconditionFailed(e) && (e as Error)?.name !== 'ConditionalRequestConflict' && httpStatus(e) !== 409) throw e;
       const existing = await this.get(rel);
-      return existing !== undefined && Buffer.compare(Buffer.from(existing), Buffer.from(body)) === 0;
+      // A conflict with a write still in flight (409) and no object yet: undecided, so an error.
+      if (existing === undefined) throw new Error(`S3 PUT (If-None-Match) ${this.key(rel)}: conflict with a concurrent write; try again`);
+      return Buffer.compare(Buffer.from(existing), Buffer.from(body)) === 0;
     }
   }
 

@@ -509,3 +509,91 @@ test('reads of segments only in S3 fetch ranges with ranged GETs, fetch ahead wh
   t.deepEqual(Buffer.from(await s2.read(3, 100, 100)), pattern(3).subarray(100, 200), 'an evicted segment is fetched again');
   await s2.close();
 });
+
+test('open: a newer life of a slot in the manifest wins over a leftover journal file; a wrong cache directory does not move the epoch', async (t) => {
+  const name = newBucketName();
+  const cache = await tempDir();
+  const s1 = await S3SegmentStore.create({ bucket: bucketOptions(name), cacheDir: cache, ...GEOMETRY, createBucket: true, ...quick });
+  const life = Buffer.alloc(GEOMETRY.segmentBytes, 0x3b);
+  await s1.write(3, 0, life);
+  await s1.seal(3);
+  await s1.close();
+  const key = s1.manifest.entries.find((e) => e.slot === 3)!.key;
+  // The cached copy was evicted, and an older life's file survived a crash.
+  const { readdir, unlink, writeFile } = await import('node:fs/promises');
+  for (const f of await readdir(join(cache, 'seg'))) await unlink(join(cache, 'seg', f));
+  await writeFile(join(cache, 'seg', '3.00000000-00000007.sealed'), Buffer.alloc(GEOMETRY.segmentBytes, 0xee));
+  const s2 = await S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: cache, ...quick });
+  t.true(Buffer.from(await s2.read(3, 1000, 100)).equals(life.subarray(1000, 1100)), 'the manifest\'s life is read, not the leftover');
+  t.false((await s2.journalFiles()).includes('3.00000000-00000007.sealed'));
+  t.is(s2.manifest.entries.find((e) => e.slot === 3)!.key, key);
+  await s2.close();
+
+  // Another store's cache directory: refused before anything is written to this store.
+  const other = await S3SegmentStore.create({ bucket: bucketOptions(newBucketName()), cacheDir: await tempDir(), ...GEOMETRY, createBucket: true, ...quick });
+  const otherDir = other.dir;
+  await other.close();
+  const bucket = new Bucket(bucketOptions(name));
+  const before = (await bucket.list('manifest/')).length;
+  await t.throwsAsync(S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: otherDir, ...quick }), { message: /belongs to store/ });
+  t.is((await bucket.list('manifest/')).length, before, 'no claim was made');
+  bucket.destroy();
+});
+
+test('fencing holds after the new writer\'s claim is gone: the old writer sees newer manifests and stops', async (t) => {
+  const name = newBucketName();
+  const a = await S3SegmentStore.create({ bucket: bucketOptions(name), cacheDir: await tempDir(), ...GEOMETRY, createBucket: true, ...quick });
+  await a.write(1, 0, new Uint8Array(4096).fill(1));
+  await a.sync();
+  await a.drain();
+  const b = await S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: await tempDir(), ...quick, takeover: true });
+  const claimSeq = a.manifest.seq + 1;
+  await b.write(2, 0, new Uint8Array(4096).fill(2));
+  await b.drain();
+  await b.drain();
+  // B's claim, the number A would take next, is deleted (as old manifests are).
+  const bucket = new Bucket(bucketOptions(name));
+  await bucket.delete([`manifest/${String(claimSeq).padStart(12, '0')}`]);
+  await a.write(1, 4096, new Uint8Array(4096).fill(3));
+  await a.sync();
+  const err = await t.throwsAsync(a.drain(), { instanceOf: StoreLockedError });
+  t.regex(err!.message, /taken over by/);
+  await t.throwsAsync(a.write(1, 8192, new Uint8Array(4096)), { instanceOf: StoreLockedError });
+  await a.close();
+  t.true(Buffer.from(await b.read(2, 0, 4096)).equals(Buffer.alloc(4096, 2)));
+  await b.close();
+  bucket.destroy();
+});
+
+test('a manifest PUT that landed although the call failed is adopted, not taken for another writer', async (t) => {
+  const name = newBucketName();
+  const faults = new S3Faults(5);
+  const store = await S3SegmentStore.create({ bucket: bucketOptions(name, faults, { maxAttempts: 2 }), cacheDir: await tempDir(), ...GEOMETRY, createBucket: true, ...quick });
+  await store.write(1, 0, new Uint8Array(4096).fill(1));
+  await store.sync();
+  const seq = store.manifest.seq;
+  const isManifestPut = (method: string, path: string): boolean => method === 'PUT' && path.includes('/manifest/');
+  faults.next('lostReply', isManifestPut); // applied, reply lost
+  faults.next('reset', isManifestPut); // the retry never arrives: the call gives up
+  await t.throwsAsync(store.drain());
+  await store.drain();
+  t.is(store.manifest.seq, seq + 2, 'the landed manifest was adopted, and the next one follows it');
+  await store.write(2, 0, new Uint8Array(4096).fill(2)); // not fenced
+  await store.close();
+});
+
+test('a journal closed cleanly opens again after another writer has used the store', async (t) => {
+  const name = newBucketName();
+  const cacheA = await tempDir();
+  const a = await S3SegmentStore.create({ bucket: bucketOptions(name), cacheDir: cacheA, ...GEOMETRY, createBucket: true, ...quick });
+  const g = await GrassLog.create(a);
+  const model = new Model();
+  await randomBatches(g, model, new Rng(71), 300, 150);
+  await g.close();
+  const gb = await GrassLog.open(await S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: await tempDir(), ...quick }));
+  await randomBatches(gb, model, new Rng(72), 100, 150);
+  await gb.close();
+  const ga = await GrassLog.open(await S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: cacheA, ...quick }));
+  t.true(await equalsState(ga, model.stateAfter(model.batches.length), 150), 'A sees B\'s writes: its journal held nothing unsent and was dropped');
+  await ga.close();
+});

@@ -21,7 +21,7 @@
  * behind is deleted only after a manifest that no longer lists it is durable, plus a grace
  * period for readers of older manifests. `sweep()` deletes orphans that a crash left.
  */
-import { open, mkdir, readFile, writeFile, rename, readdir, unlink, rm } from 'node:fs/promises';
+import { open, mkdir, readFile, writeFile, rename, readdir, unlink, rm, stat } from 'node:fs/promises';
 import type { FileHandle } from 'node:fs/promises';
 import { readSync } from 'node:fs';
 import { hostname } from 'node:os';
@@ -123,6 +123,8 @@ const CacheManifest = z.object({
   segmentCount: z.number().int().min(4).max(MAX_SEGMENT_COUNT),
   /** The epoch of the last writer that used this directory. */
   epoch: z.number().int().min(0),
+  /** Written before an open claims the next epoch: if that open dies after its claim, the journal is still this store's current one. */
+  claimingEpoch: z.number().int().min(0).optional(),
 });
 export type CacheManifest = z.infer<typeof CacheManifest>;
 
@@ -160,6 +162,10 @@ class Seg {
   readers = 0;
   /** Publications that listed it and have not finished: its local file stays until they do. */
   pins = 0;
+  /** A rename of its local file is under way (dropLocal waits). */
+  renaming = false;
+  /** Its local file is being closed and unlinked (a new fetch waits). */
+  dropping: Promise<void> | undefined;
   lastUse = 0;
 
   constructor(
@@ -213,6 +219,11 @@ export class S3SegmentStore implements SegmentStore {
   private readonly superblocks: [Uint8Array | undefined, Uint8Array | undefined] = [undefined, undefined];
   private superblockFile!: FileHandle;
   private readonly dirty = new Set<Seg>();
+  /** Every segment holding an open local file (closed by abandon, released or not). */
+  private readonly withFiles = new Set<Seg>();
+  /** Segments pinned by the publication under way (kept by sweep). */
+  private readonly pinned = new Set<Seg>();
+  private ownsBucket = false;
   private dirDirty = false;
   private nextIncarnation = 0;
   private closed = false;
@@ -312,10 +323,12 @@ export class S3SegmentStore implements SegmentStore {
       kind: 'pasture-grass-s3-manifest', formatVersion: MANIFEST_FORMAT_VERSION, storeId: randomBytes(8).toString('hex'),
       seq: 0, epoch: 0, writer: newWriter(), segmentBytes, segmentCount, superblocks: [null, null], entries: [], publishedAt: new Date().toISOString(),
     };
-    if (!(await bucket.putIfAbsent(manifestKey(0), encodeManifest(m)))) {
+    const r = await createManifest(bucket, m);
+    if (r !== 'created' && r.writer.id !== m.writer.id) {
       throw new StoreLockedError(`${bucket.describe()}: another process created a store there at the same time`);
     }
-    return S3SegmentStore.open({ ...options, bucket });
+    if (!(options.bucket instanceof Bucket)) bucket.destroy(); // open makes its own client
+    return S3SegmentStore.open(options);
   }
 
   /** The cache directory's record of its bucket, if DIR is an S3 store's cache. */
@@ -352,19 +365,25 @@ export class S3SegmentStore implements SegmentStore {
       // A takeover may race the old writer's last publication: read again and claim again.
       let latest: Manifest;
       let claim: Manifest;
+      const local = await S3SegmentStore.readCacheManifest(dir);
       for (let attempt = 0; ; attempt++) {
         latest = await readLatestManifest(bucket);
+        // Checked before claiming: a wrong --cache-dir must not move the store's epoch.
+        if (local !== undefined && (local.storeId !== latest.storeId || local.bucket !== bucket.name || local.prefix !== bucket.prefix)) {
+          throw new InvalidArgumentError(`cache directory ${dir} belongs to store ${local.storeId} at s3://${local.bucket}/${local.prefix}, not to ${bucket.describe()} (store ${latest.storeId})`);
+        }
         claim = { ...latest, seq: latest.seq + 1, epoch: latest.epoch + 1, writer, publishedAt: new Date().toISOString() };
-        if (await bucket.putIfAbsent(manifestKey(claim.seq), encodeManifest(claim))) break;
+        if (local !== undefined && local.epoch === latest.epoch) {
+          await writeFileDurably(join(dir, 'store.json'), JSON.stringify({ ...local, claimingEpoch: claim.epoch }, null, 2) + '\n');
+        }
+        const r = await createManifest(bucket, claim);
+        if (r === 'created' || r.writer.id === writer.id) break;
         if (options.takeover !== true || attempt >= 4) {
-          throw new StoreLockedError(`${bucket.describe()}: another writer (${latest.writer.host}, pid ${latest.writer.pid}) published while this one was opening`);
+          throw new StoreLockedError(`${bucket.describe()}: another writer (${r.writer.host}, pid ${r.writer.pid}) published while this one was opening`);
         }
       }
-      const local = await S3SegmentStore.readCacheManifest(dir);
-      if (local !== undefined && (local.storeId !== latest.storeId || local.bucket !== bucket.name || local.prefix !== bucket.prefix)) {
-        throw new InvalidArgumentError(`cache directory ${dir} belongs to store ${local.storeId} at s3://${local.bucket}/${local.prefix}, not to ${bucket.describe()} (store ${latest.storeId})`);
-      }
       const store = new S3SegmentStore(bucket, dir, latest.segmentBytes, latest.segmentCount, claim.epoch, writer, latest.storeId, claim, options);
+      store.ownsBucket = !(options.bucket instanceof Bucket);
       try {
         await store.reconcile(latest, local);
       } catch (e) {
@@ -385,6 +404,7 @@ export class S3SegmentStore implements SegmentStore {
     } catch (e) {
       if (lockTaken) await releaseBucketLock(bucket, writer).catch(() => undefined);
       await unlink(localLock).catch(() => undefined);
+      if (!(options.bucket instanceof Bucket)) bucket.destroy();
       throw e;
     }
   }
@@ -394,9 +414,19 @@ export class S3SegmentStore implements SegmentStore {
     const segDir = join(this.dir, 'seg');
     let useJournal = local !== undefined;
     const files = (await readdir(segDir)).map((n) => ({ name: n, parsed: parseFileName(n) }));
-    if (local !== undefined && latest.epoch !== local.epoch) {
-      // Someone else wrote the bucket since this directory's writer: its journal is stale.
-      const unsent = files.filter((f) => f.parsed !== undefined && (f.parsed.state === 'open' || f.parsed.state === 'sealed'));
+    if (local !== undefined && latest.epoch !== local.epoch && latest.epoch !== local.claimingEpoch) {
+      // Someone else has opened the store since this directory's writer. The journal can only
+      // be dropped if the bucket already has everything in it.
+      const listedKeys = new Map(latest.entries.map((e) => [e.key.replace(/\.p[0-9]+$/, ''), e]));
+      const unsent: string[] = [];
+      for (const f of files) {
+        const p = f.parsed;
+        if (p === undefined || (p.state !== 'open' && p.state !== 'sealed')) continue;
+        const e = listedKeys.get(p.key);
+        const size = (await stat(join(segDir, f.name)).catch(() => ({ size: Infinity }))).size;
+        const sent = e !== undefined && (e.sealed || (p.state === 'open' && e.length >= size));
+        if (!sent) unsent.push(f.name);
+      }
       if (unsent.length > 0) {
         throw new StoreLockedError(
           `cache directory ${this.dir} holds ${unsent.length} segments that never reached ${this.bucket.describe()}, and ${latest.writer.host} ` +
@@ -452,23 +482,39 @@ export class S3SegmentStore implements SegmentStore {
       }
     }
     const listed = new Map(latest.entries.map((e) => [e.slot, e]));
+    const baseKey = (key: string): string => key.replace(/\.p[0-9]+$/, '');
     for (const [slot, f] of newest) {
-      const seg = new Seg(slot, f.key, f.state);
       const e = listed.get(slot);
-      seg.fh = await open(join(segDir, f.name), 'r+');
-      const size = (await seg.fh.stat()).size;
-      if (e !== undefined && e.key === f.key && e.sealed) {
+      const path = join(segDir, f.name);
+      // The manifest holds a newer life of this slot: the journal's file is a leftover of a
+      // release (an upload that was skipped, or an unlink lost in a crash).
+      if (e !== undefined && baseKey(e.key) > f.key) {
+        await unlink(path);
+        continue;
+      }
+      const fh = await open(path, 'r+');
+      const size = (await fh.stat()).size;
+      const listedWhole = e !== undefined && e.key === f.key && e.sealed;
+      if (f.state === 'cached' && size < this.segmentBytes && listedWhole) {
+        await fh.close(); // a cached copy cut short (a crash): S3 has the whole object
+        await unlink(path);
+        continue;
+      }
+      const seg = new Seg(slot, f.key, f.state);
+      this.setFile(seg, fh);
+      if (listedWhole) {
         seg.remote = true;
         seg.published = true;
       }
       if (f.state === 'open') {
         seg.length = Math.min(size, this.segmentBytes);
-        if (e !== undefined && !e.sealed && e.key.startsWith(f.key)) seg.partial = { key: e.key, length: e.length };
+        if (e !== undefined && !e.sealed && baseKey(e.key) === f.key) seg.partial = { key: e.key, length: e.length };
       } else {
         seg.length = this.segmentBytes;
-        if (size < this.segmentBytes) await seg.fh.truncate(this.segmentBytes);
-        if (f.state === 'cached') seg.remote = true;
+        if (size < this.segmentBytes) await fh.truncate(this.segmentBytes);
       }
+      // Uploaded but never published: the object may be gone (a sweep), so upload it again.
+      if (seg.state === 'cached' && !seg.remote) await this.renameLocal(seg, 'sealed');
       if (seg.state === 'sealed' && seg.remote) await this.renameLocal(seg, 'cached');
       if (seg.state === 'cached') {
         seg.cachedBytes = this.segmentBytes;
@@ -500,8 +546,9 @@ export class S3SegmentStore implements SegmentStore {
         if (bytes === undefined || bytes.length !== e.length) throw new FormatError(`${this.bucket.describe()}: manifest ${latest.seq} lists ${e.key} (${e.length} B) but S3 has ${bytes === undefined ? 'no such object' : `${bytes.length} B`}`);
         const path = join(segDir, fileName(e.slot, base, 'open'));
         await writeFile(path, bytes);
-        seg.fh = await open(path, 'r+');
-        await seg.fh.datasync();
+        const fh = await open(path, 'r+');
+        this.setFile(seg, fh);
+        await fh.datasync();
         seg.length = e.length;
         seg.partial = { key: e.key, length: e.length };
         this.dirDirty = true;
@@ -565,7 +612,7 @@ export class S3SegmentStore implements SegmentStore {
       // A write at offset 0 starts a new life of the slot (the contract: a reused slot was released).
       if (seg !== undefined) this.retireSeg(seg);
       seg = new Seg(segment, segmentKey(this.epoch, this.nextIncarnation++), 'open');
-      seg.fh = await open(join(this.segDir(), fileName(segment, seg.key, 'open')), 'w+');
+      this.setFile(seg, await open(join(this.segDir(), fileName(segment, seg.key, 'open')), 'w+'));
       this.slots[segment] = seg;
       this.dirDirty = true;
     } else if (seg === undefined || seg.state !== 'open' || seg.fh === undefined) {
@@ -726,17 +773,21 @@ export class S3SegmentStore implements SegmentStore {
     clearInterval(this.deleteTimer);
     clearInterval(this.sweepTimer);
     for (const w of this.backlogWaiters.splice(0)) w();
-    for (const seg of this.slots) {
-      if (seg?.fh !== undefined) {
-        const fh = seg.fh;
-        seg.fh = undefined;
-        await fh.close().catch(() => undefined);
-      }
+    for (const seg of [...this.withFiles]) {
+      const fh = seg.fh;
+      seg.fh = undefined;
+      this.withFiles.delete(seg);
+      await fh?.close().catch(() => undefined);
     }
     await this.superblockFile?.close().catch(() => undefined);
     if (this.fenced === undefined) await releaseBucketLock(this.bucket, this.writer).catch(() => undefined);
     await unlink(join(this.dir, 'lock')).catch(() => undefined);
-    this.bucket.destroy();
+    if (this.ownsBucket) this.bucket.destroy();
+  }
+
+  private setFile(seg: Seg, fh: FileHandle): void {
+    seg.fh = fh;
+    this.withFiles.add(seg);
   }
 
   // =====================================================================================
@@ -764,36 +815,50 @@ export class S3SegmentStore implements SegmentStore {
   /** Upload one sealed segment, retrying with backoff until it succeeds or the store closes. */
   private async uploadOne(seg: Seg): Promise<void> {
     let attempt = 0;
+    const finish = (): void => {
+      this.backlogBytes -= this.segmentBytes;
+      for (const w of this.backlogWaiters.splice(0)) w();
+      seg.uploadDone?.();
+    };
     while (!this.stopping) {
+      // Released, and no publication under way lists it: nothing needs it; skip the upload.
+      if (seg.released && seg.pins === 0) {
+        finish();
+        await this.dropLocal(seg);
+        return;
+      }
       try {
+        const fh = seg.fh;
+        if (fh === undefined) throw new Error(`the journal file of segment ${seg.key} is gone`);
         const body = Buffer.alloc(this.segmentBytes);
         seg.readers++;
         try {
-          const { bytesRead } = await seg.fh!.read(body, 0, this.segmentBytes, 0);
+          const { bytesRead } = await fh.read(body, 0, this.segmentBytes, 0);
           if (bytesRead !== this.segmentBytes) throw new Error(`journal file of segment ${seg.slot} has ${bytesRead} of ${this.segmentBytes} bytes`);
         } finally {
           seg.readers--;
         }
         if (this.fenced !== undefined) return;
+        if (seg.released && seg.pins === 0) continue;
         await this.bucket.put(seg.key, body);
         this.counters.segmentUploads++;
         seg.remote = true;
-        this.backlogBytes -= this.segmentBytes;
-        for (const w of this.backlogWaiters.splice(0)) w();
         if (seg.partial !== undefined) {
           this.retire({ key: seg.partial.key });
           seg.partial = undefined;
         }
+        finish();
         if (seg.released) {
           this.retire({ key: seg.key });
           await this.dropLocal(seg);
-        } else {
-          await this.renameLocal(seg, 'cached');
+          return;
+        }
+        await this.renameLocal(seg, 'cached');
+        if (!seg.released && seg.fh !== undefined) {
           seg.cachedBytes = this.segmentBytes;
           this.cachedBytes += this.segmentBytes;
           this.evict();
         }
-        seg.uploadDone?.();
         return;
       } catch (e) {
         if (this.stopping) return;
@@ -806,8 +871,14 @@ export class S3SegmentStore implements SegmentStore {
   }
 
   private async renameLocal(seg: Seg, state: SegState): Promise<void> {
-    await rename(join(this.segDir(), fileName(seg.slot, seg.key, seg.state)), join(this.segDir(), fileName(seg.slot, seg.key, state)));
-    seg.state = state;
+    seg.renaming = true;
+    try {
+      await rename(join(this.segDir(), fileName(seg.slot, seg.key, seg.state)), join(this.segDir(), fileName(seg.slot, seg.key, state)));
+      seg.state = state;
+    } finally {
+      seg.renaming = false;
+    }
+    if (seg.released && seg.pins === 0 && seg.readers === 0) await this.dropLocal(seg);
   }
 
   // =====================================================================================
@@ -871,6 +942,7 @@ export class S3SegmentStore implements SegmentStore {
 
   private openChunkFile(seg: Seg): Promise<void> {
     seg.opening ??= (async () => {
+      if (seg.dropping !== undefined) await seg.dropping;
       const path = join(this.segDir(), fileName(seg.slot, seg.key, 'chunks'));
       const fh = await open(path, 'w+');
       await fh.truncate(this.segmentBytes);
@@ -882,7 +954,7 @@ export class S3SegmentStore implements SegmentStore {
       seg.chunks = new Uint8Array(this.chunksPerSegment);
       seg.presentChunks = 0;
       seg.state = 'cached';
-      seg.fh = fh;
+      this.setFile(seg, fh);
     })().finally(() => {
       seg.opening = undefined;
     });
@@ -916,9 +988,16 @@ export class S3SegmentStore implements SegmentStore {
       }
       seg.lastUse = ++this.useClock;
       if (seg.presentChunks === this.chunksPerSegment) {
+        // Durable before its name says complete: open trusts a .cached file's bytes.
+        await fh.datasync();
         const from = join(this.segDir(), localName(seg));
         seg.chunks = undefined;
-        await rename(from, join(this.segDir(), localName(seg)));
+        seg.renaming = true;
+        try {
+          await rename(from, join(this.segDir(), localName(seg)));
+        } finally {
+          seg.renaming = false;
+        }
       }
       this.evict(seg);
     })();
@@ -942,16 +1021,23 @@ export class S3SegmentStore implements SegmentStore {
   }
 
   private async dropLocal(seg: Seg): Promise<void> {
-    // Not while a read or a publication uses the file, nor before a sealed segment's upload.
-    if (seg.fh === undefined || seg.readers > 0 || seg.pins > 0 || (seg.state === 'sealed' && !seg.remote)) return;
+    // Not while a read, a publication or a rename uses the file, nor before the upload of a
+    // sealed segment that is still live (a released one is not needed any more).
+    if (seg.fh === undefined || seg.readers > 0 || seg.pins > 0 || seg.renaming || (seg.state === 'sealed' && !seg.remote && !seg.released)) return;
     const fh = seg.fh;
     const name = localName(seg);
     seg.fh = undefined;
+    this.withFiles.delete(seg);
     seg.chunks = undefined;
     this.cachedBytes -= seg.cachedBytes;
     seg.cachedBytes = 0;
-    await fh.close().catch(() => undefined);
-    await unlink(join(this.segDir(), name)).catch(() => undefined);
+    const done = (async () => {
+      await unlink(join(this.segDir(), name)).catch(() => undefined);
+      await fh.close().catch(() => undefined);
+    })();
+    seg.dropping = done;
+    await done;
+    if (seg.dropping === done) seg.dropping = undefined;
   }
 
   // =====================================================================================
@@ -965,7 +1051,12 @@ export class S3SegmentStore implements SegmentStore {
     this.dirty.delete(seg);
     this.changedSincePublish = true;
     if (seg.partial !== undefined) this.retire({ key: seg.partial.key });
-    if (seg.state === 'sealed' && !seg.remote) return; // its upload finishes, then retires it
+    if (seg.state === 'sealed' && !seg.remote) {
+      // Not uploaded yet: nothing will need it, unless a publication under way lists it (then
+      // its upload finishes and retires it). Otherwise the upload is skipped.
+      if (seg.pins === 0) void this.dropLocal(seg);
+      return;
+    }
     if (seg.remote) this.retire({ key: seg.key });
     void this.dropLocal(seg);
   }
@@ -1004,7 +1095,10 @@ export class S3SegmentStore implements SegmentStore {
     const segs = this.slots.filter((s): s is Seg => s !== undefined);
     // The snapshot: these segments as they are now. Pinned, so that a segment released or
     // rewritten meanwhile keeps its local file until this publication has what it needs.
-    for (const seg of segs) seg.pins++;
+    for (const seg of segs) {
+      seg.pins++;
+      this.pinned.add(seg);
+    }
     const entries: ManifestEntry[] = [];
     try {
       for (const seg of segs) {
@@ -1040,22 +1134,30 @@ export class S3SegmentStore implements SegmentStore {
     } finally {
       for (const seg of segs) {
         seg.pins--;
-        if (seg.pins === 0 && seg.released && seg.readers === 0) await this.dropLocal(seg);
+        if (seg.pins === 0) this.pinned.delete(seg);
       }
+      for (const seg of segs) if (seg.pins === 0 && seg.released && seg.readers === 0) await this.dropLocal(seg);
     }
     entries.sort((a, b) => a.slot - b.slot);
     if (this.stopping) throw new ClosedError(`S3 segment store ${this.bucket.describe()} stopped before publishing`);
     const m: Manifest = {
       ...this.lastManifest, seq: this.lastManifest.seq + 1, epoch: this.epoch, writer: this.writer, superblocks, entries, publishedAt: new Date().toISOString(),
     };
-    const created = await this.bucket.putIfAbsent(manifestKey(m.seq), encodeManifest(m));
-    if (!created) {
-      const winner = await this.bucket.get(manifestKey(m.seq)).then((b) => (b === undefined ? undefined : decodeManifest(b)), () => undefined);
-      const who = winner !== undefined && typeof winner !== 'string' ? `${winner.writer.host} (pid ${winner.writer.pid}, epoch ${winner.epoch})` : 'another writer';
-      this.fenced = new StoreLockedError(`${this.bucket.describe()} was taken over by ${who}; this writer stopped, and its unpublished writes stay in ${this.dir}`);
-      for (const w of this.backlogWaiters.splice(0)) w();
-      throw this.fenced;
+    for (;;) {
+      const r = await createManifest(this.bucket, m);
+      if (r === 'created') break;
+      if (r.writer.id === this.writer.id) {
+        // An earlier publication of ours landed although it reported failure: it is durable,
+        // so it is the chain's head; publish after it.
+        this.lastManifest = r;
+        m.seq = r.seq + 1;
+        continue;
+      }
+      this.fence(r);
     }
+    // A writer that was paused past a takeover may find its number free again (old manifests
+    // are deleted): any manifest after ours means someone else owns the store.
+    await this.checkHead(m.seq);
     this.lastManifest = m;
     this.counters.publications++;
     const listed = new Set(entries.filter((e) => e.sealed).map((e) => e.key));
@@ -1067,11 +1169,36 @@ export class S3SegmentStore implements SegmentStore {
     this.evict();
   }
 
+  /** Stop as a writer that was taken over: no more publications, deletes or writes. */
+  private fence(winner: Manifest | undefined): never {
+    const who = winner !== undefined ? `${winner.writer.host} (pid ${winner.writer.pid}, epoch ${winner.epoch})` : 'another writer';
+    this.fenced = new StoreLockedError(`${this.bucket.describe()} was taken over by ${who}; this writer stopped, and its unpublished writes stay in ${this.dir}`);
+    for (const w of this.backlogWaiters.splice(0)) w();
+    throw this.fenced;
+  }
+
+  /** Fence this writer if any manifest after `seq` exists. */
+  private async checkHead(seq: number): Promise<void> {
+    const newer = (await this.bucket.list(MANIFEST_DIR)).map((o) => manifestSeqOf(o.key)).filter((n): n is number => n !== undefined && n > seq);
+    if (newer.length === 0) return;
+    const raw = await this.bucket.get(manifestKey(Math.max(...newer))).catch(() => undefined);
+    const winner = raw === undefined ? undefined : decodeManifest(raw);
+    this.fence(winner === undefined || typeof winner === 'string' ? undefined : winner);
+  }
+
   private async runDeletes(): Promise<void> {
     if (this.deleting || this.fenced !== undefined) return;
     this.deleting = true;
     try {
       const now = Date.now();
+      // A safety net: never delete what the newest durable manifest lists.
+      const listed = new Set(this.lastManifest.entries.map((e) => e.key));
+      for (const r of this.retired) {
+        if (r.dueAt !== undefined && listed.has(r.key)) {
+          r.dueAt = undefined;
+          r.snap = this.snapshots;
+        }
+      }
       const due = this.retired.filter((r) => r.dueAt !== undefined && r.dueAt <= now);
       if (due.length === 0) return;
       await this.bucket.delete(due.map((r) => r.key));
@@ -1108,8 +1235,13 @@ export class S3SegmentStore implements SegmentStore {
       doomed.push(o.key);
     }
     // Check the chain once more: a writer that was taken over must not sweep.
-    const head = await this.bucket.get(manifestKey(this.lastManifest.seq + 1));
-    if (head !== undefined) throw new StoreLockedError(`${this.bucket.describe()}: a newer manifest exists; not sweeping`);
+    await this.checkHead(this.lastManifest.seq);
+    // Whatever became needed while listing (uploads, publications, releases) is kept too.
+    for (const s of this.slots) if (s !== undefined) keep.add(s.key);
+    for (const s of this.pinned) keep.add(s.key);
+    for (const s of this.uploadQueue) keep.add(s.key);
+    for (const r of this.retired) keep.add(r.key);
+    for (let i = doomed.length - 1; i >= 0; i--) if (keep.has(doomed[i]!)) doomed.splice(i, 1);
     // Manifests older than the ones kept.
     for (const o of await this.bucket.list(MANIFEST_DIR)) {
       const seq = manifestSeqOf(o.key);
@@ -1171,6 +1303,18 @@ export class S3SegmentStore implements SegmentStore {
 
 function newWriter(): Writer {
   return { host: hostname(), pid: process.pid, id: randomBytes(8).toString('hex'), since: new Date().toISOString() };
+}
+
+/**
+ * Create manifest `m` if its number is free. 'created', or the manifest that holds the number
+ * (which may be this writer's own, from an attempt that landed although it reported failure).
+ */
+async function createManifest(bucket: Bucket, m: Manifest): Promise<Manifest | 'created'> {
+  if (await bucket.putIfAbsent(manifestKey(m.seq), encodeManifest(m))) return 'created';
+  const raw = await bucket.get(manifestKey(m.seq));
+  const other = raw === undefined ? 'vanished' : decodeManifest(raw);
+  if (typeof other === 'string') throw new FormatError(`${bucket.describe()}: manifest ${m.seq} exists but cannot be read: ${other}`);
+  return other;
 }
 
 async function readLatestManifest(bucket: Bucket): Promise<Manifest> {
