@@ -597,3 +597,18 @@ test('a journal closed cleanly opens again after another writer has used the sto
   t.true(await equalsState(ga, model.stateAfter(model.batches.length), 150), 'A sees B\'s writes: its journal held nothing unsent and was dropped');
   await ga.close();
 });
+
+test('a read of a segment only in S3 that races its release still returns the bytes', async (t) => {
+  const name = newBucketName();
+  const s1 = await S3SegmentStore.create({ bucket: bucketOptions(name), cacheDir: await tempDir(), ...GEOMETRY, createBucket: true, ...quick });
+  const life = Buffer.alloc(GEOMETRY.segmentBytes);
+  for (let i = 0; i < life.length; i++) life[i] = (i * 7) & 255;
+  await s1.write(3, 0, life);
+  await s1.seal(3);
+  await s1.close();
+  const s2 = await S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: await tempDir(), ...quick });
+  const reading = s2.read(3, 1000, 300); // starts setting up the local copy
+  await s2.release(3);
+  t.true(Buffer.from(await reading).equals(life.subarray(1000, 1300)));
+  await s2.close();
+});

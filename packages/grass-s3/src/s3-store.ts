@@ -678,7 +678,19 @@ export class S3SegmentStore implements SegmentStore {
     seg.readers++; // keeps the local file from eviction until this read is done
     try {
       if (seg.fh === undefined || seg.chunks !== undefined) {
-        if (await this.ensureRange(seg, offset, length)) this.counters.cacheMisses++;
+        let fetched: boolean;
+        try {
+          fetched = await this.ensureRange(seg, offset, length);
+        } catch (e) {
+          // Released while its fetch was being set up (a read racing a release): its object
+          // stays until the next publication and the grace period, so read the range from it.
+          if (!seg.released) throw e;
+          this.counters.cacheMisses++;
+          const bytes = await this.bucket.get(seg.key, { offset, length });
+          if (bytes === undefined || bytes.length !== length) throw e;
+          return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+        }
+        if (fetched) this.counters.cacheMisses++;
         else this.counters.cacheHits++;
       } else if (seg.state === 'cached') {
         this.counters.cacheHits++;
