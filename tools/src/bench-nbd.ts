@@ -6,6 +6,7 @@
  * each line. Then ../shared/peers/integrity.sh against Pasture.
  */
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { stopProcess } from './serve-process.ts';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -48,15 +49,6 @@ async function waitForPort(port: number, child: ChildProcess, what: string): Pro
     }
   }
   throw new Error(`${what} did not start on port ${port}`);
-}
-
-async function stop(child: ChildProcess): Promise<void> {
-  if (child.exitCode !== null) return;
-  const done = new Promise((r) => child.once('exit', r));
-  child.kill('SIGTERM');
-  const t = setTimeout(() => child.kill('SIGKILL'), 20000);
-  await done;
-  clearTimeout(t);
 }
 
 async function main(): Promise<void> {
@@ -143,7 +135,7 @@ async function main(): Promise<void> {
       process.stdout.write(`integrity.sh against Pasture: ${integrity.passed} passed, ${integrity.failed} failed\n${integrity.lines.join('\n')}\n`);
     }
   } finally {
-    for (const c of children) await stop(c);
+    for (const c of children) await stopProcess(c, 20_000);
     await rm(dir, { recursive: true, force: true });
   }
 }

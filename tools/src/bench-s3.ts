@@ -16,7 +16,7 @@
  * 127.0.0.1 started for the run.
  */
 import { execFile, type ChildProcess } from 'node:child_process';
-import { startServe } from './serve-process.ts';
+import { startServe, stopProcess } from './serve-process.ts';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -55,15 +55,6 @@ async function seqRead(pool: Pool, bytes: number): Promise<number> {
   const secs = (performance.now() - t0) / 1000;
   await img.close();
   return bytes / MIB / secs;
-}
-
-async function stopChild(child: ChildProcess): Promise<void> {
-  if (child.exitCode !== null) return;
-  const done = new Promise((r) => child.once('exit', r));
-  child.kill('SIGTERM');
-  const t = setTimeout(() => child.kill('SIGKILL'), 60_000);
-  await done;
-  clearTimeout(t);
 }
 
 async function fioRandwrite(port: number, seconds: number, size: string): Promise<number> {
@@ -193,7 +184,7 @@ export async function benchS3(o: BenchS3Options): Promise<Record<string, unknown
       nbdRandwrite: { seconds: o.seconds, rounds: o.rounds, fileIops, s3Iops, ratio: s3Iops / fileIops, all: iops, target: 0.8, met: s3Iops / fileIops >= 0.8 },
     };
   } finally {
-    for (const c of children) await stopChild(c);
+    for (const c of children) await stopProcess(c, 60_000);
     await server?.stop();
     await rm(base, { recursive: true, force: true });
   }

@@ -27,3 +27,13 @@ export async function startServe(args: string[], options: { env?: NodeJS.Process
   });
   return { child, uri };
 }
+
+/** SIGTERM a child we started, SIGKILL it if it has not exited after `graceMs`; resolves when it has exited. */
+export async function stopProcess(child: ChildProcess, graceMs = 30_000): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const done = new Promise((r) => child.once('exit', r));
+  child.kill('SIGTERM');
+  const t = setTimeout(() => child.kill('SIGKILL'), graceMs);
+  await done;
+  clearTimeout(t);
+}
