@@ -63,7 +63,7 @@ export interface S3StoreOptions {
    */
   fetchBytes?: number;
   /**
-   * Bytes fetched ahead when reads move from one fetch range to the next (default 8 MiB): a
+   * Bytes fetched ahead when reads move from one fetch range to the next (default 16 MiB): a
    * volume written in order lies in consecutive slots, so a sequential read becomes parallel
    * GETs. 0 turns it off.
    */
@@ -293,7 +293,7 @@ export class S3SegmentStore implements SegmentStore {
     const fetchBytes = options.fetchBytes ?? 1 << 20;
     this.chunkBytes = fetchBytes > 0 && segmentBytes % fetchBytes === 0 ? fetchBytes : segmentBytes;
     this.chunksPerSegment = segmentBytes / this.chunkBytes;
-    this.readaheadChunks = Math.ceil((options.readaheadBytes ?? 8 << 20) / this.chunkBytes);
+    this.readaheadChunks = Math.ceil((options.readaheadBytes ?? 16 << 20) / this.chunkBytes);
     this.sweepIntervalMs = options.sweepIntervalMs ?? 3_600_000;
   }
 
@@ -912,7 +912,18 @@ export class S3SegmentStore implements SegmentStore {
   /** Start fetching the ranges after `pos` that are only in S3, into the next slots too. */
   private readAhead(pos: number): void {
     const end = Math.min(pos + this.readaheadChunks, this.segmentCount * this.chunksPerSegment - 1);
-    let p = pos + 1;
+    // Like the kernel's asynchronous read-ahead: while at least half the window ahead is here
+    // or on its way, do nothing; then fetch the rest of the window at once, so that the GETs
+    // are a few large runs rather than one range per step.
+    let firstMissing = -1;
+    for (let p = pos + 1; p <= end; p++) {
+      if (this.rangeMissing(p)) {
+        firstMissing = p;
+        break;
+      }
+    }
+    if (firstMissing < 0 || firstMissing - pos > this.readaheadChunks / 2) return;
+    let p = firstMissing;
     while (p <= end) {
       const slot = Math.floor(p / this.chunksPerSegment);
       const first = p % this.chunksPerSegment;
@@ -924,6 +935,17 @@ export class S3SegmentStore implements SegmentStore {
       this.ensureRange(seg, first * this.chunkBytes, (last - first + 1) * this.chunkBytes).catch(() => undefined);
     }
   }
+
+  /** True if range `pos` (slot x ranges + range) is in S3 only, and no fetch of it is under way. */
+  private rangeMissing(pos: number): boolean {
+    const seg = this.slots[Math.floor(pos / this.chunksPerSegment)];
+    if (seg === undefined || seg.released) return false;
+    if (seg.fh !== undefined && seg.chunks === undefined) return false;
+    const c = pos % this.chunksPerSegment;
+    if (seg.chunkFetches.has(c)) return false;
+    return seg.chunks === undefined || seg.chunks[c] === 0;
+  }
+
 
   /**
    * Make [offset, offset + length) of a segment that is only (or partly) local: fetch its
