@@ -131,6 +131,8 @@ export type CacheManifest = z.infer<typeof CacheManifest>;
 /** Reads up to this size are synchronous positioned reads of a local file (as in the file store). */
 const SYNC_READ_BYTES_MAX = 64 * 1024;
 const MAX_UPLOAD_BACKOFF_MS = 30_000;
+/** Read-ahead fetches (each one GET) in flight at once. */
+const MAX_PREFETCHES_IN_FLIGHT = 4;
 
 type SegState = 'open' | 'sealed' | 'cached';
 
@@ -266,6 +268,7 @@ export class S3SegmentStore implements SegmentStore {
   private readonly chunkBytes: number;
   private readonly chunksPerSegment: number;
   private readonly readaheadChunks: number;
+  private prefetchesInFlight = 0;
   private readonly sweepIntervalMs: number;
   /** The last few distinct fetch ranges read (as slot x ranges + range), newest last. */
   private readonly recentRanges: number[] = [];
@@ -931,8 +934,14 @@ export class S3SegmentStore implements SegmentStore {
       p += last - first + 1;
       const seg = this.slots[slot];
       if (seg === undefined || (seg.fh !== undefined && seg.chunks === undefined) || seg.released) continue;
+      // A bound on GETs in flight for read-ahead: with small segments the window spans many
+      // objects, and a burst of them would only queue behind each other (and time out).
+      if (this.prefetchesInFlight >= MAX_PREFETCHES_IN_FLIGHT) return;
       this.counters.prefetches++;
-      this.ensureRange(seg, first * this.chunkBytes, (last - first + 1) * this.chunkBytes).catch(() => undefined);
+      this.prefetchesInFlight++;
+      this.ensureRange(seg, first * this.chunkBytes, (last - first + 1) * this.chunkBytes)
+        .catch(() => undefined)
+        .finally(() => this.prefetchesInFlight--);
     }
   }
 
