@@ -44,19 +44,11 @@ async function pasture(...args: string[]): Promise<{ code: number; stdout: strin
   }
 }
 
-async function s3get(bucket: string, key: string): Promise<Uint8Array | undefined> {
+/** A client for `bucket` on the test's server, closed after `fn`. */
+async function withBucket<T>(bucket: string, fn: (b: Bucket) => Promise<T>): Promise<T> {
   const b = new Bucket({ bucket, prefix: '', endpoint: server!.endpoint, region: server!.region, accessKeyId: server!.accessKeyId, secretAccessKey: server!.secretAccessKey });
   try {
-    return await b.get(key);
-  } finally {
-    b.destroy();
-  }
-}
-
-async function s3delete(bucket: string, key: string): Promise<void> {
-  const b = new Bucket({ bucket, prefix: '', endpoint: server!.endpoint, region: server!.region, accessKeyId: server!.accessKeyId, secretAccessKey: server!.secretAccessKey });
-  try {
-    await b.delete([key]);
+    return await fn(b);
   } finally {
     b.destroy();
   }
@@ -130,9 +122,10 @@ test('a pool in S3: init, volumes, import and export, serve to qemu-io, live sna
     t.deepEqual(report.s3.problems, []);
 
     // An object the manifest lists goes missing from the bucket: fsck says which, and fails.
-    const manifest = JSON.parse(Buffer.from((await s3get(bucket, `pools/one/manifest/${String(report.s3.manifestSeq + 1).padStart(12, '0')}`))!).toString()) as { entries: { key: string; sealed: boolean }[] };
+    const raw = await withBucket(bucket, (b) => b.get(`pools/one/manifest/${String(report.s3.manifestSeq + 1).padStart(12, '0')}`));
+    const manifest = JSON.parse(Buffer.from(raw!).toString()) as { entries: { key: string; sealed: boolean }[] };
     const victim = manifest.entries.find((e) => e.sealed)!.key;
-    await s3delete(bucket, `pools/one/${victim}`);
+    await withBucket(bucket, (b) => b.delete([`pools/one/${victim}`]));
     await rm(cache2, { recursive: true, force: true });
     const bad = await pasture('fsck', '--store', url, '--cache-dir', cache2, '--json');
     t.is(bad.code, 1);

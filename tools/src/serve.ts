@@ -111,7 +111,7 @@ async function startMetrics(at: { host: string; port: number }, server: NbdServe
     const fields: [keyof typeof s3, string][] = [
       ['puts', 'S3 PUT requests (including multipart parts)'], ['gets', 'S3 GET requests'], ['bytesUp', 'Bytes uploaded to S3'],
       ['bytesDown', 'Bytes downloaded from S3'], ['cacheHits', 'Segment reads served by the local cache'], ['cacheMisses', 'Segment reads that fetched from S3'],
-      ['uploadBacklogBytes', 'Sealed segment bytes waiting for upload'], ['s3Failures', 'S3 calls that failed after retries'], ['publications', 'Manifests published'],
+      ['uploadBacklogBytes', 'Sealed segment bytes waiting for upload'], ['failures', 'S3 calls that failed after retries'], ['publications', 'Manifests published'],
     ];
     for (const [f, help] of fields) {
       const name = `pasture_s3_${f.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`)}`;

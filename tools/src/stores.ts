@@ -94,8 +94,9 @@ export async function createStore(spec: StoreSpec, geometry: { segmentBytes: num
   return S3SegmentStore.create({ bucket: bucketOptions(spec.bucket!, spec.prefix!, flags), cacheDir: spec.dir, ...geometry, createBucket: true, ...s3Options(flags) });
 }
 
-export async function storeExists(spec: StoreSpec): Promise<boolean> {
-  return (await FileSegmentStore.exists(spec.dir)) || (await S3SegmentStore.readCacheManifest(spec.dir)) !== undefined;
+/** True if DIR holds a store: both kinds keep their store.json there (an S3 store's names its bucket). */
+export function storeExists(spec: StoreSpec): Promise<boolean> {
+  return FileSegmentStore.exists(spec.dir);
 }
 
 /** The S3 store's counters, if `store` is one. */

@@ -32,7 +32,7 @@ import {
   checkRange, takeLock, syncDir, pidAlive, type SegmentStore, InvalidArgumentError, FormatError, StoreLockedError, ClosedError,
   SUPERBLOCK_BYTES, MIN_SEGMENT_BYTES, MAX_SEGMENT_BYTES, MAX_SEGMENT_COUNT,
 } from '@pasture/grass';
-import { Bucket, type BucketOptions } from './bucket.ts';
+import { Bucket, type BucketCounters, type BucketOptions } from './bucket.ts';
 import {
   LOCK_KEY, LockRecord, MANIFEST_DIR, MANIFEST_FORMAT_VERSION, SEGMENT_DIR, decodeManifest, encodeManifest, epochOfKey,
   manifestKey, manifestSeqOf, partialKey, segmentKey, type Manifest, type ManifestEntry, type Writer,
@@ -81,14 +81,8 @@ export interface S3CreateOptions extends S3StoreOptions {
   createBucket?: boolean;
 }
 
-export interface S3StoreStats {
-  puts: number;
-  gets: number;
-  lists: number;
-  deletes: number;
-  bytesUp: number;
-  bytesDown: number;
-  s3Failures: number;
+/** The S3 client's counters (`failures`: calls that failed after retries), and the store's. */
+export interface S3StoreStats extends BucketCounters {
   cacheHits: number;
   cacheMisses: number;
   /** cacheHits / (cacheHits + cacheMisses), for reads of uploaded segments. */
@@ -342,7 +336,13 @@ export class S3SegmentStore implements SegmentStore {
     } catch {
       return undefined;
     }
-    const r = CacheManifest.safeParse(JSON.parse(raw));
+    let json: unknown;
+    try {
+      json = JSON.parse(raw);
+    } catch (e) {
+      throw new FormatError(`${join(dir, 'store.json')} is not valid JSON: ${(e as Error).message}`);
+    }
+    const r = CacheManifest.safeParse(json);
     return r.success ? r.data : undefined;
   }
 
@@ -675,8 +675,9 @@ export class S3SegmentStore implements SegmentStore {
     this.live();
     checkRange(this, segment, offset, length);
     const seg = this.slots[segment];
-    const buf = Buffer.alloc(length);
-    if (seg === undefined || length === 0) return buf;
+    if (seg === undefined || length === 0) return Buffer.alloc(length);
+    // Not zeroed: every byte is read, or zero-filled past the end of a short file.
+    const buf = Buffer.allocUnsafe(length);
     this.noteRead(segment * this.chunksPerSegment + Math.floor(offset / this.chunkBytes));
     seg.readers++; // keeps the local file from eviction until this read is done
     try {
@@ -708,7 +709,7 @@ export class S3SegmentStore implements SegmentStore {
           if (n === 0) break;
           done += n;
         }
-        return buf;
+        return buf.fill(0, done);
       }
       let done = 0;
       while (done < length) {
@@ -716,7 +717,7 @@ export class S3SegmentStore implements SegmentStore {
         if (bytesRead === 0) break;
         done += bytesRead;
       }
-      return buf;
+      return buf.fill(0, done);
     } finally {
       seg.readers--;
       if (seg.readers === 0 && seg.released) await this.dropLocal(seg);
@@ -1261,30 +1262,25 @@ export class S3SegmentStore implements SegmentStore {
    */
   async sweep(): Promise<string[]> {
     this.live();
-    const keep = new Set<string>();
-    for (const e of this.lastManifest.entries) keep.add(e.key);
-    for (const s of this.slots) {
-      if (s === undefined) continue;
-      keep.add(s.key);
-      if (s.partial !== undefined) keep.add(s.partial.key);
-    }
-    for (const r of this.retired) keep.add(r.key);
     const cutoff = Date.now() - this.deleteGraceMs;
-    const doomed: string[] = [];
+    const candidates: string[] = [];
     for (const o of await this.bucket.list(SEGMENT_DIR)) {
       const epoch = epochOfKey(o.key);
-      if (epoch === undefined || epoch >= this.epoch || keep.has(o.key)) continue;
+      if (epoch === undefined || epoch >= this.epoch) continue;
       if (o.modified !== undefined && o.modified.getTime() > cutoff) continue;
-      doomed.push(o.key);
+      candidates.push(o.key);
     }
     // Check the chain once more: a writer that was taken over must not sweep.
     await this.checkHead(this.lastManifest.seq);
-    // Whatever became needed while listing (uploads, publications, releases) is kept too.
-    for (const s of this.slots) if (s !== undefined) keep.add(s.key);
-    for (const s of this.pinned) keep.add(s.key);
-    for (const s of this.uploadQueue) keep.add(s.key);
+    // What is needed now, after the listing (uploads, publications and releases went on).
+    const keep = new Set<string>(this.lastManifest.entries.map((e) => e.key));
+    for (const seg of [...this.slots, ...this.pinned, ...this.uploadQueue]) {
+      if (seg === undefined) continue;
+      keep.add(seg.key);
+      if (seg.partial !== undefined) keep.add(seg.partial.key);
+    }
     for (const r of this.retired) keep.add(r.key);
-    for (let i = doomed.length - 1; i >= 0; i--) if (keep.has(doomed[i]!)) doomed.splice(i, 1);
+    const doomed = candidates.filter((k) => !keep.has(k));
     // Manifests older than the ones kept.
     for (const o of await this.bucket.list(MANIFEST_DIR)) {
       const seq = manifestSeqOf(o.key);
@@ -1320,9 +1316,8 @@ export class S3SegmentStore implements SegmentStore {
   }
 
   stats(): S3StoreStats {
-    const c = this.bucket.counters;
     return {
-      puts: c.puts, gets: c.gets, lists: c.lists, deletes: c.deletes, bytesUp: c.bytesUp, bytesDown: c.bytesDown, s3Failures: c.failures,
+      ...this.bucket.counters,
       cacheHits: this.counters.cacheHits, cacheMisses: this.counters.cacheMisses,
       cacheHitRate: this.counters.cacheHits + this.counters.cacheMisses === 0 ? 1 : this.counters.cacheHits / (this.counters.cacheHits + this.counters.cacheMisses),
       prefetches: this.counters.prefetches, cachedBytes: this.cachedBytes,
