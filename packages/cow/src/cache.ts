@@ -40,11 +40,6 @@ export class NodeCache<T> {
     return e.value;
   }
 
-  /** Look without counting or reordering (fsck, stats). */
-  peek(key: number): T | undefined {
-    return this.entries.get(key)?.value;
-  }
-
   set(key: number, value: T, bytes: number): void {
     const old = this.entries.get(key);
     if (old !== undefined) {

@@ -48,11 +48,6 @@ export class RwLock {
     this.pump();
   }
 
-  /** Nobody holds or waits for the lock. */
-  get idle(): boolean {
-    return this.readers === 0 && !this.writer && this.queue.length === 0;
-  }
-
   private acquire(write: boolean): Promise<void> {
     if (this.queue.length === 0 && !this.writer && (!write || this.readers === 0)) {
       if (write) this.writer = true;

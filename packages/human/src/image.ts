@@ -42,7 +42,11 @@ export class Image {
     readonly id: number,
     readonly spec: string,
     readonly readOnly: boolean,
-  ) {}
+  ) {
+    this.base = slotBase(id);
+  }
+
+  private readonly base: bigint;
 
   /** Current size in bytes (a resize by someone else shows here at once). */
   get size(): number {
@@ -54,9 +58,6 @@ export class Image {
     return { name: this.spec.split('@')[0]!, spec: this.spec, kind: this.readOnly ? 'snapshot' : 'volume', size: this.size, readOnly: this.readOnly };
   }
 
-  private get base(): bigint {
-    return slotBase(this.id);
-  }
 
   private check(offset: number, length: number, write: boolean, limited = true): void {
     this.checkOpen();

@@ -83,7 +83,9 @@ function checkSize(size: number): void {
 
 export class Pool {
   readonly cow: CowStore;
-  private catalog: Catalog;
+  private catalog!: Catalog;
+  /** The catalog's entries by id, rebuilt with it: every I/O checks its image here. */
+  private byId = new Map<number, Entry>();
   private catalogBlocks: Uint8Array[];
   private readonly readOnly: boolean;
   private mutex: Promise<unknown> = Promise.resolve();
@@ -92,7 +94,7 @@ export class Pool {
 
   private constructor(cow: CowStore, catalog: Catalog, readOnly: boolean) {
     this.cow = cow;
-    this.catalog = catalog;
+    this.setCatalog(catalog);
     this.catalogBlocks = encodeCatalog(catalog);
     this.readOnly = readOnly;
   }
@@ -147,7 +149,7 @@ export class Pool {
         if (this.catalogBlocks.length > blocks.length) await tx.trim(BigInt(blocks.length), BigInt(this.catalogBlocks.length - blocks.length));
         return v;
       });
-      this.catalog = draft;
+      this.setCatalog(draft);
       this.catalogBlocks = blocks;
       return value;
     };
@@ -432,15 +434,20 @@ export class Pool {
   // For Image
   // ===========================================================================================
 
+  private setCatalog(c: Catalog): void {
+    this.catalog = c;
+    this.byId = new Map(c.entries.map((e) => [e.id, e]));
+  }
+
   imageSize(id: number): number {
-    const e = this.catalog.entries.find((x) => x.id === id);
+    const e = this.byId.get(id);
     if (e === undefined || e.kind === 'scratch') throw new NotFoundError(`image ${id} no longer exists`);
     return e.size;
   }
 
   checkImage(id: number, spec: string): void {
     this.checkOpen();
-    if (!this.catalog.entries.some((e) => e.id === id)) throw new NotFoundError(`'${spec}' no longer exists`);
+    if (!this.byId.has(id)) throw new NotFoundError(`'${spec}' no longer exists`);
   }
 
   imageClosed(id: number): void {

@@ -46,8 +46,9 @@ export function simpleReply(cookie: Buffer, error: number): Buffer {
   return b;
 }
 
-export function chunkHeader(cookie: Buffer, flags: number, type: number, payloadBytes: number): Buffer {
-  const b = Buffer.alloc(STRUCTURED_REPLY_HEADER_BYTES);
+/** A structured reply chunk's header, in a buffer with `extra` bytes after it for the caller. */
+export function chunkHeader(cookie: Buffer, flags: number, type: number, payloadBytes: number, extra = 0): Buffer {
+  const b = Buffer.alloc(STRUCTURED_REPLY_HEADER_BYTES + extra);
   b.writeUInt32BE(NBD_STRUCTURED_REPLY_MAGIC, 0);
   b.writeUInt16BE(flags, 4);
   b.writeUInt16BE(type, 6);
@@ -63,8 +64,7 @@ export function noneChunk(cookie: Buffer): Buffer {
 
 /** A final NBD_REPLY_TYPE_OFFSET_DATA chunk: header and offset, then `data` as its own buffer. */
 export function offsetDataChunk(cookie: Buffer, offset: number, data: Uint8Array): Buffer[] {
-  const head = Buffer.alloc(STRUCTURED_REPLY_HEADER_BYTES + 8);
-  chunkHeader(cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, 8 + data.length).copy(head, 0);
+  const head = chunkHeader(cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, 8 + data.length, 8);
   head.writeBigUInt64BE(BigInt(offset), STRUCTURED_REPLY_HEADER_BYTES);
   return [head, Buffer.from(data.buffer, data.byteOffset, data.byteLength)];
 }
@@ -96,8 +96,6 @@ export function blockStatusChunk(cookie: Buffer, contextId: number, extents: rea
  * or at once if the connection is already gone: callers release their in-flight budget then.
  */
 export class ReplyWriter {
-  /** Bytes handed to the stream. */
-  sentBytes = 0;
   /** Sends whose write callback has not run; settled all at once if the stream closes first. */
   private readonly pending = new Set<() => void>();
   /** Corked until the next tick (see send). */
@@ -134,7 +132,6 @@ export class ReplyWriter {
         });
       }
       parts.forEach((p, i) => {
-        this.sentBytes += p.length;
         if (i === parts.length - 1) stream.write(p, done);
         else stream.write(p);
       });

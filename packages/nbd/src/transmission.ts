@@ -139,10 +139,6 @@ export class Transmission {
     this.device = o.negotiated.open.device;
   }
 
-  get inflightBytes(): number {
-    return this.budget.bytes;
-  }
-
   /**
    * Serve requests until the client disconnects (NBD_CMD_DISC: resolves with the reason) or
    * breaks the protocol (throws NbdProtocolError) or the connection closes or is aborted
