@@ -162,6 +162,11 @@ export function decodeBlock(record: Uint8Array, impl: Lz4 = lz4): Uint8Array {
   return out instanceof Buffer ? new Uint8Array(out.buffer, out.byteOffset, out.length).slice() : out;
 }
 
+/** decodeBlock for a record the caller owns (Grass.read returns a fresh array): a raw one is returned as it is, not copied. */
+export function decodeOwnedBlock(record: Uint8Array): Uint8Array {
+  return record.length === BLOCK_BYTES ? record : decodeBlock(record);
+}
+
 export { lz4 as defaultLz4, loadNapi, type Lz4 };
 
 // ---------------------------------------------------------------------------------------------

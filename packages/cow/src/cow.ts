@@ -15,7 +15,7 @@ import type { Grass } from '@pasture/grass';
 import { assert } from './assert.ts';
 import { Allocator } from './allocator.ts';
 import { NODE_ENTRY_BYTES, NodeCache, REFCOUNT_ENTRY_BYTES } from './cache.ts';
-import { BLOCK_BYTES, decodeBlock, encodeBlock } from './codec.ts';
+import { BLOCK_BYTES, decodeOwnedBlock, encodeBlock } from './codec.ts';
 import { CowClosedError, CowCorruptionError, CowInvalidArgumentError, NotACowStoreError } from './errors.ts';
 import {
   CowNode,
@@ -225,7 +225,7 @@ export class CowStore implements Cow {
       if (d === 0) return undefined;
       const rec = await this.grass.read(d);
       if (rec === undefined) throw new CowCorruptionError(`data record ${d} for block ${addr} is missing`);
-      return decodeBlock(rec);
+      return decodeOwnedBlock(rec);
     });
   }
 
@@ -252,7 +252,7 @@ export class CowStore implements Cow {
           }
           const rec = await this.grass.read(c);
           if (rec === undefined) throw new CowCorruptionError(`data record ${c} for block ${cb} is missing`);
-          out.set(decodeBlock(rec), Number(cb - start) * BLOCK_BYTES);
+          out.set(decodeOwnedBlock(rec), Number(cb - start) * BLOCK_BYTES);
         }
       };
       await walk(sb.root, sb.rootHeight, 0n);

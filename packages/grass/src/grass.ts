@@ -52,7 +52,7 @@ export type BatchOp = { op: 'put'; gaddr: number; data: Uint8Array } | { op: 'tr
 export interface Grass {
   /** Largest record payload. */
   readonly maxRecordBytes: number;
-  /** The record at `gaddr`, or undefined if none. Throws CorruptionError rather than return wrong bytes. */
+  /** The record at `gaddr` in a new array the caller owns, or undefined if none. Throws CorruptionError rather than return wrong bytes. */
   read(gaddr: number): Promise<Uint8Array | undefined>;
   /** Payload length of the record at `gaddr`, or undefined if none; from memory, no I/O. */
   size(gaddr: number): number | undefined;
