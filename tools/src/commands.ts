@@ -418,7 +418,7 @@ async function benchS3Command(o: Parsed): Promise<number> {
     `PUT requests: ${p.total} for ${String(r.gib)} GiB written, ${p.perGiB.toFixed(1)} per GiB (${p.segments} segments, ${p.partials} partial objects, ${p.manifests} manifests; ${p.checkpoints} checkpoints); limit 1.1 x segments' worth + checkpoints = ${p.limit.toFixed(1)}: ${ok(p.met)}`,
     `GETs for warm reads of the whole volume: ${w.gets}: ${ok(w.met)}`,
     `cold sequential read ${c.coldMiBps.toFixed(0)} MiB/s, warm ${c.warmMiBps.toFixed(0)} MiB/s: ${c.ratio.toFixed(2)}x (target 0.3x): ${ok(c.met)}`,
-    ...(n === undefined ? [] : [`NBD 4 KiB random write QD32: S3-backed ${n.s3Iops.toFixed(0)} IOPS, file-backed ${n.fileIops.toFixed(0)} IOPS: ${n.ratio.toFixed(2)}x, ${n.lastRoundRatio.toFixed(2)}x in the last round (steady state) (target 0.8x for both): ${ok(n.met)}`]),
+    ...(n === undefined ? [] : [`NBD 4 KiB random write QD32: S3-backed ${n.s3Iops.toFixed(0)} IOPS, file-backed ${n.fileIops.toFixed(0)} IOPS: ${n.ratio.toFixed(2)}x, ${n.lastRoundRatio.toFixed(2)}x in the last round (target 0.8x for both): ${ok(n.met)}`]),
   ].join('\n') + '\n');
   return 0;
 }

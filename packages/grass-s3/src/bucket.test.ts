@@ -1,0 +1,89 @@
+/**
+ * Bucket against servers that misbehave at the socket level, which the fault-injecting
+ * handler (faulty-s3.ts) cannot show because it sits above the SDK's HTTP handler: here the
+ * real NodeHttpHandler talks to real sockets on 127.0.0.1.
+ */
+import test from 'ava';
+import { createServer, type Server, type Socket } from 'node:net';
+import { createHash } from 'node:crypto';
+import { Bucket, defaultSignPayload } from './bucket.ts';
+
+/** A TCP server that accepts connections and reads requests but never answers. */
+async function blackHole(): Promise<{ endpoint: string; requests: () => number; heads: string[]; close: () => Promise<void> }> {
+  const sockets = new Set<Socket>();
+  const heads: string[] = [];
+  let requests = 0;
+  const server: Server = createServer((s) => {
+    sockets.add(s);
+    s.on('data', (d) => {
+      if (d.includes('HTTP/1.1')) {
+        requests++;
+        heads.push(d.toString('latin1').split('\r\n\r\n')[0]!);
+      }
+    });
+    s.on('error', () => undefined);
+    s.on('close', () => sockets.delete(s));
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  const port = (server.address() as { port: number }).port;
+  return {
+    endpoint: `http://127.0.0.1:${port}`,
+    requests: () => requests,
+    heads,
+    close: async () => {
+      for (const s of sockets) s.destroy();
+      await new Promise<void>((r) => server.close(() => r()));
+    },
+  };
+}
+
+test('a server that never answers: each attempt is abandoned after the time-out and the call fails naming the call and endpoint', async (t) => {
+  const hole = await blackHole();
+  const bucket = new Bucket({
+    bucket: 'hung', prefix: 'p', endpoint: hole.endpoint, region: 'us-east-1',
+    accessKeyId: 'a', secretAccessKey: 'b', requestTimeoutMs: 300, maxAttempts: 2,
+  });
+  try {
+    const t0 = performance.now();
+    const err = await t.throwsAsync(bucket.put('seg/1', new Uint8Array(64 << 10)));
+    const ms = performance.now() - t0;
+    t.regex(err!.message, /^S3 PUT p\/seg\/1 at http:\/\/127\.0\.0\.1:\d+: .*timed out/);
+    t.is(hole.requests(), 2, 'the SDK retried once, then gave up');
+    // Two attempts of 300 ms each plus the SDK's backoff between them (at most a few seconds).
+    t.true(ms >= 550 && ms < 10_000, `failed after ${ms.toFixed(0)} ms`);
+    t.is(bucket.counters.failures, 1);
+    await t.throwsAsync(bucket.get('seg/1'), { message: /^S3 GET p\/seg\/1 at .*timed out/ });
+  } finally {
+    bucket.client.destroy();
+    await hole.close();
+  }
+});
+
+test('upload bodies are hashed into the signature only over plain HTTP to another host', async (t) => {
+  t.false(defaultSignPayload(undefined), 'AWS endpoints are HTTPS');
+  t.false(defaultSignPayload('https://s3.example.com'));
+  t.false(defaultSignPayload('http://127.0.0.1:7480'));
+  t.false(defaultSignPayload('http://localhost:7480'));
+  t.false(defaultSignPayload('http://[::1]:7480'));
+  t.true(defaultSignPayload('http://10.0.0.5:7480'));
+  t.true(defaultSignPayload('http://minio.internal'));
+
+  // What goes on the wire: the x-amz-content-sha256 header of a PUT.
+  const body = new Uint8Array(1000).fill(7);
+  const sha = createHash('sha256').update(body).digest('hex');
+  for (const [signPayload, want] of [[undefined, 'UNSIGNED-PAYLOAD'], [true, sha]] as const) {
+    const hole = await blackHole();
+    const bucket = new Bucket({
+      bucket: 'b', prefix: '', endpoint: hole.endpoint, accessKeyId: 'a', secretAccessKey: 'b',
+      requestTimeoutMs: 200, maxAttempts: 1, ...(signPayload === undefined ? {} : { signPayload }),
+    });
+    try {
+      await t.throwsAsync(bucket.put('k', body));
+      t.regex(hole.heads[0] ?? '', /^PUT \/b\/k/);
+      t.regex(hole.heads[0] ?? '', new RegExp(`\r\nx-amz-content-sha256: ${want}\r\n`, 'i'));
+    } finally {
+      bucket.client.destroy();
+      await hole.close();
+    }
+  }
+});
