@@ -88,8 +88,10 @@ export async function benchS3(o: BenchS3Options): Promise<Record<string, unknown
     let region = process.env['AWS_REGION'] ?? process.env['S3_REGION'] ?? 'us-east-1';
     if (endpoint === undefined) {
       if (!s3Available()) throw new Error('no S3 server: set AWS_ENDPOINT_URL, or install radosgw (apt-get install --no-install-recommends ceph-mon ceph-osd radosgw ceph-common)');
-      // Objects live in the OSD's memory: room for the volume written twice over.
-      process.env['S3_SERVER_OSD_BYTES'] ??= String(Math.max(4, 4 * o.gib) * 2 ** 30);
+      // Objects live in the OSD's memory (only what is stored takes RAM). Room for everything
+      // the run uploads before the cleaner's deletes pass their grace period: the volume
+      // written, prefilled and overwritten round after round. A full OSD makes radosgw hang.
+      process.env['S3_SERVER_OSD_BYTES'] ??= String(Math.max(8, 10 * o.gib) * 2 ** 30);
       o.log('starting a radosgw on 127.0.0.1');
       server = await startS3Server();
       endpoint = server.endpoint;
