@@ -1,7 +1,10 @@
 import test from 'ava';
 import { execFileSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
-import { BLOCK_BYTES, CODEC_LZ4, CodecError, MIN_SAVING_BYTES, decodeBlock, encodeBlock, loadNapi, loadWasm } from './codec.ts';
+import {
+  BLOCK_BYTES, CODEC_LZ4, CodecError, GREY_DISTINCT_BYTES, GREY_MAX_SKIP, GreyZone, INCOMPRESSIBLE_DISTINCT_BYTES, MIN_SAVING_BYTES,
+  decodeBlock, encodeBlock, loadNapi, loadWasm, sampledDistinctBytes,
+} from './codec.ts';
 
 const napi = loadNapi();
 const wasm = loadWasm();
@@ -91,4 +94,53 @@ test('hostile records are CodecErrors, never wrong data or giant allocations', (
     t.throws(() => decodeBlock(truncated, impl), { instanceOf: CodecError }, `${impl.name} truncated`);
   }
   t.throws(() => encodeBlock(new Uint8Array(100)), { instanceOf: RangeError });
+});
+
+/** Random bytes from an alphabet of `alphabet` values (skewed like fio's generator), the last `zeros` bytes zero. */
+function skewed(seed: number, alphabet: number, zeros = 0): Uint8Array {
+  const b = random(seed);
+  for (let i = 0; i < b.length; i++) b[i] = i >= b.length - zeros ? 0 : b[i]! % alphabet;
+  return b;
+}
+
+test('grey zone: a stream of incompressible blocks with a skewed alphabet costs one LZ4 try in GREY_MAX_SKIP, and compressible blocks are found again', (t) => {
+  let tried = 0;
+  const counting = { ...wasm, compress: (d: Uint8Array) => (tried++, wasm.compress(d)) };
+  const grey = new GreyZone();
+  const incompressible = (i: number): Uint8Array => skewed(1000 + i, 180);
+  const compressible = (i: number): Uint8Array => skewed(5000 + i, 200, 800);
+  // The test data lies where it should.
+  for (const b of [incompressible(0), compressible(0)]) {
+    const d = sampledDistinctBytes(b);
+    t.true(d >= GREY_DISTINCT_BYTES && d < INCOMPRESSIBLE_DISTINCT_BYTES, `${d} distinct bytes sampled`);
+  }
+  t.true(sampledDistinctBytes(text()) < GREY_DISTINCT_BYTES);
+
+  const N = 2000;
+  for (let i = 0; i < N; i++) {
+    const b = incompressible(i);
+    const rec = encodeBlock(b, counting, false, grey)!;
+    t.is(rec.length, BLOCK_BYTES);
+    if (i % 97 === 0) t.deepEqual(decodeBlock(rec), b);
+  }
+  // Among the grey blocks: tries after 1, 2, 4, ... up to 32 blocks, then one in 32.
+  const greyBlocks = grey.tries + grey.skipped;
+  t.true(greyBlocks > N * 0.9, `${greyBlocks} of ${N} blocks in the grey zone`);
+  t.true(grey.tries <= greyBlocks / GREY_MAX_SKIP + 6, `${grey.tries} tries for ${greyBlocks} grey blocks`);
+  t.true(grey.tries >= greyBlocks / GREY_MAX_SKIP, `${grey.tries} tries for ${greyBlocks} grey blocks`);
+  t.true(tried < N / 10, `${tried} LZ4 calls in all for ${N} blocks`);
+
+  // Text is always tried, whatever the grey zone's streak.
+  tried = 0;
+  const c = encodeBlock(text(), counting, false, grey)!;
+  t.is(tried, 1);
+  t.is(c[0], CODEC_LZ4);
+
+  // Compressible grey blocks after the streak: stored raw at most GREY_MAX_SKIP - 1 times, then
+  // compressed, every one after that too.
+  const stored = Array.from({ length: 200 }, (_, i) => encodeBlock(compressible(i), counting, false, grey)!.length);
+  const firstCompressed = stored.findIndex((n) => n < BLOCK_BYTES);
+  t.true(firstCompressed >= 0 && firstCompressed < GREY_MAX_SKIP, `first compressed at ${firstCompressed}`);
+  t.true(stored.slice(firstCompressed).every((n) => n <= BLOCK_BYTES - MIN_SAVING_BYTES), 'all compressed after the first');
+  t.deepEqual(decodeBlock(encodeBlock(compressible(7), counting, false, grey)!), compressible(7));
 });

@@ -102,18 +102,34 @@ export function isZeroBlock(block: Uint8Array): boolean {
  * random bytes show about 162 distinct values in 256 samples (standard deviation about 4); a
  * block that LZ4 could shrink by 1/8 needs long repeats or a skewed alphabet, and shows
  * fewer: one that is 85% random and 15% a single value (saving about 15%) shows about 148.
- * The threshold, 150, sits between. Above the threshold the block is stored raw without trying LZ4, which costs 5 us per
- * block against well under 1 us for this count. Blocks made of a repeated random sequence
- * longer than ~3 KiB are misjudged; they could save at most a few percent anyway.
+ * Text shows 30-60, executables and file system metadata 40-110.
+ *
+ * - At INCOMPRESSIBLE_DISTINCT_BYTES (150) or more the block is stored raw without trying
+ *   LZ4, which costs 5-8 us per block against well under 1 us for this count.
+ * - Below GREY_DISTINCT_BYTES (120) LZ4 is always tried.
+ * - In between lies a grey zone, where random data from a skewed generator sits (fio's
+ *   buffers show 125-165, centred near 143) beside rare compressible blocks. There LZ4's
+ *   recent outcomes decide, like btrfs giving up on a file whose writes do not compress: after
+ *   k grey blocks in a row failed to compress, the next min(2^k, GREY_MAX_SKIP) - 1 grey
+ *   blocks are stored raw without trying; any grey block that compresses ends the streak. So
+ *   a stream of incompressible grey blocks costs one LZ4 try in GREY_MAX_SKIP, and a
+ *   compressible block in a grey stream is stored raw at worst GREY_MAX_SKIP - 1 times in a
+ *   row before the next try finds it out.
+ *
+ * Blocks made of a repeated random sequence longer than ~3 KiB are misjudged; they could save
+ * at most a few percent anyway.
  */
 const SAMPLE_BYTES = 256;
 const SAMPLE_STRIDE = BLOCK_BYTES / SAMPLE_BYTES;
 export const INCOMPRESSIBLE_DISTINCT_BYTES = 150;
+export const GREY_DISTINCT_BYTES = 120;
+export const GREY_MAX_SKIP = 32;
 /** seen[b] === stamp when byte value b was seen in the current call (no clearing between calls). */
 const seen = new Uint32Array(256);
 let stamp = 0;
 
-export function looksIncompressible(block: Uint8Array): boolean {
+/** Distinct byte values among SAMPLE_BYTES bytes sampled across the block. */
+export function sampledDistinctBytes(block: Uint8Array): number {
   stamp = (stamp + 1) >>> 0 || 1;
   if (stamp === 1) seen.fill(0);
   let distinct = 0;
@@ -126,20 +142,61 @@ export function looksIncompressible(block: Uint8Array): boolean {
       distinct++;
     }
   }
-  return distinct >= INCOMPRESSIBLE_DISTINCT_BYTES;
+  return distinct;
 }
+
+export function looksIncompressible(block: Uint8Array): boolean {
+  return sampledDistinctBytes(block) >= INCOMPRESSIBLE_DISTINCT_BYTES;
+}
+
+/** The grey zone's memory of LZ4's recent outcomes (see above). One per process is enough. */
+export class GreyZone {
+  /** Grey blocks in a row that LZ4 was tried on and did not shrink enough. */
+  private failures = 0;
+  /** Grey blocks still to store raw without trying. */
+  private skip = 0;
+  tries = 0;
+  skipped = 0;
+
+  /** Whether to try LZ4 on the next grey block. */
+  shouldTry(): boolean {
+    if (this.skip > 0) {
+      this.skip--;
+      this.skipped++;
+      return false;
+    }
+    this.tries++;
+    return true;
+  }
+
+  /** The outcome of a try. */
+  record(compressed: boolean): void {
+    if (compressed) {
+      this.failures = 0;
+      return;
+    }
+    this.failures = Math.min(this.failures + 1, 30);
+    this.skip = Math.min(2 ** this.failures, GREY_MAX_SKIP) - 1;
+  }
+}
+
+export const greyZone = new GreyZone();
 
 /**
  * The record to store for `block`, or undefined for an all-zero block (store nothing). A raw
  * record is a copy unless `shareRaw`, when it is `block` itself: only for a caller that hands
  * it to Grass and awaits that before anyone may change `block`.
  */
-export function encodeBlock(block: Uint8Array, impl: Lz4 = lz4, shareRaw = false): Uint8Array | undefined {
+export function encodeBlock(block: Uint8Array, impl: Lz4 = lz4, shareRaw = false, grey: GreyZone = greyZone): Uint8Array | undefined {
   if (block.length !== BLOCK_BYTES) throw new RangeError(`a block is ${BLOCK_BYTES} bytes, got ${block.length}`);
   if (isZeroBlock(block)) return undefined;
-  if (looksIncompressible(block)) return shareRaw ? block : block.slice();
+  const distinct = sampledDistinctBytes(block);
+  const isGrey = distinct >= GREY_DISTINCT_BYTES;
+  if (distinct >= INCOMPRESSIBLE_DISTINCT_BYTES || (isGrey && !grey.shouldTry())) return shareRaw ? block : block.slice();
   const c = impl.compress(block);
-  if (1 + c.length <= BLOCK_BYTES - MIN_SAVING_BYTES) {
+  const worth = 1 + c.length <= BLOCK_BYTES - MIN_SAVING_BYTES;
+  if (isGrey) grey.record(worth);
+  if (worth) {
     const out = new Uint8Array(1 + c.length);
     out[0] = CODEC_LZ4;
     out.set(c, 1);
