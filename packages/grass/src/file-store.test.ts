@@ -56,3 +56,38 @@ test('a lock left by a dead process is taken over; a bad manifest is a clear err
     await t.throwsAsync(FileSegmentStore.open(join(dir, 'nope')), { message: /holds no Pasture store/ });
   });
 });
+
+test('small reads are synchronous until one is slow (a page-cache miss), then go through the thread pool for a while', async (t) => {
+  await withTempDir(async (dir) => {
+    const store = await FileSegmentStore.create(dir, { segmentBytes: 1 << 20, segmentCount: 8 });
+    try {
+      const data = new Uint8Array(1 << 20);
+      for (let i = 0; i < data.length; i++) data[i] = (i * 7 + (i >> 12)) & 255;
+      await store.write(1, 0, data);
+      const check = async (n: number): Promise<void> => {
+        for (let k = 0; k < n; k++) {
+          const off = ((k * 4099) % 255) * 4096;
+          const got = await store.read(1, off, 4096);
+          if (Buffer.compare(Buffer.from(got), Buffer.from(data.subarray(off, off + 4096))) !== 0) t.fail(`read ${k} at ${off} differs`);
+        }
+      };
+      // Fast enough: every small read stays on this thread.
+      store.slowSyncReadMicros = Infinity;
+      await check(300);
+      t.deepEqual(store.readCounters, { sync: 300, slowSync: 0, async: 0 });
+      // Every synchronous read counts as slow: one synchronous read, then 256 through the pool,
+      // then a synchronous one again.
+      store.slowSyncReadMicros = 0;
+      await check(1 + 256 + 1);
+      t.deepEqual(store.readCounters, { sync: 302, slowSync: 2, async: 256 });
+      // Large reads (the cleaner's) never count, and are always asynchronous.
+      store.slowSyncReadMicros = Infinity;
+      await check(255);
+      const whole = await store.read(1, 0, 1 << 20);
+      t.deepEqual(whole, Buffer.from(data));
+      t.deepEqual(store.readCounters, { sync: 302, slowSync: 2, async: 256 + 255 });
+    } finally {
+      await store.close();
+    }
+  });
+});
