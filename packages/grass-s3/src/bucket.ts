@@ -58,6 +58,8 @@ export interface BucketOptions {
   maxSockets?: number;
   /** Wraps the HTTP handler: fault injection in tests. */
   wrapHandler?: (inner: HttpHandler) => HttpHandler;
+  /** This machine's clock in ms since the epoch (default Date.now; tests skew it). */
+  now?: () => number;
 }
 
 export interface BucketCounters {
@@ -110,6 +112,13 @@ export class Bucket {
   readonly prefix: string;
   readonly endpoint: string | undefined;
   readonly counters: BucketCounters = { puts: 0, gets: 0, lists: 0, deletes: 0, bytesUp: 0, bytesDown: 0, failures: 0 };
+  private readonly now: () => number;
+  /**
+   * The server's clock minus ours, from the Date header of its latest reply (0 before one).
+   * The header is whole seconds, so this runs up to 1 s behind: a grace period measured with
+   * it is up to 1 s longer, never shorter.
+   */
+  private serverClockOffsetMs = 0;
 
   constructor(options: BucketOptions) {
     this.name = options.bucket;
@@ -141,6 +150,19 @@ export class Bucket {
       config.credentials = { accessKeyId: options.accessKeyId, secretAccessKey: options.secretAccessKey };
     }
     this.client = new S3Client(config);
+    this.now = options.now ?? Date.now;
+    // Every reply carries the server's time (HTTP Date, 1 s resolution): object times
+    // (LastModified) are compared with serverNow(), never with this machine's clock.
+    this.client.middlewareStack.add(
+      (next) => async (args) => {
+        const out = await next(args);
+        const date = (out.response as { headers?: Record<string, string | undefined> }).headers?.['date'];
+        const t = date === undefined ? NaN : Date.parse(date);
+        if (!Number.isNaN(t)) this.serverClockOffsetMs = t - this.now();
+        return out;
+      },
+      { step: 'deserialize', name: 'pastureServerClock' },
+    );
     if (!(options.signPayload ?? defaultSignPayload(options.endpoint))) {
       // The signer hashes the body unless this header is already set (SigV4's
       // x-amz-content-sha256); only uploads carry bodies worth the saving.
@@ -155,6 +177,11 @@ export class Bucket {
         { step: 'build', name: 'pastureUnsignedPayload' },
       );
     }
+  }
+
+  /** The server's time now, in ms since the epoch, as far as its last reply tells. */
+  serverNow(): number {
+    return this.now() + this.serverClockOffsetMs;
   }
 
   /** `s3://bucket/prefix`. */

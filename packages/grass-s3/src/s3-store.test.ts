@@ -335,6 +335,9 @@ test('the cleaner on S3: released segments are deleted after the next publicatio
   t.true([...listed].every((k) => objects.includes(k)), 'every object the manifest lists is in the bucket');
 
   await bucket.put('seg/00000000-0000beef', new Uint8Array(10));
+  // The grace period is 0 here, but sweep knows the server's time only to the second (its
+  // Date header), and rounds down: a second later the orphan is past it.
+  await new Promise((r) => setTimeout(r, 1100));
   const swept = await store.sweep();
   t.true(swept.includes('seg/00000000-0000beef'), 'an orphan of an old epoch is swept');
   t.false(swept.some((k) => listed.has(k)), 'nothing the manifest lists is swept');
@@ -613,4 +616,22 @@ test('a read of a segment only in S3 that races its release still returns the by
   await s2.release(3);
   t.true(Buffer.from(await reading).equals(life.subarray(1000, 1300)));
   await s2.close();
+});
+
+test('sweep measures the grace period in the server\'s clock: a local clock an hour ahead does not sweep a fresh orphan', async (t) => {
+  const name = newBucketName();
+  const skewed = { now: () => Date.now() + 3_600_000 };
+  const store = await S3SegmentStore.create({ bucket: bucketOptions(name, undefined, skewed), cacheDir: await tempDir(), ...GEOMETRY, createBucket: true, ...quick, deleteGraceMs: 60_000 });
+  const bucket = new Bucket(bucketOptions(name));
+  try {
+    await bucket.put('seg/00000000-0000beef', new Uint8Array(10));
+    // With the local clock, LastModified (server time, now) is an hour before the local "now"
+    // and far past the 60 s grace; in the server's clock the orphan is seconds old.
+    t.false((await store.sweep()).includes('seg/00000000-0000beef'), 'a fresh orphan is kept for the grace period');
+    t.true(Math.abs(store.bucket.serverNow() - Date.now()) < 5_000, 'the server clock is learnt from its replies');
+    t.true((await bucket.list('seg/')).some((o) => o.key === 'seg/00000000-0000beef'));
+  } finally {
+    await store.close();
+    bucket.destroy();
+  }
 });

@@ -1262,9 +1262,11 @@ export class S3SegmentStore implements SegmentStore {
    */
   async sweep(): Promise<string[]> {
     this.live();
-    const cutoff = Date.now() - this.deleteGraceMs;
+    const objects = await this.bucket.list(SEGMENT_DIR);
+    // In the server's clock, which set LastModified: a skewed local clock must not shorten the grace.
+    const cutoff = this.bucket.serverNow() - this.deleteGraceMs;
     const candidates: string[] = [];
-    for (const o of await this.bucket.list(SEGMENT_DIR)) {
+    for (const o of objects) {
       const epoch = epochOfKey(o.key);
       if (epoch === undefined || epoch >= this.epoch) continue;
       if (o.modified !== undefined && o.modified.getTime() > cutoff) continue;
