@@ -6,10 +6,6 @@
 // The AWS SDK warns on every run that its releases after January 2027 need Node 22; Pasture
 // pins the SDK's major version and supports Node 20, so the CLI does not repeat it to users.
 process.env['AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED'] ??= 'true';
-// libuv's thread pool (4 threads by default, created at its first use, after this line) runs
-// the file store's reads when they miss the page cache (see FileSegmentStore.read): 16 lets
-// that many device reads overlap.
-process.env['UV_THREADPOOL_SIZE'] ??= '16';
 import { commands, type Command } from './commands.ts';
 import { forwardIfLive } from './control.ts';
 

@@ -39,7 +39,7 @@ export interface BucketOptions {
   forcePathStyle?: boolean;
   /**
    * Sign the SHA-256 of each uploaded body (SigV4 signed payload), so that the server rejects
-   * a body changed on the way. Default: only over plain HTTP to a host other than loopback.
+   * a body changed on the way. Default: over plain HTTP to a host other than loopback, and when no endpoint is given.
    * Over HTTPS, TLS already protects the body, and on loopback there is no wire; there,
    * uploads are sent as UNSIGNED-PAYLOAD, which saves hashing every byte on both sides
    * (about half of this process's CPU per uploaded byte, and a tenth of radosgw's).
@@ -48,10 +48,10 @@ export interface BucketOptions {
   /** Attempts per call, with the SDK's jittered exponential backoff between them (default 5). */
   maxAttempts?: number;
   /**
-   * Milliseconds a request's socket may stay silent before the request is abandoned and
-   * retried (default 30 000). A request is also abandoned after 4 times this in all, however
-   * slowly its bytes trickle: a hung S3 server (radosgw with a full OSD, say) must not hang
-   * the store's uploads forever.
+   * Milliseconds a request's socket may stay silent, in both directions, before the request is
+   * abandoned and retried (default 30 000): a hung S3 server (radosgw with a full OSD, say)
+   * must not hang the store's uploads forever. There is no cap on a request's total time, so
+   * a 16 MiB upload over a slow link that keeps moving is never cut off and re-sent.
    */
   requestTimeoutMs?: number;
   /** Parallel connections (default 16). */
@@ -89,7 +89,8 @@ function isPreconditionFailed(e: unknown): boolean {
 
 /** Sign upload bodies only over plain HTTP to another machine (see BucketOptions.signPayload). */
 export function defaultSignPayload(endpoint: string | undefined): boolean {
-  if (endpoint === undefined) return false; // AWS's default endpoints are HTTPS
+  // Unknown here: the SDK may still take a plain-HTTP endpoint from AWS_ENDPOINT_URL or ~/.aws/config.
+  if (endpoint === undefined) return true;
   let url: URL;
   try {
     url = new URL(endpoint);
@@ -128,9 +129,8 @@ export class Bucket {
     const silenceMs = options.requestTimeoutMs ?? 30_000;
     let handler: HttpHandler = new NodeHttpHandler({
       socketTimeout: silenceMs,
-      // Without throwOnRequestTimeout the SDK only logs a warning when requestTimeout passes.
-      requestTimeout: 4 * silenceMs,
-      throwOnRequestTimeout: true,
+      // The SDK's requestTimeout would cap the whole request (and only warns unless
+      // throwOnRequestTimeout): left off, see requestTimeoutMs above.
       connectionTimeout: Math.min(silenceMs, 10_000),
       httpAgent: new Agent({ keepAlive: true, maxSockets }),
       httpsAgent: new HttpsAgent({ keepAlive: true, maxSockets }),
