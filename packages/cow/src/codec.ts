@@ -145,10 +145,6 @@ export function sampledDistinctBytes(block: Uint8Array): number {
   return distinct;
 }
 
-export function looksIncompressible(block: Uint8Array): boolean {
-  return sampledDistinctBytes(block) >= INCOMPRESSIBLE_DISTINCT_BYTES;
-}
-
 /** The grey zone's memory of LZ4's recent outcomes (see above). One per process is enough. */
 export class GreyZone {
   /** Grey blocks in a row that LZ4 was tried on and did not shrink enough. */

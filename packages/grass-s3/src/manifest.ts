@@ -85,6 +85,11 @@ export function partialKey(base: string, length: number): string {
   return `${base}.p${length}`;
 }
 
+/** The segment a key belongs to: a partial object's key without its `.pN`. */
+export function segmentKeyOf(key: string): string {
+  return key.replace(/\.p[0-9]+$/, '');
+}
+
 /** The epoch a segment key was written in, or undefined for a key that is not a segment's. */
 export function epochOfKey(key: string): number | undefined {
   const m = /^seg\/([0-9a-f]{8})-[0-9a-f]{8}(\.p[0-9]+)?$/.exec(key);

@@ -23,19 +23,18 @@
  */
 import { open, mkdir, readFile, writeFile, rename, readdir, unlink, rm, stat } from 'node:fs/promises';
 import type { FileHandle } from 'node:fs/promises';
-import { readSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { z } from 'zod';
 import {
-  checkRange, takeLock, syncDir, pidAlive, type SegmentStore, InvalidArgumentError, FormatError, StoreLockedError, ClosedError,
+  checkRange, takeLock, syncDir, pidAlive, LocalReads, type SegmentStore, InvalidArgumentError, FormatError, StoreLockedError, ClosedError,
   SUPERBLOCK_BYTES, MIN_SEGMENT_BYTES, MAX_SEGMENT_BYTES, MAX_SEGMENT_COUNT,
 } from '@pasture/grass';
 import { Bucket, type BucketCounters, type BucketOptions } from './bucket.ts';
 import {
   LOCK_KEY, LockRecord, MANIFEST_DIR, MANIFEST_FORMAT_VERSION, SEGMENT_DIR, decodeManifest, encodeManifest, epochOfKey,
-  manifestKey, manifestSeqOf, partialKey, segmentKey, type Manifest, type ManifestEntry, type Writer,
+  manifestKey, manifestSeqOf, partialKey, segmentKey, segmentKeyOf, type Manifest, type ManifestEntry, type Writer,
 } from './manifest.ts';
 
 export interface S3StoreOptions {
@@ -122,8 +121,6 @@ const CacheManifest = z.object({
 });
 export type CacheManifest = z.infer<typeof CacheManifest>;
 
-/** Reads up to this size are synchronous positioned reads of a local file (as in the file store). */
-const SYNC_READ_BYTES_MAX = 64 * 1024;
 const MAX_UPLOAD_BACKOFF_MS = 30_000;
 /** Read-ahead fetches (each one GET) in flight at once. */
 const MAX_PREFETCHES_IN_FLIGHT = 4;
@@ -215,6 +212,8 @@ export class S3SegmentStore implements SegmentStore {
   private readonly superblocks: [Uint8Array | undefined, Uint8Array | undefined] = [undefined, undefined];
   private superblockFile!: FileHandle;
   private readonly dirty = new Set<Seg>();
+  /** Reads of the journal and cache files, as the file store makes them. */
+  private readonly localReads = new LocalReads();
   /** Every segment holding an open local file (closed by abandon, released or not). */
   private readonly withFiles = new Set<Seg>();
   /** Segments pinned by the publication under way (kept by sweep). */
@@ -420,7 +419,7 @@ export class S3SegmentStore implements SegmentStore {
     if (local !== undefined && latest.epoch !== local.epoch && latest.epoch !== local.claimingEpoch) {
       // Someone else has opened the store since this directory's writer. The journal can only
       // be dropped if the bucket already has everything in it.
-      const listedKeys = new Map(latest.entries.map((e) => [e.key.replace(/\.p[0-9]+$/, ''), e]));
+      const listedKeys = new Map(latest.entries.map((e) => [segmentKeyOf(e.key), e]));
       const unsent: string[] = [];
       for (const f of files) {
         const p = f.parsed;
@@ -485,13 +484,12 @@ export class S3SegmentStore implements SegmentStore {
       }
     }
     const listed = new Map(latest.entries.map((e) => [e.slot, e]));
-    const baseKey = (key: string): string => key.replace(/\.p[0-9]+$/, '');
     for (const [slot, f] of newest) {
       const e = listed.get(slot);
       const path = join(segDir, f.name);
       // The manifest holds a newer life of this slot: the journal's file is a leftover of a
       // release (an upload that was skipped, or an unlink lost in a crash).
-      if (e !== undefined && baseKey(e.key) > f.key) {
+      if (e !== undefined && segmentKeyOf(e.key) > f.key) {
         await unlink(path);
         continue;
       }
@@ -511,7 +509,7 @@ export class S3SegmentStore implements SegmentStore {
       }
       if (f.state === 'open') {
         seg.length = Math.min(size, this.segmentBytes);
-        if (e !== undefined && !e.sealed && baseKey(e.key) === f.key) seg.partial = { key: e.key, length: e.length };
+        if (e !== undefined && !e.sealed && segmentKeyOf(e.key) === f.key) seg.partial = { key: e.key, length: e.length };
       } else {
         seg.length = this.segmentBytes;
         if (size < this.segmentBytes) await fh.truncate(this.segmentBytes);
@@ -537,7 +535,7 @@ export class S3SegmentStore implements SegmentStore {
         this.retire({ key: e.key });
         continue;
       }
-      const base = e.sealed ? e.key : e.key.replace(/\.p[0-9]+$/, '');
+      const base = segmentKeyOf(e.key);
       const seg = new Seg(e.slot, base, e.sealed ? 'cached' : 'open');
       if (e.sealed) {
         seg.remote = true;
@@ -702,22 +700,7 @@ export class S3SegmentStore implements SegmentStore {
       const fh = seg.fh;
       if (fh === undefined) throw new Error(`segment ${segment} has no local copy after its fetch`);
       seg.lastUse = ++this.useClock;
-      if (length <= SYNC_READ_BYTES_MAX) {
-        let done = 0;
-        while (done < length) {
-          const n = readSync(fh.fd, buf, done, length - done, offset + done);
-          if (n === 0) break;
-          done += n;
-        }
-        return buf.fill(0, done);
-      }
-      let done = 0;
-      while (done < length) {
-        const { bytesRead } = await fh.read(buf, done, length - done, offset + done);
-        if (bytesRead === 0) break;
-        done += bytesRead;
-      }
-      return buf.fill(0, done);
+      return await this.localReads.read(fh, buf, offset);
     } finally {
       seg.readers--;
       if (seg.readers === 0 && seg.released) await this.dropLocal(seg);
@@ -955,7 +938,6 @@ export class S3SegmentStore implements SegmentStore {
     if (seg.chunkFetches.has(c)) return false;
     return seg.chunks === undefined || seg.chunks[c] === 0;
   }
-
 
   /**
    * Make [offset, offset + length) of a segment that is only (or partly) local: fetch its

@@ -72,20 +72,20 @@ test('small reads are synchronous until one is slow (a page-cache miss), then go
         }
       };
       // Fast enough: every small read stays on this thread.
-      store.slowSyncReadMicros = Infinity;
+      store.reads.slowSyncReadMicros = Infinity;
       await check(300);
-      t.deepEqual(store.readCounters, { sync: 300, slowSync: 0, async: 0 });
+      t.deepEqual(store.reads.counters, { sync: 300, slowSync: 0, async: 0 });
       // Every synchronous read counts as slow: one synchronous read, then 256 through the pool,
       // then a synchronous one again.
-      store.slowSyncReadMicros = 0;
+      store.reads.slowSyncReadMicros = 0;
       await check(1 + 256 + 1);
-      t.deepEqual(store.readCounters, { sync: 302, slowSync: 2, async: 256 });
+      t.deepEqual(store.reads.counters, { sync: 302, slowSync: 2, async: 256 });
       // Large reads (the cleaner's) never count, and are always asynchronous.
-      store.slowSyncReadMicros = Infinity;
+      store.reads.slowSyncReadMicros = Infinity;
       await check(255);
       const whole = await store.read(1, 0, 1 << 20);
       t.deepEqual(whole, Buffer.from(data));
-      t.deepEqual(store.readCounters, { sync: 302, slowSync: 2, async: 256 + 255 });
+      t.deepEqual(store.reads.counters, { sync: 302, slowSync: 2, async: 256 + 255 });
     } finally {
       await store.close();
     }

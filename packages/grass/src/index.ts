@@ -2,6 +2,7 @@ export { GrassLog, type Grass, type BatchOp, type GrassOptions, type GrassInspec
 export type { SegmentStore, StoreGeometry } from './segment-store.ts';
 export { MemorySegmentStore } from './stores/memory.ts';
 export { FileSegmentStore, takeLock, syncDir, pidAlive } from './stores/file.ts';
+export { LocalReads, SYNC_READ_BYTES_MAX } from './stores/local-reads.ts';
 export { checkRange } from './segment-store.ts';
 export { SUPERBLOCK_BYTES, MIN_SEGMENT_BYTES, MAX_SEGMENT_BYTES, MAX_SEGMENT_COUNT } from './format.ts';
 export { FaultySegmentStore, CrashedError, InjectedError, type FaultOptions } from './stores/faulty.ts';

@@ -12,25 +12,13 @@
  */
 import { open, mkdir, readFile, writeFile, unlink, rename, readdir } from 'node:fs/promises';
 import type { FileHandle } from 'node:fs/promises';
-import { readSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { checkRange, type SegmentStore } from '../segment-store.ts';
+import { LocalReads } from './local-reads.ts';
 import { FORMAT_VERSION, MAX_SEGMENT_BYTES, MAX_SEGMENT_COUNT, MIN_SEGMENT_BYTES, SUPERBLOCK_BYTES } from '../format.ts';
 import { FormatError, InvalidArgumentError, StoreLockedError } from '../errors.ts';
-
-/** Reads up to this size are synchronous positioned reads (see read()). */
-const SYNC_READ_BYTES_MAX = 64 * 1024;
-/** PASTURE_SYNC_READS=0 sends every read through libuv's thread pool (for comparisons). */
-const SYNC_READS = process.env.PASTURE_SYNC_READS !== '0';
-/**
- * A synchronous read slower than this went to the device, not the page cache (a hit of up to
- * 64 KiB takes 2-10 us; a device read here took 165 us).
- */
-const SLOW_SYNC_READ_US = 60;
-/** After a slow synchronous read, this many small reads go through the thread pool. */
-const ASYNC_READS_AFTER_SLOW = 256;
 
 const StoreManifest = z.object({
   kind: z.literal('pasture-grass-file-store'),
@@ -50,12 +38,8 @@ export interface FileStoreOptions {
 
 export class FileSegmentStore implements SegmentStore {
   private closed = false;
-  /** Small reads still to send through the thread pool after a slow synchronous one. */
-  private asyncReadsLeft = 0;
-  /** Small reads made each way, and the synchronous ones that were slow (misses). */
-  readonly readCounters = { sync: 0, slowSync: 0, async: 0 };
-  /** See SLOW_SYNC_READ_US; a test sets 0 to make every synchronous read count as slow. */
-  slowSyncReadMicros = SLOW_SYNC_READ_US;
+  /** How records are read (synchronously while the page cache hits; see LocalReads). */
+  readonly reads = new LocalReads();
 
   private constructor(
     readonly dir: string,
@@ -176,48 +160,7 @@ export class FileSegmentStore implements SegmentStore {
   async read(segment: number, offset: number, length: number): Promise<Uint8Array> {
     this.live();
     checkRange(this, segment, offset, length);
-    const buf = Buffer.allocUnsafe(length);
-    let done = 0;
-    const base = segment * this.segmentBytes + offset;
-    // Small reads (a record) are positioned reads on this thread, as LevelDB's Env does them:
-    // from the page cache that takes ~2 us, against ~20-50 us for a trip through libuv's
-    // thread pool, and it was most of the cost of reading a block. But a read that misses the
-    // cache blocks the event loop for a device read, one at a time whatever the queue depth
-    // (and this VM drops page cache even with memory free). So a synchronous read that was
-    // slow sends the next ASYNC_READS_AFTER_SLOW small reads through the thread pool, where
-    // misses overlap, before a synchronous read is tried again: misses come in runs (a cold
-    // volume, a scan), and a run of hits pays the pool's cost for at most that many reads.
-    // Large reads (the cleaner, recovery) stay asynchronous.
-    if (length <= SYNC_READ_BYTES_MAX && SYNC_READS && this.asyncReadsLeft === 0) {
-      this.readCounters.sync++;
-      const t0 = performance.now();
-      while (done < length) {
-        const bytesRead = readSync(this.segments.fd, buf, done, length - done, base + done);
-        if (bytesRead === 0) {
-          buf.fill(0, done);
-          break;
-        }
-        done += bytesRead;
-      }
-      if ((performance.now() - t0) * 1000 >= this.slowSyncReadMicros) {
-        this.readCounters.slowSync++;
-        this.asyncReadsLeft = ASYNC_READS_AFTER_SLOW;
-      }
-      return buf;
-    }
-    if (length <= SYNC_READ_BYTES_MAX) {
-      this.readCounters.async++;
-      if (this.asyncReadsLeft > 0) this.asyncReadsLeft--;
-    }
-    while (done < length) {
-      const { bytesRead } = await this.segments.read(buf, done, length - done, base + done);
-      if (bytesRead === 0) {
-        buf.fill(0, done);
-        break;
-      }
-      done += bytesRead;
-    }
-    return buf;
+    return this.reads.read(this.segments, Buffer.allocUnsafe(length), segment * this.segmentBytes + offset);
   }
 
   async release(segment: number): Promise<void> {
