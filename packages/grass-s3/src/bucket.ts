@@ -39,10 +39,10 @@ export interface BucketOptions {
   forcePathStyle?: boolean;
   /**
    * Sign the SHA-256 of each uploaded body (SigV4 signed payload), so that the server rejects
-   * a body changed on the way. Default: over plain HTTP to a host other than loopback, and when no endpoint is given.
+   * a body changed on the way. Default: over plain HTTP to a host other than loopback, and
+   * when no endpoint is given.
    * Over HTTPS, TLS already protects the body, and on loopback there is no wire; there,
-   * uploads are sent as UNSIGNED-PAYLOAD, which saves hashing every byte on both sides
-   * (about half of this process's CPU per uploaded byte, and a tenth of radosgw's).
+   * uploads are sent as UNSIGNED-PAYLOAD, which saves hashing every byte on both sides.
    */
   signPayload?: boolean;
   /** Attempts per call, with the SDK's jittered exponential backoff between them (default 5). */
