@@ -183,11 +183,19 @@ export class CowStore implements Cow {
   // ===========================================================================================
 
   async loadNode(g: number, height: number): Promise<CowNode> {
+    return this.cachedNode(g, height) ?? (await this.fetchNode(g, height));
+  }
+
+  /** The node at `g` if it is cached (and of height `height`, else CowCorruptionError). */
+  private cachedNode(g: number, height: number): CowNode | undefined {
     const c = this.cache.get(g);
-    if (c !== undefined) {
-      if (!(c instanceof CowNode) || c.height !== height) throw new CowCorruptionError(`address ${g} is not a node of height ${height}`);
-      return c;
-    }
+    if (c === undefined) return undefined;
+    if (!(c instanceof CowNode) || c.height !== height) throw new CowCorruptionError(`address ${g} is not a node of height ${height}`);
+    return c;
+  }
+
+  /** Read, check and cache the node at `g`, which is not cached. */
+  private async fetchNode(g: number, height: number): Promise<CowNode> {
     const rec = await this.grass.read(g);
     if (rec === undefined) throw new CowCorruptionError(`node at address ${g} (height ${height}) is missing`);
     const node = CowNode.decode(rec, g);
@@ -220,13 +228,24 @@ export class CowStore implements Cow {
   async read(addr: bigint): Promise<Uint8Array | undefined> {
     checkRange(addr, 1n);
     this.checkOpen();
-    return await this.lock.read(async () => {
-      const d = await this.lookup(addr);
-      if (d === 0) return undefined;
-      const rec = await this.grass.read(d);
-      if (rec === undefined) throw new CowCorruptionError(`data record ${d} for block ${addr} is missing`);
-      return decodeOwnedBlock(rec);
-    });
+    // The read share is taken without a wait or a closure when the lock is free (the common
+    // case: this is the per-block path of every 4 KiB read).
+    if (!this.lock.tryRead()) return await this.lock.read(() => this.readShared(addr));
+    try {
+      return await this.readShared(addr);
+    } finally {
+      this.lock.releaseRead();
+    }
+  }
+
+  /** read(), with the lock held shared. */
+  private async readShared(addr: bigint): Promise<Uint8Array | undefined> {
+    const found = this.lookup(addr);
+    const d = typeof found === 'number' ? found : await found;
+    if (d === 0) return undefined;
+    const rec = await this.grass.read(d);
+    if (rec === undefined) throw new CowCorruptionError(`data record ${d} for block ${addr} is missing`);
+    return decodeOwnedBlock(rec);
   }
 
   /**
@@ -259,13 +278,26 @@ export class CowStore implements Cow {
     });
   }
 
-  /** The data record address mapped at `addr` in the committed tree, or 0. */
-  private async lookup(addr: bigint): Promise<number> {
+  /**
+   * The data record address mapped at `addr` in the committed tree, or 0. Synchronous while
+   * the path is cached (the common case); from the first node that is not, a promise.
+   */
+  private lookup(addr: bigint): number | Promise<number> {
     const sb = this.sb;
     if (sb.root === 0 || addr >= spanOf(sb.rootHeight)) return 0;
     let g = sb.root;
     for (let h = sb.rootHeight; ; h--) {
-      const node = await this.loadNode(g, h);
+      const node = this.cachedNode(g, h);
+      if (node === undefined) return this.lookupFrom(addr, g, h);
+      g = node.get(digit(addr, h));
+      if (g === 0 || h === 0) return g;
+    }
+  }
+
+  /** lookup() from node `g` of height `h` down, which is not cached. */
+  private async lookupFrom(addr: bigint, g: number, h: number): Promise<number> {
+    for (; ; h--) {
+      const node = this.cachedNode(g, h) ?? (await this.fetchNode(g, h));
       g = node.get(digit(addr, h));
       if (g === 0 || h === 0) return g;
     }

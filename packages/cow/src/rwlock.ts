@@ -36,6 +36,18 @@ export class RwLock {
     }
   }
 
+  /** Take a read share only if that needs no waiting; pair with releaseRead(). */
+  tryRead(): boolean {
+    if (this.queue.length > 0 || this.writer) return false;
+    this.readers++;
+    return true;
+  }
+
+  releaseRead(): void {
+    this.readers--;
+    this.pump();
+  }
+
   /** Take the write lock only if that needs no waiting; pair with releaseWrite(). */
   tryWrite(): boolean {
     if (this.queue.length > 0 || this.writer || this.readers > 0) return false;

@@ -56,9 +56,12 @@ const SHIFTS: bigint[] = Array.from({ length: MAX_HEIGHT + 1 }, (_, h) => BigInt
 /** The 8-bit digit of `addr` that selects the child in a node of height h. */
 export function digit(addr: bigint, h: number): number {
   // Most addresses fit in a double: plain arithmetic avoids allocating bigints.
-  if (addr < 0x20000000000000n) return Math.floor(Number(addr) / 2 ** (8 * h)) % 256;
+  if (addr < 0x20000000000000n) return Math.floor(Number(addr) / DIGIT_DIVISORS[h]!) % 256;
   return Number((addr >> SHIFTS[h]!) & 0xffn);
 }
+
+/** 256^h for each height, so that digit() needs no Math.pow. */
+const DIGIT_DIVISORS: number[] = Array.from({ length: MAX_HEIGHT + 1 }, (_, h) => 2 ** (8 * h));
 
 /** Blocks covered by one child of a node of height h. */
 function childSpanOf(h: number): bigint {

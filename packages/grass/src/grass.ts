@@ -52,7 +52,7 @@ export type BatchOp = { op: 'put'; gaddr: number; data: Uint8Array } | { op: 'tr
 export interface Grass {
   /** Largest record payload. */
   readonly maxRecordBytes: number;
-  /** The record at `gaddr` in a new array the caller owns, or undefined if none. Throws CorruptionError rather than return wrong bytes. */
+  /** The record at `gaddr` in an array the caller owns (perhaps a view with a byteOffset), or undefined if none. Throws CorruptionError rather than return wrong bytes. */
   read(gaddr: number): Promise<Uint8Array | undefined>;
   /** Payload length of the record at `gaddr`, or undefined if none; from memory, no I/O. */
   size(gaddr: number): number | undefined;
@@ -358,6 +358,9 @@ export class GrassLog implements Grass {
       const seed = buffered !== undefined && buffered.seq === seq ? buffered.seed : segmentSeed(seq, loc.slot);
       const problem = this.checkRecord(bytes, at, gaddr, loc.length, seed);
       if (problem === undefined) {
+        // A store's read is a fresh array (SegmentStore.read): its payload is returned as it
+        // is. The write buffer is not, so that is copied out.
+        if (at === 0) return new Uint8Array(bytes.buffer, bytes.byteOffset + RECORD_HEADER_BYTES, loc.length);
         const out = new Uint8Array(loc.length);
         out.set(bytes.subarray(at + RECORD_HEADER_BYTES, at + RECORD_HEADER_BYTES + loc.length));
         return out;

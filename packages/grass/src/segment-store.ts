@@ -28,6 +28,7 @@ export interface SegmentStore {
   write(segment: number, offset: number, data: Uint8Array): Promise<void>;
   sync(): Promise<void>;
   seal(segment: number): Promise<void>;
+  /** A fresh array the caller owns: Grass hands parts of it up without copying. */
   read(segment: number, offset: number, length: number): Promise<Uint8Array>;
   /** The segment's contents will not be read again before it is rewritten. */
   release(segment: number): Promise<void>;

@@ -45,6 +45,17 @@ export class SocketReader {
     return this.start(bytes, false);
   }
 
+  /**
+   * `read` without a promise when the bytes are already buffered (the per-request path);
+   * undefined when they are not, or a read is pending, or the reader has failed: then `read`.
+   */
+  readNow(bytes: number): Buffer | undefined {
+    if (this.want !== undefined || this.failure !== undefined || this.bufferedBytes < bytes || !Number.isSafeInteger(bytes) || bytes < 0) return undefined;
+    const out = this.take(bytes);
+    this.flow();
+    return out;
+  }
+
   /** Consume and drop `bytes` bytes without holding more than one chunk of them. */
   async skip(bytes: number): Promise<void> {
     await this.start(bytes, true);
@@ -127,6 +138,11 @@ export class SocketReader {
         want.reject(err);
       }
     }
+    this.flow();
+  }
+
+  /** Pause the stream while enough is buffered, else resume it. */
+  private flow(): void {
     if (!this.attached) return;
     const limit = Math.max(this.highWaterBytes, this.want !== undefined && !this.want.discard ? this.want.bytes : 0);
     if (this.bufferedBytes >= limit) this.stream.pause();

@@ -113,28 +113,39 @@ export class ReplyWriter {
   }
 
   send(parts: readonly Buffer[]): Promise<void> {
-    if (!this.open || parts.length === 0) return Promise.resolve();
-    const stream = this.stream;
-    return new Promise<void>((resolve) => {
-      const done = (): void => {
-        if (this.pending.delete(done)) resolve();
-      };
-      this.pending.add(done);
-      // Stay corked until the current burst of completions has been handled (process.nextTick
-      // runs after the microtasks that resolved them), so replies finished together leave in
-      // one writev instead of one syscall each. Each message's buffers are still contiguous.
-      if (!this.corked) {
-        this.corked = true;
-        stream.cork();
-        process.nextTick(() => {
-          this.corked = false;
-          stream.uncork();
-        });
-      }
-      parts.forEach((p, i) => {
-        if (i === parts.length - 1) stream.write(p, done);
-        else stream.write(p);
-      });
-    });
+    return new Promise<void>((resolve) => this.write(parts, resolve));
   }
+
+  /**
+   * `send` without a promise (the per-request path): `sent` runs once the stream has taken
+   * the bytes, or once the connection is gone; at once if it already is.
+   */
+  write(parts: readonly Buffer[], sent: () => void): void {
+    if (!this.open || parts.length === 0) {
+      sent();
+      return;
+    }
+    const stream = this.stream;
+    const pending = this.pending;
+    const done = (): void => {
+      if (pending.delete(done)) sent();
+    };
+    pending.add(done);
+    // Stay corked until the current burst of completions has been handled (process.nextTick
+    // runs after the microtasks that resolved them), so replies finished together leave in
+    // one writev instead of one syscall each. Each message's buffers are still contiguous.
+    if (!this.corked) {
+      this.corked = true;
+      stream.cork();
+      process.nextTick(this.uncork);
+    }
+    const last = parts.length - 1;
+    for (let i = 0; i < last; i++) stream.write(parts[i]);
+    stream.write(parts[last], done);
+  }
+
+  private readonly uncork = (): void => {
+    this.corked = false;
+    this.stream.uncork();
+  };
 }

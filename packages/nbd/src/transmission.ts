@@ -90,6 +90,19 @@ class InflightBudget {
 
   constructor(private readonly maxBytes: number) {}
 
+  /** Whether another request header may be read now (see roomForHeader). */
+  hasRoomForHeader(): boolean {
+    return this.bytes < this.maxBytes && this.count < MAX_INFLIGHT_REQUESTS;
+  }
+
+  /** Take `bytes` if that needs no waiting (see reserve). */
+  tryReserve(bytes: number): boolean {
+    if ((this.bytes > 0 && this.bytes + bytes > this.maxBytes) || this.count >= MAX_INFLIGHT_REQUESTS) return false;
+    this.bytes += bytes;
+    this.count++;
+    return true;
+  }
+
   /** Wait until there is room to read another request header. */
   async roomForHeader(): Promise<void> {
     while (this.bytes >= this.maxBytes || this.count >= MAX_INFLIGHT_REQUESTS) await this.changed();
@@ -148,8 +161,10 @@ export class Transmission {
   async run(): Promise<string> {
     const { link, maxRequestBytes } = this.o;
     for (;;) {
-      await this.budget.roomForHeader();
-      const req = parseRequest(await link.reader.read(REQUEST_HEADER_BYTES));
+      // The common case waits for nothing, and costs no promise: room in the budget, and the
+      // next request already buffered (clients pipeline).
+      if (!this.budget.hasRoomForHeader()) await this.budget.roomForHeader();
+      const req = parseRequest(link.reader.readNow(REQUEST_HEADER_BYTES) ?? (await link.reader.read(REQUEST_HEADER_BYTES)));
       if (req.type === NBD_CMD_DISC) return 'client sent NBD_CMD_DISC';
 
       let cost = 0;
@@ -160,11 +175,12 @@ export class Transmission {
           const reason = `write of ${req.length} bytes is over the ${maxRequestBytes}-byte request limit`;
           if (req.length <= DOS_PAYLOAD_BYTES) {
             await link.reader.skip(req.length);
-            this.answer(req, 0, process.hrtime.bigint(), () => Promise.reject(new RequestError(NBD_EINVAL, reason)));
+            await this.budget.reserve(0);
+            this.reply(req, process.hrtime.bigint(), 0, { errno: NBD_EINVAL, message: reason });
             continue;
           }
           await this.budget.reserve(0);
-          await this.reply(req, process.hrtime.bigint(), 0, { errno: NBD_EINVAL, message: reason });
+          await new Promise<void>((sent) => this.reply(req, process.hrtime.bigint(), 0, { errno: NBD_EINVAL, message: reason }, sent));
           throw new NbdProtocolError(`${reason}: not reading it`);
         }
         cost = req.length;
@@ -173,19 +189,18 @@ export class Transmission {
       } else if (req.type === NBD_CMD_BLOCK_STATUS) {
         cost = MAX_BLOCK_STATUS_REPLY_BYTES;
       }
-      await this.budget.reserve(cost);
+      if (!this.budget.tryReserve(cost)) await this.budget.reserve(cost);
       let payload: Buffer | undefined;
       if (req.type === NBD_CMD_WRITE) {
         try {
-          payload = await link.reader.read(req.length);
+          payload = link.reader.readNow(req.length) ?? (await link.reader.read(req.length));
         } catch (e) {
           this.budget.release(cost);
           if (e instanceof ConnectionClosedError) throw new ConnectionClosedError(1, `connection closed in the middle of a ${req.length}-byte write payload`);
           throw e;
         }
       }
-      const started = process.hrtime.bigint();
-      this.answer(req, cost, started, () => this.execute(req, payload), true);
+      void this.answer(req, cost, process.hrtime.bigint(), payload);
     }
   }
 
@@ -194,25 +209,24 @@ export class Transmission {
     return this.budget.idle();
   }
 
-  /** Reply to `req` once `work` settles, then release its budget; never rejects. */
-  private answer(req: Request, cost: number, started: bigint, work: () => Promise<Buffer[] | undefined>, reserved = false): void {
-    const run = async (): Promise<void> => {
-      if (!reserved) await this.budget.reserve(cost);
-      let parts: Buffer[] | undefined;
-      let failure: { errno: number; message: string } | undefined;
-      try {
-        parts = await work();
-      } catch (e) {
-        failure = { errno: nbdErrnoOf(e), message: messageOf(e) };
-        if (!(e instanceof RequestError)) this.o.log(`${COMMAND_NAMES[req.type] ?? 'unknown'} at ${req.offset}+${req.length}: device error: ${messageOf(e)}`);
-      }
-      await this.reply(req, started, cost, failure ?? { parts: parts ?? [] });
-    };
-    run().catch((e: unknown) => this.o.log(`internal error answering a request: ${messageOf(e)}`));
+  /** Run `req` (its budget already reserved), reply once it settles, then release the budget; never rejects. */
+  private async answer(req: Request, cost: number, started: bigint, payload: Buffer | undefined): Promise<void> {
+    let outcome: { parts: Buffer[] } | { errno: number; message: string };
+    try {
+      outcome = { parts: (await this.execute(req, payload)) ?? [] };
+    } catch (e) {
+      outcome = { errno: nbdErrnoOf(e), message: messageOf(e) };
+      if (!(e instanceof RequestError)) this.o.log(`${COMMAND_NAMES[req.type] ?? 'unknown'} at ${req.offset}+${req.length}: device error: ${messageOf(e)}`);
+    }
+    try {
+      this.reply(req, started, cost, outcome);
+    } catch (e) {
+      this.o.log(`internal error answering a request: ${messageOf(e)}`);
+    }
   }
 
-  /** Send one reply, count it, release its budget. */
-  private async reply(req: Request, started: bigint, cost: number, outcome: { parts: Buffer[] } | { errno: number; message: string }): Promise<void> {
+  /** Send one reply and count it; its budget is released (and `sent` runs) once the socket has taken it. */
+  private reply(req: Request, started: bigint, cost: number, outcome: { parts: Buffer[] } | { errno: number; message: string }, sent?: () => void): void {
     const { negotiated, link, stats } = this.o;
     const name = COMMAND_NAMES[req.type] ?? 'unknown';
     let parts: Buffer[];
@@ -225,11 +239,10 @@ export class Transmission {
       parts = negotiated.structuredReplies ? [errorChunk(req.cookie, errno, message)] : [simpleReply(req.cookie, errno)];
     }
     stats.request(name, Number(process.hrtime.bigint() - started) / 1e9, errno, ERRNO_NAMES[errno] ?? String(errno));
-    try {
-      await link.writer.send(parts);
-    } finally {
+    link.writer.write(parts, () => {
       this.budget.release(cost);
-    }
+      sent?.();
+    });
   }
 
   /** Check `req` and run it; resolves with the reply to send (undefined parts: a plain success). */
@@ -251,13 +264,13 @@ export class Transmission {
 
     const writes = req.type === NBD_CMD_WRITE || req.type === NBD_CMD_TRIM || req.type === NBD_CMD_WRITE_ZEROES;
     if (writes && device.readOnly) throw new RequestError(NBD_EPERM, 'the export is read-only');
-    const end = req.offset + BigInt(req.length);
-    if (end > BigInt(device.size)) {
-      const errno = req.type === NBD_CMD_WRITE || req.type === NBD_CMD_WRITE_ZEROES ? NBD_ENOSPC : NBD_EINVAL;
-      throw new RequestError(errno, `range ends at ${end}, past the export size ${device.size}`);
-    }
+    // In doubles: an offset of 2^53 or more rounds to at least 2^53, past any export size.
     const offset = Number(req.offset);
     const { length } = req;
+    if (offset + length > device.size) {
+      const errno = req.type === NBD_CMD_WRITE || req.type === NBD_CMD_WRITE_ZEROES ? NBD_ENOSPC : NBD_EINVAL;
+      throw new RequestError(errno, `range ends at ${req.offset + BigInt(length)}, past the export size ${device.size}`);
+    }
     if ((req.type === NBD_CMD_READ || req.type === NBD_CMD_WRITE) && length > maxRequestBytes) {
       throw new RequestError(NBD_EINVAL, `${length} bytes is over the ${maxRequestBytes}-byte request limit`);
     }
