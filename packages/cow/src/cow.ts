@@ -310,21 +310,18 @@ export class CowStore implements Cow {
     // Fast path, outside the transaction machinery: an overwrite of a block that nothing shares,
     // with a record of the same length, is one Grass put and changes no metadata at all. This
     // is exactly what a transaction would commit, minus its bookkeeping.
-    // The raw record may be `block` itself: it goes to Grass before this call returns.
+    // It runs synchronously from the check to the put, so it needs no lock, only that no
+    // transaction is under way (one may have changed the path it checks). Readers need no
+    // exclusion: the record's address is neither freed nor reused, so a reader of this block
+    // sees the old record or the new one, and no other block refers to it.
+    // The raw record may be `block` itself: Grass copies it before tryPut returns.
     const rec = encodeBlock(block, undefined, true);
-    if (rec !== undefined && !this.options.readOnly && this.lock.tryWrite()) {
-      let done = false;
-      try {
-        const d = this.exclusiveDataCached(addr);
-        if (d !== undefined && d !== 0 && this.grass.size(d) === rec.length) {
-          done = true;
-          await this.grass.put(d, rec);
-          this.counters.transactions++;
-        }
-      } finally {
-        this.lock.releaseWrite();
+    if (rec !== undefined && !this.options.readOnly && !this.lock.writing) {
+      const d = this.exclusiveDataCached(addr);
+      if (d !== undefined && d !== 0 && this.grass.size(d) === rec.length && this.grass.tryPut(d, rec)) {
+        this.counters.transactions++;
+        return;
       }
-      if (done) return;
     }
     return await this.transaction((tx) => (tx as Txn).writeRecord(addr, rec));
   }

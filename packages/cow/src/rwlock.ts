@@ -36,6 +36,11 @@ export class RwLock {
     }
   }
 
+  /** Whether a writer holds the lock now. */
+  get writing(): boolean {
+    return this.writer;
+  }
+
   /** Take a read share only if that needs no waiting; pair with releaseRead(). */
   tryRead(): boolean {
     if (this.queue.length > 0 || this.writer) return false;
@@ -45,18 +50,6 @@ export class RwLock {
 
   releaseRead(): void {
     this.readers--;
-    this.pump();
-  }
-
-  /** Take the write lock only if that needs no waiting; pair with releaseWrite(). */
-  tryWrite(): boolean {
-    if (this.queue.length > 0 || this.writer || this.readers > 0) return false;
-    this.writer = true;
-    return true;
-  }
-
-  releaseWrite(): void {
-    this.writer = false;
     this.pump();
   }
 

@@ -57,6 +57,12 @@ export interface Grass {
   /** Payload length of the record at `gaddr`, or undefined if none; from memory, no I/O. */
   size(gaddr: number): number | undefined;
   put(gaddr: number, data: Uint8Array): Promise<void>;
+  /**
+   * put(), done now if it needs no waiting for room: then the record is in place when this
+   * returns true (read() sees it, the next flush makes it durable). False, with nothing done,
+   * if put() would have to wait (the cleaner must make room first, or seals are backlogged).
+   */
+  tryPut(gaddr: number, data: Uint8Array): boolean;
   trim(gaddr: number): Promise<void>;
   /** Apply all ops atomically: after a crash, all or none of them. */
   batch(ops: readonly BatchOp[]): Promise<void>;
@@ -399,7 +405,23 @@ export class GrassLog implements Grass {
     return this.batch([{ op: 'trim', gaddr }]);
   }
 
+  tryPut(gaddr: number, data: Uint8Array): boolean {
+    const ops: BatchOp[] = [{ op: 'put', gaddr, data }];
+    if (!this.roomNow(this.checkBatch(ops))) return false;
+    this.applyChecked(ops);
+    return true;
+  }
+
   async batch(ops: readonly BatchOp[]): Promise<void> {
+    const bytes = this.checkBatch(ops);
+    if (ops.length === 0) return;
+    await this.admit(bytes);
+    this.checkWritable();
+    this.applyChecked(ops);
+  }
+
+  /** Check a batch's arguments and limits (InvalidArgumentError); its bytes in the log. */
+  private checkBatch(ops: readonly BatchOp[]): number {
     this.checkWritable();
     if (ops.length > MAX_BATCH_OPS) throw new InvalidArgumentError(`batch of ${ops.length} ops exceeds the limit of ${MAX_BATCH_OPS}`);
     let bytes = 0;
@@ -416,9 +438,11 @@ export class GrassLog implements Grass {
       }
     }
     if (bytes > MAX_BATCH_BYTES) throw new InvalidArgumentError(`batch of ${bytes} bytes exceeds the limit of ${MAX_BATCH_BYTES}`);
-    if (ops.length === 0) return;
-    await this.admit(bytes);
-    this.checkWritable();
+    return bytes;
+  }
+
+  /** Apply a checked batch for which there is room. */
+  private applyChecked(ops: readonly BatchOp[]): void {
     try {
       this.applyBatch(ops);
     } catch (e) {
@@ -433,13 +457,9 @@ export class GrassLog implements Grass {
   private async admit(bytes: number): Promise<void> {
     for (let attempt = 0; ; attempt++) {
       this.checkWritable();
-      const user = this.streams[STREAM_USER]!;
-      const room = this.segmentBytes - FOOTER_BYTES - user.writeOff - user.entryCount * SUMMARY_ENTRY_BYTES;
-      const newSegments = room >= bytes ? 0 : Math.ceil((bytes - Math.max(0, room)) / (this.usableBytes - 1024)) + 1;
+      if (this.roomNow(bytes)) return;
+      const newSegments = this.newSegmentsFor(bytes);
       const sealBacklog = this.sealingPerStream[STREAM_USER]! >= MAX_SEALING_PER_STREAM;
-      if (newSegments === 0 || (this.freeSlots.length - newSegments >= this.reserveSegments() && !sealBacklog)) {
-        return;
-      }
       if (sealBacklog) {
         await new Promise<void>((resolve) => this.sealWaiters.push(resolve));
         continue;
@@ -454,6 +474,20 @@ export class GrassLog implements Grass {
       this.counters.foregroundCleans++;
       await this.cleanUntil(this.reserveSegments() + newSegments + 1, true);
     }
+  }
+
+  /** Whether a batch of `bytes` fits in the user stream now, without eating the reserve. */
+  private roomNow(bytes: number): boolean {
+    const newSegments = this.newSegmentsFor(bytes);
+    if (newSegments === 0) return true;
+    return this.freeSlots.length - newSegments >= this.reserveSegments() && this.sealingPerStream[STREAM_USER]! < MAX_SEALING_PER_STREAM;
+  }
+
+  /** Segments the user stream must open to take a batch of `bytes`. */
+  private newSegmentsFor(bytes: number): number {
+    const user = this.streams[STREAM_USER]!;
+    const room = this.segmentBytes - FOOTER_BYTES - user.writeOff - user.entryCount * SUMMARY_ENTRY_BYTES;
+    return room >= bytes ? 0 : Math.ceil((bytes - Math.max(0, room)) / (this.usableBytes - 1024)) + 1;
   }
 
   private applyBatch(ops: readonly BatchOp[]): void {
