@@ -83,3 +83,41 @@ test('bad arguments are rejected with clear errors and change nothing', async (t
   await g.close();
   await t.throwsAsync(g.read(1), { code: 'ESHUTDOWN' });
 });
+
+test('tryPut is a put done at once while there is room, and refused with nothing done when put would wait for the cleaner', async (t) => {
+  const store = new MemorySegmentStore(128 * 1024, 32);
+  const g = await GrassLog.create(store, { policy: greedy });
+  const n = 200;
+  for (let i = 1; i <= n; i++) await g.put(i, block(i));
+  // Overwrites without ever yielding: the background cleaner cannot run, so garbage piles up
+  // until tryPut must refuse.
+  const latest = new Map<number, number>();
+  let done = 0;
+  let refusedAt: number | undefined;
+  for (let k = 0; k < 100_000; k++) {
+    const i = 1 + (k % n);
+    if (!g.tryPut(i, block(n + k))) {
+      refusedAt = i;
+      break;
+    }
+    t.is(g.size(i), 4096);
+    latest.set(i, n + k);
+    done++;
+  }
+  t.not(refusedAt, undefined, 'tryPut never refused');
+  t.true(done > 100, `${done} tryPuts before the first refusal`);
+  // The refused put changed nothing; a put of the same record waits for the cleaner and lands.
+  t.deepEqual(await g.read(refusedAt!), block(latest.get(refusedAt!) ?? refusedAt!));
+  await g.put(refusedAt!, block(1_000_000));
+  latest.set(refusedAt!, 1_000_000);
+  t.true(g.tryPut(refusedAt!, block(1_000_001)), 'room again after the cleaner ran');
+  latest.set(refusedAt!, 1_000_001);
+  t.throws(() => g.tryPut(0, block(1)), { code: 'EINVAL' });
+  await g.flush();
+  for (let i = 1; i <= n; i++) t.deepEqual(await g.read(i), block(latest.get(i) ?? i), `record ${i}`);
+  await g.close();
+  store.reopen();
+  const reopened = await GrassLog.open(store);
+  for (let i = 1; i <= n; i++) t.deepEqual(await reopened.read(i), block(latest.get(i) ?? i), `record ${i} after reopen`);
+  await reopened.close();
+});
