@@ -24,11 +24,12 @@ for (const [i, v] of variants.entries()) {
     const params = { ...defaultCowSimParams(seed), crashes, ...v };
     t.log(`seed ${seed}: ${JSON.stringify(params)}`);
     const r = await runCowSimulation(params);
-    t.log(`${r.crashes} crashes, ${r.steps} steps, ${r.transactions} transactions (${r.aborted} aborted), ${r.copies} copies, ${r.exchanges} exchanges, ${r.readsChecked} reads checked, ${r.fscks} fscks; unflushed transactions kept ${r.unflushedSurvived}, lost ${r.unflushedLost}; up to ${r.maxMapped} blocks and ${r.maxNodes} nodes`);
+    t.log(`${r.crashes} crashes, ${r.steps} steps, ${r.transactions} transactions (${r.aborted} aborted), ${r.directWrites} direct writes (${r.fastWrites} on the fast path), ${r.copies} copies, ${r.exchanges} exchanges, ${r.readsChecked} reads checked, ${r.fscks} fscks; unflushed transactions kept ${r.unflushedSurvived}, lost ${r.unflushedLost}; up to ${r.maxMapped} blocks and ${r.maxNodes} nodes`);
     t.true(r.ok, r.failure);
     t.is(r.crashes, params.crashes);
     // The run exercised what it claims: sharing ops, aborts, and crashes that both lose and keep unflushed work.
     t.true(r.copies > 0 && r.exchanges > 0 && r.aborted > 0);
+    t.true(r.fastWrites > 0 && r.fastWrites < r.directWrites, `${r.fastWrites} of ${r.directWrites} direct writes on the fast path`);
     t.true(r.unflushedLost > 0 && r.unflushedSurvived > 0);
   });
 }

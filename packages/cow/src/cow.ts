@@ -11,7 +11,7 @@
  * Ownership: CowStore owns the Grass it is given and closes it. Thread-safety: all calls may
  * be made concurrently; reads share a lock, transactions take it exclusively.
  */
-import type { Grass } from '@pasture/grass';
+import type { BatchOp, Grass } from '@pasture/grass';
 import { assert } from './assert.ts';
 import { Allocator } from './allocator.ts';
 import { NODE_ENTRY_BYTES, NodeCache, REFCOUNT_ENTRY_BYTES } from './cache.ts';
@@ -65,6 +65,13 @@ export interface Cow extends CowTransaction {
   extents(start: bigint, count: bigint, maxExtents?: number): Promise<Extent[]>;
   /** Read `count` consecutive blocks into `out` (zero-filled by the caller; holes stay zero). */
   readBlocks(start: bigint, count: number, out: Uint8Array): Promise<void>;
+  /**
+   * Write consecutive blocks from `data` (a whole number of blocks, at most
+   * MAX_WRITE_BLOCKS), as write() does each, atomically after a crash (all or none). A read
+   * that overlaps the write while it is in flight may see some of its blocks and not others,
+   * as on any block device.
+   */
+  writeBlocks(start: bigint, data: Uint8Array): Promise<void>;
   /** Mapped blocks in a range, and how many of them trimming the range would free. */
   usage(start: bigint, count: bigint): Promise<{ mapped: bigint; exclusive: bigint }>;
   /** Block runs (offsets from a and b) where two equally aligned ranges map different records. */
@@ -101,6 +108,8 @@ export interface CowStats {
   /** Dead subtrees waiting for the reaper. */
   pendingReap: number;
   transactions: number;
+  /** Of those, writes done as one Grass batch without the transaction machinery (unshared overwrites). */
+  fastWrites: number;
   reapedNodes: number;
   cache: { entries: number; bytes: number; capacityBytes: number; hits: number; misses: number; hitRate: number };
   allocator: { highWater: number; freeKnown: number; pagesUnknown: number };
@@ -118,6 +127,10 @@ export interface CowScan {
 
 /** diff() compares aligned windows of this many blocks (2^40: a node of height 4). */
 export const DIFF_WINDOW_HEIGHT = 4;
+/** Times a write waits for the fast path (see writeRecords) before it becomes a transaction. */
+const FAST_WRITE_ATTEMPTS = 8;
+/** Most blocks one writeBlocks call takes (32 MiB): one Grass batch must hold them. */
+export const MAX_WRITE_BLOCKS = 8192;
 export const DIFF_WINDOW_BLOCKS = spanOf(DIFF_WINDOW_HEIGHT);
 
 /** Decrements reaped per background step: bounds one reaper transaction. */
@@ -135,7 +148,7 @@ export class CowStore implements Cow {
   private closed = false;
   private reapScheduled = false;
   private reapRunning: Promise<void> | undefined;
-  private counters = { transactions: 0, reapedNodes: 0 };
+  private counters = { transactions: 0, fastWrites: 0, reapedNodes: 0 };
 
   private constructor(grass: Grass, sb: Superblock, grave: number[], options: CowOptions) {
     this.grass = grass;
@@ -307,23 +320,81 @@ export class CowStore implements Cow {
     if (!(block instanceof Uint8Array) || block.length !== BLOCK_BYTES) throw new CowInvalidArgumentError(`a block is a Uint8Array of ${BLOCK_BYTES} bytes`);
     checkRange(addr, 1n);
     this.checkOpen();
-    // Fast path, outside the transaction machinery: an overwrite of a block that nothing shares,
-    // with a record of the same length, is one Grass put and changes no metadata at all. This
-    // is exactly what a transaction would commit, minus its bookkeeping.
-    // It runs synchronously from the check to the put, so it needs no lock, only that no
-    // transaction is under way (one may have changed the path it checks). Readers need no
-    // exclusion: the record's address is neither freed nor reused, so a reader of this block
-    // sees the old record or the new one, and no other block refers to it.
-    // The raw record may be `block` itself: Grass copies it before tryPut returns.
+    // The raw record may be `block` itself: Grass copies it before tryBatch returns, and a
+    // transaction before this call resolves.
     const rec = encodeBlock(block, undefined, true);
-    if (rec !== undefined && !this.options.readOnly && !this.lock.writing) {
-      const d = this.exclusiveDataCached(addr);
-      if (d !== undefined && d !== 0 && this.grass.size(d) === rec.length && this.grass.tryPut(d, rec)) {
-        this.counters.transactions++;
-        return;
-      }
+    await this.writeRecords(addr, [rec]);
+  }
+
+  async writeBlocks(start: bigint, data: Uint8Array): Promise<void> {
+    if (!(data instanceof Uint8Array) || data.length % BLOCK_BYTES !== 0) throw new CowInvalidArgumentError(`writeBlocks takes a Uint8Array of whole ${BLOCK_BYTES}-byte blocks`);
+    const count = data.length / BLOCK_BYTES;
+    if (count > MAX_WRITE_BLOCKS) throw new CowInvalidArgumentError(`writeBlocks of ${count} blocks exceeds the limit of ${MAX_WRITE_BLOCKS}`);
+    checkRange(start, BigInt(count));
+    this.checkOpen();
+    if (count === 0) return;
+    const recs: (Uint8Array | undefined)[] = [];
+    for (let i = 0; i < count; i++) recs.push(encodeBlock(data.subarray(i * BLOCK_BYTES, (i + 1) * BLOCK_BYTES), undefined, true));
+    await this.writeRecords(start, recs);
+  }
+
+  /**
+   * Map the blocks from `start` to `recs` (undefined: unmap): by the fast path if it applies,
+   * after waiting out a transaction under way or a store short of room (a few times at most),
+   * else in a transaction. Waiting rather than queueing a transaction at once matters: while
+   * one transaction waits (for room, say), every write would otherwise become one too.
+   */
+  private async writeRecords(start: bigint, recs: readonly (Uint8Array | undefined)[]): Promise<void> {
+    for (let attempt = 0; attempt < FAST_WRITE_ATTEMPTS; attempt++) {
+      this.checkOpen();
+      const r = this.overwriteNow(start, recs);
+      if (r === true) return;
+      if (r === false) break;
+      await r;
     }
-    return await this.transaction((tx) => (tx as Txn).writeRecord(addr, rec));
+    await this.transaction(async (tx) => {
+      for (let i = 0; i < recs.length; i++) await (tx as Txn).writeRecord(start + BigInt(i), recs[i]);
+    });
+  }
+
+  /**
+   * The fast path of a write of blocks from `start` (records `recs`), outside the transaction
+   * machinery: if every block overwrites one that nothing shares, the write is one Grass batch
+   * (atomic after a crash, as a transaction) and changes no metadata but the superblock's byte
+   * count; exactly what a transaction would commit, minus its bookkeeping. True if done;
+   * false if it does not apply; a promise to wait for before trying again if a transaction is
+   * under way or the store must make room first (nothing done either way). It runs
+   * synchronously from the checks to the batch, so it needs no lock, only that no transaction
+   * is under way (one may have changed the paths it checks). Readers need no exclusion: no
+   * record's address is freed or reused, so a reader of one of these blocks sees its old
+   * record or its new one, and no other block refers to them.
+   */
+  private overwriteNow(start: bigint, recs: readonly (Uint8Array | undefined)[]): boolean | Promise<void> {
+    if (this.options.readOnly) return false;
+    if (this.lock.writing) return this.lock.noWriter();
+    const ops: BatchOp[] = [];
+    let grown = 0;
+    for (let i = 0; i < recs.length; i++) {
+      const rec = recs[i];
+      if (rec === undefined) return false;
+      const d = this.exclusiveDataCached(start + BigInt(i));
+      const old = d === undefined || d === 0 ? undefined : this.grass.size(d);
+      if (old === undefined) return false;
+      grown += rec.length - old;
+      ops.push({ op: 'put', gaddr: d!, data: rec });
+    }
+    // A record of another length (it compresses differently now) changes the superblock's
+    // byte count, so the new superblock goes in the same batch, as a transaction commits it.
+    let sb: Superblock | undefined;
+    if (grown !== 0) {
+      sb = { ...this.sb, dataBytes: this.sb.dataBytes + grown, generation: this.sb.generation + 1 };
+      ops.push({ op: 'put', gaddr: SUPERBLOCK_GADDR, data: encodeSuperblock(sb) });
+    }
+    if (!this.grass.tryBatch(ops)) return this.grass.roomFor(ops);
+    if (sb !== undefined) this.sb = sb;
+    this.counters.transactions++;
+    this.counters.fastWrites++;
+    return true;
   }
 
   /**
@@ -534,6 +605,7 @@ export class CowStore implements Cow {
       treeDepth: sb.root === 0 ? 0 : sb.rootHeight + 1,
       pendingReap: this.grave.length,
       transactions: this.counters.transactions,
+      fastWrites: this.counters.fastWrites,
       reapedNodes: this.counters.reapedNodes,
       cache: { entries: c.size, bytes: c.usedBytes, capacityBytes: c.capacityBytes, hits: c.hits, misses: c.misses, hitRate: lookups === 0 ? 0 : c.hits / lookups },
       allocator: { highWater: this.allocator.highWater, freeKnown: this.allocator.freeKnown, pagesUnknown: this.allocator.pagesUnknown },

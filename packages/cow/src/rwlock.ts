@@ -15,6 +15,7 @@ export class RwLock {
   private readers = 0;
   private writer = false;
   private readonly queue: Waiter[] = [];
+  private noWriterWaiters: (() => void)[] = [];
 
   async read<T>(fn: () => Promise<T>): Promise<T> {
     await this.acquire(false);
@@ -33,12 +34,30 @@ export class RwLock {
     } finally {
       this.writer = false;
       this.pump();
+      if (!this.writer) this.wakeNoWriter();
     }
   }
 
   /** Whether a writer holds the lock now. */
   get writing(): boolean {
     return this.writer;
+  }
+
+  /**
+   * Resolves once no writer holds the lock (at once if none does), for callers that do their
+   * work synchronously without taking it. It does not queue: a writer granted the lock as the
+   * last one releases it keeps these waiting, so the caller must bound its retries.
+   */
+  noWriter(): Promise<void> {
+    if (!this.writer) return Promise.resolve();
+    return new Promise((resolve) => this.noWriterWaiters.push(resolve));
+  }
+
+  private wakeNoWriter(): void {
+    const w = this.noWriterWaiters;
+    if (w.length === 0) return;
+    this.noWriterWaiters = [];
+    for (const f of w) f();
   }
 
   /** Take a read share only if that needs no waiting; pair with releaseRead(). */

@@ -84,19 +84,19 @@ test('bad arguments are rejected with clear errors and change nothing', async (t
   await t.throwsAsync(g.read(1), { code: 'ESHUTDOWN' });
 });
 
-test('tryPut is a put done at once while there is room, and refused with nothing done when put would wait for the cleaner', async (t) => {
+test('tryBatch is a batch done at once while there is room, and refused with nothing done when batch would wait for the cleaner', async (t) => {
   const store = new MemorySegmentStore(128 * 1024, 32);
   const g = await GrassLog.create(store, { policy: greedy });
   const n = 200;
   for (let i = 1; i <= n; i++) await g.put(i, block(i));
   // Overwrites without ever yielding: the background cleaner cannot run, so garbage piles up
-  // until tryPut must refuse.
+  // until tryBatch must refuse.
   const latest = new Map<number, number>();
   let done = 0;
   let refusedAt: number | undefined;
   for (let k = 0; k < 100_000; k++) {
     const i = 1 + (k % n);
-    if (!g.tryPut(i, block(n + k))) {
+    if (!g.tryBatch([{ op: 'put', gaddr: i, data: block(n + k) }])) {
       refusedAt = i;
       break;
     }
@@ -104,15 +104,15 @@ test('tryPut is a put done at once while there is room, and refused with nothing
     latest.set(i, n + k);
     done++;
   }
-  t.not(refusedAt, undefined, 'tryPut never refused');
-  t.true(done > 100, `${done} tryPuts before the first refusal`);
+  t.not(refusedAt, undefined, 'tryBatch never refused');
+  t.true(done > 100, `${done} tryBatch calls before the first refusal`);
   // The refused put changed nothing; a put of the same record waits for the cleaner and lands.
   t.deepEqual(await g.read(refusedAt!), block(latest.get(refusedAt!) ?? refusedAt!));
   await g.put(refusedAt!, block(1_000_000));
   latest.set(refusedAt!, 1_000_000);
-  t.true(g.tryPut(refusedAt!, block(1_000_001)), 'room again after the cleaner ran');
+  t.true(g.tryBatch([{ op: 'put', gaddr: refusedAt!, data: block(1_000_001) }]), 'room again after the cleaner ran');
   latest.set(refusedAt!, 1_000_001);
-  t.throws(() => g.tryPut(0, block(1)), { code: 'EINVAL' });
+  t.throws(() => g.tryBatch([{ op: 'put', gaddr: 0, data: block(1) }]), { code: 'EINVAL' });
   await g.flush();
   for (let i = 1; i <= n; i++) t.deepEqual(await g.read(i), block(latest.get(i) ?? i), `record ${i}`);
   await g.close();

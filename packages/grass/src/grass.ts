@@ -58,11 +58,17 @@ export interface Grass {
   size(gaddr: number): number | undefined;
   put(gaddr: number, data: Uint8Array): Promise<void>;
   /**
-   * put(), done now if it needs no waiting for room: then the record is in place when this
-   * returns true (read() sees it, the next flush makes it durable). False, with nothing done,
-   * if put() would have to wait (the cleaner must make room first, or seals are backlogged).
+   * batch(), done now if it needs no waiting for room: then its records are in place when this
+   * returns true (read() sees them, the next flush makes them durable, all or none after a
+   * crash). False, with nothing done, if batch() would have to wait (the cleaner must make room
+   * first, or seals are backlogged).
    */
-  tryPut(gaddr: number, data: Uint8Array): boolean;
+  tryBatch(ops: readonly BatchOp[]): boolean;
+  /**
+   * Resolves once tryBatch(ops) would find room (the cleaner made it, or seals drained), or
+   * rejects as batch(ops) would (NoSpaceError); for callers that then try again.
+   */
+  roomFor(ops: readonly BatchOp[]): Promise<void>;
   trim(gaddr: number): Promise<void>;
   /** Apply all ops atomically: after a crash, all or none of them. */
   batch(ops: readonly BatchOp[]): Promise<void>;
@@ -405,11 +411,16 @@ export class GrassLog implements Grass {
     return this.batch([{ op: 'trim', gaddr }]);
   }
 
-  tryPut(gaddr: number, data: Uint8Array): boolean {
-    const ops: BatchOp[] = [{ op: 'put', gaddr, data }];
-    if (!this.roomNow(this.checkBatch(ops))) return false;
+  tryBatch(ops: readonly BatchOp[]): boolean {
+    const bytes = this.checkBatch(ops);
+    if (ops.length === 0) return true;
+    if (!this.roomNow(bytes)) return false;
     this.applyChecked(ops);
     return true;
+  }
+
+  async roomFor(ops: readonly BatchOp[]): Promise<void> {
+    await this.admit(this.checkBatch(ops));
   }
 
   async batch(ops: readonly BatchOp[]): Promise<void> {

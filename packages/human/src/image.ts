@@ -87,8 +87,12 @@ export class Image {
     if (!(data instanceof Uint8Array)) throw new InvalidArgumentError('write data must be a Uint8Array');
     this.check(offset, data.length, true);
     if (data.length === 0) return;
-    // One aligned block: Cow's write has a fast path for unshared overwrites (one Grass put).
-    if (data.length === BLOCK_BYTES && offset % BLOCK_BYTES === 0) return this.pool.cow.write(this.base + BigInt(offset / BLOCK_BYTES), data);
+    // Whole aligned blocks: Cow's writeBlocks has a fast path for unshared overwrites (one
+    // Grass batch, no transaction), and is atomic after a crash either way.
+    if (offset % BLOCK_BYTES === 0 && data.length % BLOCK_BYTES === 0) {
+      const start = this.base + BigInt(offset / BLOCK_BYTES);
+      return data.length === BLOCK_BYTES ? this.pool.cow.write(start, data) : this.pool.cow.writeBlocks(start, data);
+    }
     await this.pool.cow.transaction((tx) => this.writeIn(tx, this.base, offset, data));
   }
 
