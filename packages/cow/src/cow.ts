@@ -11,7 +11,7 @@
  * Ownership: CowStore owns the Grass it is given and closes it. Thread-safety: all calls may
  * be made concurrently; reads share a lock, transactions take it exclusively.
  */
-import type { BatchOp, Grass } from '@pasture/grass';
+import { MAX_READ_MANY, type BatchOp, type Grass } from '@pasture/grass';
 import { assert } from './assert.ts';
 import { Allocator } from './allocator.ts';
 import { NODE_ENTRY_BYTES, NodeCache, REFCOUNT_ENTRY_BYTES } from './cache.ts';
@@ -275,6 +275,10 @@ export class CowStore implements Cow {
       const sb = this.sb;
       if (sb.root === 0) return;
       const end = start + BigInt(count);
+      // The data records of the run first, then all of them in one Grass readMany, which reads
+      // records lying next to each other (a sequential write leaves them so) in one go.
+      const data: number[] = [];
+      const at: bigint[] = [];
       const walk = async (g: number, h: number, base: bigint): Promise<void> => {
         const node = await this.loadNode(g, h);
         for (const { c, cb } of childrenIn(node, h, base, start, end)) {
@@ -282,12 +286,20 @@ export class CowStore implements Cow {
             await walk(c, h - 1, cb);
             continue;
           }
-          const rec = await this.grass.read(c);
-          if (rec === undefined) throw new CowCorruptionError(`data record ${c} for block ${cb} is missing`);
-          out.set(decodeOwnedBlock(rec), Number(cb - start) * BLOCK_BYTES);
+          data.push(c);
+          at.push(cb);
         }
       };
       await walk(sb.root, sb.rootHeight, 0n);
+      for (let from = 0; from < data.length; from += MAX_READ_MANY) {
+        const recs = await this.grass.readMany(data.slice(from, from + MAX_READ_MANY));
+        for (let k = 0; k < recs.length; k++) {
+          const rec = recs[k];
+          const i = from + k;
+          if (rec === undefined) throw new CowCorruptionError(`data record ${data[i]} for block ${at[i]} is missing`);
+          out.set(decodeOwnedBlock(rec), Number(at[i]! - start) * BLOCK_BYTES);
+        }
+      }
     });
   }
 

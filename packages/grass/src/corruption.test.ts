@@ -123,3 +123,40 @@ test('a torn write in the unsealed tail ends the log there, and recovery reports
   t.regex(g2.recovery!.streams[0]!.end, /log ends at offset \d+/);
   await g2.close();
 });
+
+/** A memory store that counts its reads. */
+class CountingStore extends MemorySegmentStore {
+  reads = 0;
+  override async read(segment: number, offset: number, length: number): Promise<Uint8Array> {
+    this.reads++;
+    return super.read(segment, offset, length);
+  }
+}
+
+test('readMany reads a run of adjacent records in one store read, and still finds a corrupt one among them', async (t) => {
+  const store = new CountingStore(SEG, 32);
+  const g = await GrassLog.create(store, { backgroundCleaner: false });
+  for (let i = 1; i <= 100; i++) await g.put(i, block(i));
+  await g.close();
+  store.reopen();
+  const g2 = await GrassLog.open(store, { backgroundCleaner: false });
+  const segments = new Set([...Array(100).keys()].map((i) => g2.inspect().map.get(i + 1)!.slot));
+  store.reads = 0;
+  const wanted = [...Array(100).keys()].map((i) => 100 - i).concat([5000]);
+  const got = await g2.readMany(wanted);
+  for (let k = 0; k < 100; k++) t.deepEqual(got[k], block(wanted[k]!), `record ${wanted[k]}`);
+  t.is(got[100], undefined, 'an unmapped address reads as undefined');
+  t.true(store.reads <= segments.size, `${store.reads} store reads for 100 records in ${segments.size} segments`);
+  t.is(g2.stats().reads, 100);
+  const loc = g2.inspect().map.get(10)!;
+  await g2.close();
+  store.reopen();
+  store.rawSegment(loc.slot)[loc.offset + RECORD_HEADER_BYTES + 7]! ^= 0x01;
+  const g3 = await GrassLog.open(store, { backgroundCleaner: false });
+  const err = await t.throwsAsync(g3.readMany([8, 9, 10, 11, 12]), { instanceOf: CorruptionError });
+  t.is(err!.where.segment, loc.slot);
+  t.is(err!.where.offset, loc.offset);
+  t.deepEqual(await g3.readMany([8, 9, 11, 12]), [block(8), block(9), block(11), block(12)]);
+  await t.throwsAsync(g3.readMany([0]), { code: 'EINVAL' });
+  await g3.close();
+});

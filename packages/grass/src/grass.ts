@@ -54,6 +54,12 @@ export interface Grass {
   readonly maxRecordBytes: number;
   /** The record at `gaddr` in an array the caller owns (perhaps a view with a byteOffset), or undefined if none. Throws CorruptionError rather than return wrong bytes. */
   read(gaddr: number): Promise<Uint8Array | undefined>;
+  /**
+   * read() of each address in `gaddrs` (at most MAX_READ_MANY), with records that lie next to
+   * each other in a segment fetched in one store read (a run written together, as a
+   * sequential write leaves them). The same checks as read().
+   */
+  readMany(gaddrs: readonly number[]): Promise<(Uint8Array | undefined)[]>;
   /** Payload length of the record at `gaddr`, or undefined if none; from memory, no I/O. */
   size(gaddr: number): number | undefined;
   put(gaddr: number, data: Uint8Array): Promise<void>;
@@ -98,6 +104,11 @@ export interface GrassOptions {
   /** Debug trace of internal events (allocation, seals, cleaning, checkpoints). */
   trace?: (event: string) => void;
 }
+
+/** Most addresses one readMany call takes. */
+export const MAX_READ_MANY = 65536;
+/** Largest store read readMany makes for a run of adjacent records. */
+const COALESCED_READ_BYTES_MAX = 1024 * 1024;
 
 /** Largest batch: bounds memory and keeps one batch far smaller than the free-space reserve. */
 export const MAX_BATCH_OPS = 65536;
@@ -384,6 +395,65 @@ export class GrassLog implements Grass {
       this.counters.corruptReads++;
       throw new CorruptionError({ segment: loc.slot, offset: loc.offset }, `record for address ${gaddr}: ${problem}`);
     }
+  }
+
+  async readMany(gaddrs: readonly number[]): Promise<(Uint8Array | undefined)[]> {
+    this.checkOpen();
+    if (gaddrs.length > MAX_READ_MANY) throw new InvalidArgumentError(`readMany of ${gaddrs.length} addresses exceeds the limit of ${MAX_READ_MANY}`);
+    for (const g of gaddrs) checkAddress(g);
+    const out = new Array<Uint8Array | undefined>(gaddrs.length);
+    // Records in sealed or flushed segments, by position; the rest go through read().
+    const placed: { i: number; slot: number; offset: number; length: number }[] = [];
+    const single: Promise<void>[] = [];
+    for (let i = 0; i < gaddrs.length; i++) {
+      const loc = this.map.get(gaddrs[i]!);
+      if (loc === undefined) continue;
+      if (this.buffered.get(loc.slot)?.buf !== undefined) single.push(this.read(gaddrs[i]!).then((r) => void (out[i] = r)));
+      else placed.push({ i, slot: loc.slot, offset: loc.offset, length: loc.length });
+    }
+    placed.sort((a, b) => a.slot - b.slot || a.offset - b.offset);
+    const runs: Promise<void>[] = [];
+    for (let k = 0; k < placed.length; ) {
+      let end = k + 1;
+      let reach = placed[k]!.offset + RECORD_HEADER_BYTES + placed[k]!.length;
+      while (end < placed.length) {
+        const next = placed[end]!;
+        if (next.slot !== placed[k]!.slot || next.offset !== reach || reach + RECORD_HEADER_BYTES + next.length - placed[k]!.offset > COALESCED_READ_BYTES_MAX) break;
+        reach += RECORD_HEADER_BYTES + next.length;
+        end++;
+      }
+      runs.push(this.readRun(gaddrs, placed.slice(k, end), reach, out));
+      k = end;
+    }
+    await Promise.all([...single, ...runs]);
+    return out;
+  }
+
+  /** One store read for records adjacent in a segment (readMany); a record that fails its checks is read again alone. */
+  private async readRun(gaddrs: readonly number[], run: readonly { i: number; slot: number; offset: number; length: number }[], reach: number, out: (Uint8Array | undefined)[]): Promise<void> {
+    const first = run[0]!;
+    if (run.length === 1) {
+      out[first.i] = await this.read(gaddrs[first.i]!);
+      return;
+    }
+    const seq = this.slotSeq[first.slot]!;
+    const bytes = await this.store.read(first.slot, first.offset, reach - first.offset);
+    const seed = segmentSeed(seq, first.slot);
+    const again: Promise<void>[] = [];
+    for (const r of run) {
+      const gaddr = gaddrs[r.i]!;
+      const at = r.offset - first.offset;
+      // A failed check may be a record that moved while we read (cleaned, slot reused): read()
+      // looks again, and reports corruption if it is that.
+      if (this.slotSeq[first.slot] !== seq || this.checkRecord(bytes, at, gaddr, r.length, seed) !== undefined) {
+        again.push(this.read(gaddr).then((rec) => void (out[r.i] = rec)));
+        continue;
+      }
+      this.counters.reads++;
+      this.counters.readBytes += r.length;
+      out[r.i] = new Uint8Array(bytes.buffer, bytes.byteOffset + at + RECORD_HEADER_BYTES, r.length);
+    }
+    await Promise.all(again);
   }
 
   private checkRecord(bytes: Uint8Array, at: number, gaddr: number, length: number, seed: number): string | undefined {

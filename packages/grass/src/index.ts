@@ -1,4 +1,4 @@
-export { GrassLog, type Grass, type BatchOp, type GrassOptions, type GrassInspection, MAX_BATCH_OPS, MAX_BATCH_BYTES } from './grass.ts';
+export { GrassLog, type Grass, type BatchOp, type GrassOptions, type GrassInspection, MAX_BATCH_OPS, MAX_BATCH_BYTES, MAX_READ_MANY } from './grass.ts';
 export type { SegmentStore, StoreGeometry } from './segment-store.ts';
 export { MemorySegmentStore } from './stores/memory.ts';
 export { FileSegmentStore, takeLock, syncDir, pidAlive } from './stores/file.ts';
