@@ -238,3 +238,45 @@ test('diff finds exactly the blocks that differ, and usage counts what a trim wo
   await t.throwsAsync(cow.diff(A, B + 1n, 10n), { code: 'EINVAL' } as never);
   await healthy(t, cow);
 });
+
+test('writes of unshared blocks take the fast path, waiting out a transaction under way rather than becoming one, and never touch a shared block', async (t) => {
+  const { cow } = await fresh();
+  await fill(cow, 0n, 512, 1);
+  const before = cow.stats();
+  // One block and a run, over unshared blocks: fast, one Grass batch each.
+  await cow.write(3n, blockFor(9001));
+  const run = new Uint8Array(4 * BLOCK_BYTES);
+  for (let i = 0; i < 4; i++) run.set(blockFor(9100 + i), i * BLOCK_BYTES);
+  await cow.writeBlocks(10n, run);
+  t.is(cow.stats().fastWrites - before.fastWrites, 2);
+  // A write that arrives while a transaction holds the lock waits for it, then goes fast.
+  let release!: () => void;
+  const held = new Promise<void>((r) => (release = r));
+  const tx = cow.transaction(async (x) => {
+    await x.write(500n, blockFor(9200));
+    await held;
+  });
+  await new Promise((r) => setImmediate(r));
+  const w = cow.write(20n, blockFor(9300));
+  await new Promise((r) => setImmediate(r));
+  const mid = cow.stats();
+  t.is(mid.fastWrites - before.fastWrites, 2, 'the write waited while the transaction ran');
+  release();
+  await Promise.all([tx, w]);
+  const after = cow.stats();
+  t.is(after.fastWrites - before.fastWrites, 3, 'then took the fast path');
+  t.is(after.transactions - mid.transactions, 2, 'the held transaction and the fast write; no transaction for the write');
+  // A shared block is never overwritten in place: after a copy, writing one side leaves the other.
+  await cow.copy(0n, 1000n, 4n);
+  await cow.writeBlocks(0n, run);
+  t.is(cow.stats().fastWrites, after.fastWrites, 'shared blocks go through a transaction');
+  for (let i = 0; i < 4; i++) {
+    t.is(tagAt(await cow.read(BigInt(i))), 9100 + i);
+    t.is(tagAt(await cow.read(1000n + BigInt(i))), i === 3 ? 9001 : 1 + i);
+  }
+  t.is(tagAt(await cow.read(20n)), 9300);
+  t.is(tagAt(await cow.read(500n)), 9200);
+  for (let i = 0; i < 4; i++) t.is(tagAt(await cow.read(10n + BigInt(i))), 9100 + i);
+  await healthy(t, cow);
+  await cow.close();
+});
