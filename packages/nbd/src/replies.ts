@@ -131,17 +131,17 @@ export class ReplyWriter {
       if (pending.delete(done)) sent();
     };
     pending.add(done);
-    // Stay corked until this turn of the event loop has handled every completion it polled
-    // (setImmediate runs after the poll phase), so the replies to everything that finished
-    // together, socket reads and file reads alike, leave in one writev instead of one syscall
-    // each. Each message's buffers are still contiguous. Uncorking at process.nextTick, after
-    // each burst of microtasks only, sent 16 replies per writev in random write QD32, against
-    // 28 now; same-run A/B: random write QD32 40-44k IOPS against 32-36k, random read 61-67k
-    // against 56-60k, QD1 unchanged.
+    // Stay corked until the current burst of completions has been handled (process.nextTick
+    // runs after the microtasks that resolved them), so replies finished together leave in
+    // one writev instead of one syscall each. Each message's buffers are still contiguous.
+    // Uncorking at setImmediate instead (after the poll phase) sent 28 replies per writev in
+    // random write QD32 against 16, and 40-44k IOPS against 32-36k, but left a fuzzed
+    // connection open now and then (fuzz.test.ts failed 2 runs in 3), for a reason not yet
+    // found; so it is not done.
     if (!this.corked) {
       this.corked = true;
       stream.cork();
-      setImmediate(this.uncork);
+      process.nextTick(this.uncork);
     }
     const last = parts.length - 1;
     for (let i = 0; i < last; i++) stream.write(parts[i]);
