@@ -22,8 +22,7 @@ export class RwLock {
     try {
       return await fn();
     } finally {
-      this.readers--;
-      this.pump();
+      this.releaseRead();
     }
   }
 
