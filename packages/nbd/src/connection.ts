@@ -150,11 +150,27 @@ export class Connection {
   private async startTls(ack: Buffer): Promise<void> {
     const tls = this.o.tls;
     if (tls === undefined) throw new Error('startTls without a TLS configuration');
+    const socket = this.socket;
     const early = this.link.reader.detach();
     if (early.length > 0) throw new NbdProtocolError(`client sent ${early.length} bytes after NBD_OPT_STARTTLS without waiting for the reply`);
-    await this.link.writer.send([ack]);
-    if (this.socket.destroyed) throw new ConnectionClosedError(0, 'connection closed during STARTTLS');
-    const secure = new TLSSocket(this.socket, { isServer: true, secureContext: tls.context, requestCert: false });
+    // The client must now wait for the reply, so until TLS takes the socket over, watch it:
+    // bytes are a protocol error, and its end must be seen here. TLS wraps the socket's handle,
+    // and an end of stream the socket has already read (it reads on while paused) would reach
+    // neither TLS nor us: the connection would hang until the handshake time-out.
+    let earlyBytes = 0;
+    const onData = (b: Buffer): void => {
+      earlyBytes += b.length;
+    };
+    socket.on('data', onData);
+    try {
+      await this.link.writer.send([ack]);
+    } finally {
+      socket.off('data', onData);
+      socket.pause();
+    }
+    if (earlyBytes > 0) throw new NbdProtocolError(`client sent ${earlyBytes} bytes after NBD_OPT_STARTTLS without waiting for the reply`);
+    if (socket.destroyed || socket.readableEnded) throw new ConnectionClosedError(0, 'client closed the connection during STARTTLS');
+    const secure = new TLSSocket(socket, { isServer: true, secureContext: tls.context, requestCert: false });
     secure.on('error', (e) => this.log(`TLS error: ${e.message}`));
     this.stream = secure;
     await new Promise<void>((resolve, reject) => {

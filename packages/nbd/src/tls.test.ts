@@ -9,6 +9,7 @@ import type { Socket } from 'node:net';
 import { join } from 'node:path';
 import { connect as tlsConnect } from 'node:tls';
 import { NbdClient, connectSocket, infoRequest, metaContextRequest, optionRequest, readGreeting, readOptionReplies } from './client.ts';
+import { HANDSHAKE_TIMEOUT_MS } from './connection.ts';
 import { ConnectionClosedError } from './errors.ts';
 import { MemoryDevice } from './memory-device.ts';
 import * as P from './protocol.ts';
@@ -189,5 +190,23 @@ test('TLS misbehaviour: data pipelined after STARTTLS, or a garbage handshake, c
     t.is((await good.read(0, 10)).toString(), 'still here');
     await good.disconnect();
     t.true(s.server.stats().protocolErrors >= 2);
+  });
+});
+
+test('a client that sends STARTTLS and hangs up is closed at once, not at the handshake time-out', async (t) => {
+  // The end of stream arrives while the server answers an earlier option, before STARTTLS is
+  // read: the server must not start TLS on a socket that has already ended (TLS would never see
+  // the end, and the connection would sit until HANDSHAKE_TIMEOUT_MS).
+  await withTls(false, async (s) => {
+    const rounds = 10;
+    for (let i = 0; i < rounds; i++) {
+      const c = await rawGreeted(s.port);
+      const before = i % 2 === 0 ? [optionRequest(P.NBD_OPT_LIST)] : [];
+      c.socket.end(Buffer.concat([...before, optionRequest(P.NBD_OPT_STARTTLS)]));
+      t.true(await closedSoon(c.reader), `round ${i}: the server closed its side`);
+      c.socket.destroy();
+    }
+    for (let i = 0; i < 40 && s.server.stats().connections > 0; i++) await new Promise((r) => setTimeout(r, 50));
+    t.is(s.server.stats().connections, 0, `all ${rounds} connections are gone within 2 s (the handshake time-out is ${HANDSHAKE_TIMEOUT_MS} ms)`);
   });
 });
