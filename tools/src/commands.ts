@@ -264,7 +264,8 @@ bench s3: the S3 segment store (a radosgw on 127.0.0.1 is started unless AWS_END
 is set): PUTs per GiB written, GETs of warm reads, a cold sequential read from the bucket
 against a warm one, and fio 4 KiB random writes QD32 over NBD on an S3-backed pool against a
 file-backed one. --gib (default 1), --segment-bytes (default 8M), --seconds per fio run
-(default 10), --rounds (default 3), --no-nbd to skip the NBD comparison, --dir for
+(default 10), --rounds of the NBD comparison (default 3), --cold-rounds of cold-then-warm
+reads, each from an empty cache (default 3), --no-nbd to skip the NBD comparison, --dir for
 temporary files.
 
 bench human modes (--mode, default all), on file stores in --dir:
@@ -319,7 +320,7 @@ const bench: Command = {
       json: { type: 'boolean' }, 'list-policies': { type: 'boolean' },
       repeats: { type: 'string' }, rounds: { type: 'string' }, blocks: { type: 'string' }, writes: { type: 'string' }, tree: { type: 'string' },
       sizes: { type: 'string' }, depth: { type: 'string' }, 'volume-mib': { type: 'string' }, reads: { type: 'string' }, gib: { type: 'string' },
-      seconds: { type: 'string' }, 'no-nbd': { type: 'boolean' },
+      seconds: { type: 'string' }, 'no-nbd': { type: 'boolean' }, 'cold-rounds': { type: 'string' },
     }, benchHelp);
     if (o['list-policies']) {
       io.out(POLICIES.map((p) => p.name).join('\n') + '\n');
@@ -404,7 +405,7 @@ async function benchS3Command(o: Parsed): Promise<number> {
   const json = !!o.json;
   const r = await benchS3({
     gib: num(o.gib, 'gib', 1), segmentBytes: size(o['segment-bytes'], 'segment-bytes', 8 << 20), seconds: num(o.seconds, 'seconds', 10),
-    rounds: num(o.rounds, 'rounds', 3), ...(typeof o.dir === 'string' ? { dir: o.dir } : {}), skipNbd: o['no-nbd'] === true,
+    rounds: num(o.rounds, 'rounds', 3), coldRounds: num(o['cold-rounds'], 'cold-rounds', 3), ...(typeof o.dir === 'string' ? { dir: o.dir } : {}), skipNbd: o['no-nbd'] === true,
     log: (l) => {
       if (!json) io.err(l + '\n');
     },

@@ -277,16 +277,44 @@ export class Bucket {
 
   /** The whole object, or a byte range of it; undefined if it does not exist. */
   async get(rel: string, range?: { offset: number; length: number }): Promise<Uint8Array | undefined> {
+    // With the length known, chunks are copied into one array as they arrive, so they die
+    // young (the SDK's transformToByteArray holds them all, then concatenates).
+    let out: Buffer | undefined;
+    const chunks: Uint8Array[] = [];
+    const n = await this.getInto(rel, range, (chunk, at) => {
+      if (range === undefined) return void chunks.push(chunk);
+      out ??= Buffer.allocUnsafe(range.length);
+      out.set(chunk, at);
+    });
+    if (n === undefined) return undefined;
+    if (range === undefined) return Buffer.concat(chunks);
+    return (out ?? Buffer.alloc(0)).subarray(0, n);
+  }
+
+  /**
+   * The object, or a byte range of it, handed to `sink` chunk by chunk as it arrives, with
+   * each chunk's offset from the start of what was asked for; the next chunk waits for the
+   * promise `sink` returns, if any. Returns the bytes handed over (fewer than a range's length
+   * if the body ended early: the caller checks), or undefined if the object does not exist.
+   * More bytes than a range asked for is an error.
+   */
+  async getInto(rel: string, range: { offset: number; length: number } | undefined, sink: (chunk: Uint8Array, at: number) => Promise<void> | void): Promise<number | undefined> {
     this.counters.gets++;
+    let at = 0;
     try {
       const r = await this.call(`GET ${this.key(rel)}`, this.client.send(new GetObjectCommand({
         Bucket: this.name, Key: this.key(rel),
         ...(range !== undefined ? { Range: `bytes=${range.offset}-${range.offset + range.length - 1}` } : {}),
       })));
       if (r.Body === undefined) throw new Error(`S3 returned no body for ${this.key(rel)}`);
-      const bytes = await r.Body.transformToByteArray();
-      this.counters.bytesDown += bytes.length;
-      return bytes;
+      for await (const chunk of r.Body as AsyncIterable<Uint8Array>) {
+        if (range !== undefined && chunk.length > range.length - at) throw new Error(`S3 sent more than the ${range.length} bytes asked for of ${this.key(rel)}`);
+        this.counters.bytesDown += chunk.length;
+        const p = sink(chunk, at);
+        at += chunk.length;
+        if (p !== undefined) await p;
+      }
+      return at;
     } catch (e) {
       if (isNotFound(e)) return undefined;
       throw e;

@@ -508,10 +508,56 @@ test('reads of segments only in S3 fetch ranges with ranged GETs, fetch ahead wh
   t.true(s2.stats().prefetches > 0);
   // The whole segment: the rest arrives, the local file becomes a complete cached copy.
   t.deepEqual(Buffer.from(await s2.read(3, 0, geometry.segmentBytes)), pattern(3));
-  t.true((await s2.journalFiles()).some((f) => f.startsWith('3.') && f.endsWith('.cached')));
+  // Named .cached once durable, in the background (readers do not wait for the datasync).
+  const isCached = async (): Promise<boolean> => (await s2.journalFiles()).some((f) => f.startsWith('3.') && f.endsWith('.cached'));
+  for (let i = 0; i < 40 && !(await isCached()); i++) await new Promise((r) => setTimeout(r, 50));
+  t.true(await isCached());
   for (const slot of [1, 2]) t.deepEqual(Buffer.from(await s2.read(slot, 0, geometry.segmentBytes)), pattern(slot));
   t.true(s2.stats().cachedBytes <= cacheBytes, `the cache holds ${s2.stats().cachedBytes} bytes, bound ${cacheBytes}`);
   t.deepEqual(Buffer.from(await s2.read(3, 100, 100)), pattern(3).subarray(100, 200), 'an evicted segment is fetched again');
+  await s2.close();
+});
+
+test('a read waits only for its own range of a larger GET in flight, which then completes the segment', async (t) => {
+  const name = newBucketName();
+  const geometry = { segmentBytes: 1 << 20, segmentCount: 4 };
+  const opts = { ...quick, fetchBytes: 64 << 10, readaheadBytes: 0 };
+  const s1 = await S3SegmentStore.create({ bucket: bucketOptions(name), cacheDir: await tempDir(), ...geometry, createBucket: true, ...opts });
+  const data = randomBytes(geometry.segmentBytes);
+  await s1.write(1, 0, data);
+  await s1.seal(1);
+  await s1.close();
+
+  // The real bucket, with a GET's body held back once 256 KiB of it has been handed over.
+  let release!: () => void;
+  const gate = new Promise<void>((r) => (release = r));
+  let held = false;
+  class GatedBucket extends Bucket {
+    override getInto(rel: string, range: { offset: number; length: number } | undefined, sink: (chunk: Uint8Array, at: number) => Promise<void> | void): Promise<number | undefined> {
+      return super.getInto(rel, range, async (chunk, at) => {
+        if (at >= 256 << 10) {
+          held = true;
+          await gate;
+        }
+        await sink(chunk, at);
+      });
+    }
+  }
+  const s2 = await S3SegmentStore.open({ bucket: new GatedBucket(bucketOptions(name)), cacheDir: await tempDir(), ...opts });
+  const gets0 = s2.stats().gets;
+  const whole = s2.read(1, 0, geometry.segmentBytes);
+  let wholeDone = false;
+  void whole.then(() => (wholeDone = true));
+  // Range 1 is in the first 256 KiB: its read returns while the rest of the body is held.
+  const part = await Promise.race([s2.read(1, 70_000, 1000), new Promise<'timeout'>((r) => setTimeout(() => r('timeout'), 10_000))]);
+  t.not(part, 'timeout', 'the read of an arrived range did not wait for the whole GET');
+  if (part !== 'timeout') t.deepEqual(Buffer.from(part), data.subarray(70_000, 71_000));
+  for (let i = 0; i < 100 && !held; i++) await new Promise((r) => setTimeout(r, 20));
+  t.true(held, 'the rest of the body is held back');
+  t.false(wholeDone, 'the whole-segment read is still waiting');
+  release();
+  t.deepEqual(Buffer.from(await whole), data);
+  t.is(s2.stats().gets - gets0, 1, 'one GET served both reads');
   await s2.close();
 });
 

@@ -62,7 +62,7 @@ export interface S3StoreOptions {
    */
   fetchBytes?: number;
   /**
-   * Bytes fetched ahead when reads move from one fetch range to the next (default 16 MiB): a
+   * Bytes fetched ahead when reads move from one fetch range to the next (default 64 MiB): a
    * volume written in order lies in consecutive slots, so a sequential read becomes parallel
    * GETs. 0 turns it off.
    */
@@ -123,7 +123,7 @@ export type CacheManifest = z.infer<typeof CacheManifest>;
 
 const MAX_UPLOAD_BACKOFF_MS = 30_000;
 /** Read-ahead fetches (each one GET) in flight at once. */
-const MAX_PREFETCHES_IN_FLIGHT = 4;
+const MAX_PREFETCHES_IN_FLIGHT = 16;
 
 type SegState = 'open' | 'sealed' | 'cached';
 
@@ -195,6 +195,19 @@ function parseFileName(name: string): { slot: number; key: string; state: FileSt
 /** The local file's name: a partly fetched segment's file says so. */
 function localName(seg: Seg): string {
   return fileName(seg.slot, seg.key, seg.chunks !== undefined ? 'chunks' : seg.state);
+}
+
+/** Write `bufs` one after another at `position`, all of them (writev may write part). */
+async function writevAll(fh: FileHandle, bufs: Uint8Array[], position: number): Promise<void> {
+  const total = bufs.reduce((n, b) => n + b.length, 0);
+  const { bytesWritten } = await fh.writev(bufs, position);
+  if (bytesWritten === total) return;
+  const rest = Buffer.concat(bufs).subarray(bytesWritten);
+  let done = 0;
+  while (done < rest.length) {
+    const r = await fh.write(rest, done, rest.length - done, position + bytesWritten + done);
+    done += r.bytesWritten;
+  }
 }
 
 async function writeFileDurably(path: string, data: string | Uint8Array): Promise<void> {
@@ -289,7 +302,7 @@ export class S3SegmentStore implements SegmentStore {
     const fetchBytes = options.fetchBytes ?? 1 << 20;
     this.chunkBytes = fetchBytes > 0 && segmentBytes % fetchBytes === 0 ? fetchBytes : segmentBytes;
     this.chunksPerSegment = segmentBytes / this.chunkBytes;
-    this.readaheadChunks = Math.ceil((options.readaheadBytes ?? 16 << 20) / this.chunkBytes);
+    this.readaheadChunks = Math.ceil((options.readaheadBytes ?? 64 << 20) / this.chunkBytes);
     this.sweepIntervalMs = options.sweepIntervalMs ?? 3_600_000;
   }
 
@@ -674,8 +687,6 @@ export class S3SegmentStore implements SegmentStore {
     checkRange(this, segment, offset, length);
     const seg = this.slots[segment];
     if (seg === undefined || length === 0) return Buffer.alloc(length);
-    // Not zeroed: every byte is read, or zero-filled past the end of a short file.
-    const buf = Buffer.allocUnsafe(length);
     this.noteRead(segment * this.chunksPerSegment + Math.floor(offset / this.chunkBytes));
     seg.readers++; // keeps the local file from eviction until this read is done
     try {
@@ -700,7 +711,10 @@ export class S3SegmentStore implements SegmentStore {
       const fh = seg.fh;
       if (fh === undefined) throw new Error(`segment ${segment} has no local copy after its fetch`);
       seg.lastUse = ++this.useClock;
-      return await this.localReads.read(fh, buf, offset);
+      // Allocated only now, not before a fetch: an array that waits out a GET outlives young
+      // collections, and then only a full one frees it. Not zeroed: every byte is read, or
+      // zero-filled past the end of a short file.
+      return await this.localReads.read(fh, Buffer.allocUnsafe(length), offset);
     } finally {
       seg.readers--;
       if (seg.readers === 0 && seg.released) await this.dropLocal(seg);
@@ -951,15 +965,13 @@ export class S3SegmentStore implements SegmentStore {
     const waits: Promise<void>[] = [];
     for (let c = first; c <= last && seg.chunks !== undefined; c++) {
       if (seg.chunks[c] === 1) continue;
-      const inFlight = seg.chunkFetches.get(c);
-      if (inFlight !== undefined) {
-        waits.push(inFlight);
-        continue;
+      if (!seg.chunkFetches.has(c)) {
+        let end = c;
+        while (end < last && seg.chunks[end + 1] === 0 && !seg.chunkFetches.has(end + 1)) end++;
+        // Its failures reach the waiters through each range's promise.
+        this.fetchChunks(seg, c, end).catch(() => undefined);
       }
-      let end = c;
-      while (end < last && seg.chunks[end + 1] === 0 && !seg.chunkFetches.has(end + 1)) end++;
-      waits.push(this.fetchChunks(seg, c, end));
-      c = end;
+      waits.push(seg.chunkFetches.get(c)!);
     }
     if (waits.length === 0) return false;
     await Promise.all(waits);
@@ -987,52 +999,89 @@ export class S3SegmentStore implements SegmentStore {
     return seg.opening;
   }
 
-  /** One ranged GET for ranges [a, b] of `seg`, written into its local file. */
+  /**
+   * One ranged GET for ranges [a, b] of `seg`, written into its local file as it arrives.
+   * Each range's promise in `seg.chunkFetches` settles as soon as that range is in the file,
+   * so a reader waits for its own range, not for the rest of a large read-ahead GET.
+   */
   private fetchChunks(seg: Seg, a: number, b: number): Promise<void> {
     const offset = a * this.chunkBytes;
     const length = (b - a + 1) * this.chunkBytes;
-    const p = (async () => {
-      const whole = length === this.segmentBytes;
-      const bytes = await this.bucket.get(seg.key, whole ? undefined : { offset, length });
-      if (bytes === undefined) throw new FormatError(`${this.bucket.describe()}: segment object ${seg.key} (slot ${seg.slot}) is missing`);
-      if (bytes.length !== length) throw new FormatError(`${this.bucket.describe()}: segment object ${seg.key} gave ${bytes.length} bytes at ${offset}, expected ${length}`);
-      const fh = seg.fh;
-      if (fh === undefined || seg.chunks === undefined) return; // dropped meanwhile
-      let done = 0;
-      while (done < length) {
-        const { bytesWritten } = await fh.write(bytes, done, length - done, offset + done);
-        done += bytesWritten;
-      }
-      if (seg.fh !== fh || seg.chunks === undefined) return;
-      for (let c = a; c <= b; c++) {
-        if (seg.chunks[c] === 0) {
-          seg.chunks[c] = 1;
+    const arrivals: { resolve: () => void; reject: (e: unknown) => void }[] = [];
+    for (let c = a; c <= b; c++) {
+      const arrived = new Promise<void>((resolve, reject) => arrivals.push({ resolve, reject }));
+      seg.chunkFetches.set(c, arrived);
+      const done = (): void => {
+        if (seg.chunkFetches.get(c) === arrived) seg.chunkFetches.delete(c);
+      };
+      arrived.then(done, done);
+    }
+    const fh = seg.fh;
+    let next = a; // the first range whose promise has not settled
+    /** Ranges up to `c` are in the file: count them cached and let their readers go. */
+    const arrivedThrough = (c: number): void => {
+      for (; next <= c; next++) {
+        if (seg.fh === fh && seg.chunks !== undefined && seg.chunks[next] === 0) {
+          seg.chunks[next] = 1;
           seg.presentChunks++;
           seg.cachedBytes += this.chunkBytes;
           this.cachedBytes += this.chunkBytes;
         }
+        arrivals[next - a]!.resolve();
       }
+    };
+    const p = (async () => {
+      if (fh === undefined) return arrivedThrough(b); // dropped meanwhile: the readers find out
+      // The body's chunks (64 KiB) are held until they complete a range, then written in one
+      // call: a write per chunk cost more main-thread time than the rest of the fetch.
+      let held: Uint8Array[] = [];
+      let heldFrom = 0;
+      const got = await this.bucket.getInto(seg.key, { offset, length }, async (chunk, at) => {
+        if (seg.fh !== fh) return;
+        held.push(chunk);
+        const end = at + chunk.length;
+        if (Math.floor(end / this.chunkBytes) === Math.floor(heldFrom / this.chunkBytes)) return;
+        await writevAll(fh, held, offset + heldFrom);
+        held = [];
+        heldFrom = end;
+        arrivedThrough(a + Math.floor(end / this.chunkBytes) - 1);
+      });
+      if (got === undefined) throw new FormatError(`${this.bucket.describe()}: segment object ${seg.key} (slot ${seg.slot}) is missing`);
+      if (got !== length) throw new FormatError(`${this.bucket.describe()}: segment object ${seg.key} gave ${got} bytes at ${offset}, expected ${length}`);
+      arrivedThrough(b);
+      if (seg.fh !== fh || seg.chunks === undefined) return; // dropped meanwhile
       seg.lastUse = ++this.useClock;
       if (seg.presentChunks === this.chunksPerSegment) {
-        // Durable before its name says complete: open trusts a .cached file's bytes.
-        await fh.datasync();
+        // Whole: readable as a cached segment at once; renamed so in the background.
         const from = join(this.segDir(), localName(seg));
         seg.chunks = undefined;
         seg.renaming = true;
-        try {
-          await rename(from, join(this.segDir(), localName(seg)));
-        } finally {
-          seg.renaming = false;
-        }
+        void this.nameCached(seg, fh, from);
       }
       this.evict(seg);
     })();
-    for (let c = a; c <= b; c++) seg.chunkFetches.set(c, p);
-    const done = (): void => {
-      for (let c = a; c <= b; c++) if (seg.chunkFetches.get(c) === p) seg.chunkFetches.delete(c);
-    };
-    p.then(done, done);
+    p.catch((e: unknown) => {
+      for (; next <= b; next++) arrivals[next - a]!.reject(e);
+    });
     return p;
+  }
+
+  /**
+   * A fetched segment's file is whole: make it durable, then give it its .cached name (open
+   * trusts a .cached file's bytes; a .chunks file is deleted). Readers do not wait for this.
+   * If it fails, the file keeps its .chunks name, so the next open fetches the segment again.
+   */
+  private async nameCached(seg: Seg, fh: FileHandle, from: string): Promise<void> {
+    try {
+      await fh.datasync();
+      if (seg.fh === fh) await rename(from, join(this.segDir(), localName(seg)));
+    } catch (e) {
+      if (!this.closed) this.lastError = `naming the fetched copy of ${seg.key} cached: ${(e as Error).message}`;
+    } finally {
+      seg.renaming = false;
+    }
+    if (seg.released && seg.readers === 0) await this.dropLocal(seg);
+    else this.evict();
   }
 
   /** Drop least recently used cached copies over the bound (only published ones: the journal must not forget a segment the bucket's manifest lacks). */
