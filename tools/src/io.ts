@@ -2,6 +2,12 @@
  * Where a command's output goes. Normally stdout and stderr; when `pasture serve` runs a
  * management command for a client on its control socket, the output is captured and sent
  * back instead (AsyncLocalStorage keeps concurrent commands apart).
+ *
+ * In Node 20 an AsyncLocalStorage, once run, installs a promise hook that every promise of
+ * the process pays for, for good: after one `pasture stats` against a server, its NBD
+ * requests ran the hook on every promise (promiseInitHook and its callees were 3-4% of the
+ * server's main thread in random writes). So the storage is disabled again whenever no
+ * captured command is running, which removes the hook.
  */
 import { AsyncLocalStorage } from 'node:async_hooks';
 import { resolve } from 'node:path';
@@ -14,6 +20,8 @@ export interface Capture {
 }
 
 const capture = new AsyncLocalStorage<Capture>();
+/** Captured commands running now; the storage is disabled when this returns to 0. */
+let capturing = 0;
 
 export const io = {
   out(s: string): void {
@@ -34,9 +42,16 @@ export const io = {
   resolve(...paths: string[]): string {
     return resolve(capture.getStore()?.cwd ?? process.cwd(), ...paths);
   },
-  captured<T>(c: Capture, fn: () => Promise<T>): Promise<T> {
-    return capture.run(c, fn);
+  async captured<T>(c: Capture, fn: () => Promise<T>): Promise<T> {
+    capturing++;
+    try {
+      return await capture.run(c, fn);
+    } finally {
+      // Work a command left running after it returned writes to the server's own output.
+      if (--capturing === 0) capture.disable();
+    }
   },
+
 };
 
 /** Bytes in binary units: 4096 -> "4.0 KiB". */
