@@ -843,7 +843,8 @@ export class S3SegmentStore implements SegmentStore {
       try {
         const fh = seg.fh;
         if (fh === undefined) throw new Error(`the journal file of segment ${seg.key} is gone`);
-        const body = Buffer.alloc(this.segmentBytes);
+        // Not zeroed: the read below must fill it all, or the upload is refused.
+        const body = Buffer.allocUnsafe(this.segmentBytes);
         seg.readers++;
         try {
           const { bytesRead } = await fh.read(body, 0, this.segmentBytes, 0);
