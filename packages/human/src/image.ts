@@ -89,10 +89,7 @@ export class Image {
     if (data.length === 0) return;
     // Whole aligned blocks: Cow's writeBlocks has a fast path for unshared overwrites (one
     // Grass batch, no transaction), and is atomic after a crash either way.
-    if (offset % BLOCK_BYTES === 0 && data.length % BLOCK_BYTES === 0) {
-      const start = this.base + BigInt(offset / BLOCK_BYTES);
-      return data.length === BLOCK_BYTES ? this.pool.cow.write(start, data) : this.pool.cow.writeBlocks(start, data);
-    }
+    if (offset % BLOCK_BYTES === 0 && data.length % BLOCK_BYTES === 0) return this.pool.cow.writeBlocks(this.base + BigInt(offset / BLOCK_BYTES), data);
     await this.pool.cow.transaction((tx) => this.writeIn(tx, this.base, offset, data));
   }
 
