@@ -7,8 +7,8 @@
  * - Warm reads: the same volume read back while every segment is in the local cache; the GETs
  *   it costs (target: none).
  * - Cold sequential read: the pool opened from the bucket alone with an empty cache, the volume
- *   read front to back, then again warm on the same instance; three such rounds, each with an
- *   empty cache, and the medians (target: cold at least 0.3x warm).
+ *   read front to back, then again warm on the same instance; --cold-rounds such rounds
+ *   (default 3), each with an empty cache, and the medians (target: cold at least 0.3x warm).
  * - NBD 4 KiB random write QD32 (fio's nbd engine, with its final flush, like
  *   ../shared/peers/bench.sh): `pasture serve` on an S3-backed pool against one on a file
  *   store, alternating rounds, medians (target: at least 0.8x). As in bench.sh, each volume
@@ -172,7 +172,7 @@ export async function benchS3(o: BenchS3Options): Promise<Record<string, unknown
       shares.push(coldCpuShare);
       coldGets += g1.gets - g0.gets;
       warmGetsAfterCold += g2.gets - g1.gets;
-      o.log(`cold read ${round + 1}/${o.coldRounds}: ${cold.toFixed(0)} MiB/s (${g1.gets - g0.gets} GETs, ${g1.prefetches - g0.prefetches} of them read ahead, ${((g1.bytesDown - g0.bytesDown) / MIB).toFixed(0)} MiB down), warm ${warm.toFixed(0)} MiB/s (${g2.gets - g1.gets} GETs); this process used ${(coldCpuShare * 100).toFixed(0)}% of a core during the cold read`);
+      o.log(`cold read ${round + 1}/${o.coldRounds}: ${cold.toFixed(0)} MiB/s (${g1.gets - g0.gets} GETs, ${g1.prefetches - g0.prefetches} read-ahead requests, ${((g1.bytesDown - g0.bytesDown) / MIB).toFixed(0)} MiB down), warm ${warm.toFixed(0)} MiB/s (${g2.gets - g1.gets} GETs); this process used ${(coldCpuShare * 100).toFixed(0)}% of a core during the cold read`);
     }
     const cold = median(colds);
     const warm = median(warms);

@@ -5,8 +5,8 @@
  *
  * In Node 20 an AsyncLocalStorage, once run, installs a promise hook that every promise of
  * the process pays for, for good: after one `pasture stats` against a server, its NBD
- * requests ran the hook on every promise (promiseInitHook and its callees were 3-4% of the
- * server's main thread in random writes). So the storage is disabled again whenever no
+ * requests ran the hook on every promise (promiseInitHook and its callees were about 3% of
+ * the server's main thread in random writes, in a V8 profile). So the storage is disabled again whenever no
  * captured command is running, which removes the hook.
  */
 import { AsyncLocalStorage } from 'node:async_hooks';

@@ -86,7 +86,7 @@ export interface S3StoreStats extends BucketCounters {
   cacheMisses: number;
   /** cacheHits / (cacheHits + cacheMisses), for reads of uploaded segments. */
   cacheHitRate: number;
-  /** Ranged GETs issued ahead of a sequential read. */
+  /** Read-ahead requests made for sequential reads (each fetches what of its window is still missing, in zero or more GETs). */
   prefetches: number;
   cachedBytes: number;
   uploadBacklogSegments: number;
