@@ -563,6 +563,30 @@ test('a read waits only for its own range of a larger GET in flight, which then 
   await s2.close();
 });
 
+test('a partly fetched segment left by a crash is discarded at open and fetched again', async (t) => {
+  const name = newBucketName();
+  const geometry = { segmentBytes: 1 << 20, segmentCount: 4 };
+  const opts = { ...quick, fetchBytes: 64 << 10, readaheadBytes: 0 };
+  const s1 = await S3SegmentStore.create({ bucket: bucketOptions(name), cacheDir: await tempDir(), ...geometry, createBucket: true, ...opts });
+  const data = randomBytes(geometry.segmentBytes);
+  await s1.write(2, 0, data);
+  await s1.seal(2);
+  await s1.close();
+
+  const cache = await tempDir();
+  const s2 = await S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: cache, ...opts });
+  t.deepEqual(Buffer.from(await s2.read(2, 100_000, 1000)), data.subarray(100_000, 101_000));
+  t.true((await s2.journalFiles()).some((f) => f.startsWith('2.') && f.endsWith('.chunks')), 'one range fetched: a .chunks file');
+  await s2.simulateCrash();
+
+  const s3 = await S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: cache, ...opts, takeover: true });
+  t.false((await s3.journalFiles()).some((f) => f.endsWith('.chunks')), 'the partial file is gone');
+  const gets = s3.stats().gets;
+  t.deepEqual(Buffer.from(await s3.read(2, 100_000, 1000)), data.subarray(100_000, 101_000));
+  t.is(s3.stats().gets - gets, 1, 'the range is fetched again');
+  await s3.close();
+});
+
 test('open: a newer life of a slot in the manifest wins over a leftover journal file; a wrong cache directory does not move the epoch', async (t) => {
   const name = newBucketName();
   const cache = await tempDir();
