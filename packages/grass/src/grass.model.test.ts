@@ -25,7 +25,7 @@ for (const [i, v] of variants.entries()) {
     const params = { ...defaultSimParams(seed), crashes: crashesPerRun, policy: v.policy, segmentCount: v.segmentCount, addresses: v.addresses, ioErrorRate: v.ioErrorRate };
     t.log(`seed ${seed}: ${JSON.stringify(params)}`);
     const r = await runSimulation(params);
-    t.log(`${r.crashes} crashes, ${r.steps} steps, ${r.batches} batches, ${r.readsChecked} reads checked, ${r.cleanerRecords} records cleaned, ${r.checkpoints} checkpoints, ${r.noSpace} batches refused for ENOSPC; unflushed batches kept ${r.unflushedSurvived}, lost ${r.unflushedLost}`);
+    t.log(`${r.crashes} crashes, ${r.steps} steps, ${r.batches} batches, ${r.readsChecked} reads checked, ${r.cleanerRecords} records cleaned, ${r.deadSegmentsFreed} dead segments freed without cleaning, ${r.checkpoints} checkpoints, ${r.noSpace} batches refused for ENOSPC; unflushed batches kept ${r.unflushedSurvived}, lost ${r.unflushedLost}`);
     t.true(r.ok, r.failure);
     t.is(r.reopenChecks, params.crashes);
     // The run must have exercised what it claims to: crashes that lose unflushed work and keep

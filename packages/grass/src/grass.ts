@@ -117,6 +117,15 @@ export const MAX_BATCH_BYTES = 64 * 1024 * 1024;
 const BACKGROUND_MAX_UTILIZATION = 0.95;
 /** Segments kept per stream beyond the open one while seals are in flight. */
 const MAX_SEALING_PER_STREAM = 4;
+/** Dead segments (nothing live) gathered before one flush frees them without the cleaner. */
+const DEAD_RECLAIM_BATCH = 4;
+/**
+ * Dead segments waiting for a checkpoint to cover them that make one come early, once at least
+ * EARLY_CHECKPOINT_MIN_BYTES were logged since the last: a sequential rewrite then reuses the
+ * slots it empties within a few hundred MiB instead of within the checkpoint interval.
+ */
+const DEAD_CHECKPOINT_SEGMENTS = 16;
+const EARLY_CHECKPOINT_MIN_BYTES = 64 * 1024 * 1024;
 
 class OpenSegment {
   buf: Uint8Array | undefined;
@@ -197,6 +206,11 @@ export class GrassLog implements Grass {
   private readonly appendsEndedGen: Float64Array;
   /** Cleaned slots waiting to become free: 1 = after the next sync, 2 = after the next checkpoint. */
   private readonly pendingFree: Uint8Array;
+  /** 1 while the slot is a victim of a cleaning round under way (reclaimDead leaves it alone). */
+  private readonly victimNow: Uint8Array;
+  /** Slots whose last live record died, with their seq then: candidates for reclaimDead. */
+  private deadNoted: { slot: number; seq: number }[] = [];
+  private reclaimRunning: Promise<void> | undefined;
   private freeSlots: number[] = [];
   private readonly streams: (OpenSegment | undefined)[] = new Array(MAX_STREAMS).fill(undefined);
   /** Segments whose buffer is still in memory (open, or sealing). */
@@ -236,7 +250,7 @@ export class GrassLog implements Grass {
   private readonly counters = {
     userRecords: 0, userBytes: 0, userPayloadBytes: 0, trims: 0, batches: 0,
     cleanerRecords: 0, cleanerBytes: 0, checkpointBytes: 0, checkpoints: 0,
-    cleanerRounds: 0, segmentsCleaned: 0, cleanerReadBytes: 0, foregroundCleans: 0,
+    cleanerRounds: 0, segmentsCleaned: 0, deadSegmentsFreed: 0, cleanerReadBytes: 0, foregroundCleans: 0,
     flushes: 0, syncs: 0, reads: 0, readBytes: 0, corruptReads: 0, noSpaceErrors: 0, damagedSegments: 0,
   };
   recovery: RecoveryReport | undefined;
@@ -263,6 +277,7 @@ export class GrassLog implements Grass {
     this.metaLive = new Float64Array(n);
     this.appendsEndedGen = new Float64Array(n);
     this.pendingFree = new Uint8Array(n);
+    this.victimNow = new Uint8Array(n);
     const onePercent = Math.ceil(n / 100);
     this.cleanStartSlack = options.cleanStartSlackSegments ?? Math.max(4, onePercent);
     this.cleanTargetSlack = Math.max(1, options.cleanBatchFreeSegments ?? Math.max(4, onePercent));
@@ -598,7 +613,7 @@ export class GrassLog implements Grass {
       if (op.op === 'put') {
         const loc = this.append(STREAM_USER, RecordKind.Put, flags, op.gaddr, 0, op.data);
         const recordBytes = RECORD_HEADER_BYTES + op.data.length;
-        if (this.map.set(op.gaddr, loc.slot, loc.offset, op.data.length, prev)) this.dataLive[prev.slot]! -= RECORD_HEADER_BYTES + prev.length;
+        if (this.map.set(op.gaddr, loc.slot, loc.offset, op.data.length, prev)) this.killRecord(prev.slot, RECORD_HEADER_BYTES + prev.length);
         this.map.noteUserWrite(op.gaddr, this.userClock);
         this.dataLive[loc.slot]! += recordBytes;
         this.counters.userRecords++;
@@ -607,7 +622,7 @@ export class GrassLog implements Grass {
         this.userClock += recordBytes;
       } else {
         this.append(STREAM_USER, RecordKind.Trim, flags, op.gaddr, 0, empty);
-        if (this.map.delete(op.gaddr, prev)) this.dataLive[prev.slot]! -= RECORD_HEADER_BYTES + prev.length;
+        if (this.map.delete(op.gaddr, prev)) this.killRecord(prev.slot, RECORD_HEADER_BYTES + prev.length);
         this.counters.trims++;
         this.counters.userBytes += RECORD_HEADER_BYTES;
         this.userClock += RECORD_HEADER_BYTES;
@@ -615,6 +630,71 @@ export class GrassLog implements Grass {
     }
     if (last >= 0) this.counters.batches++;
     this.afterAppend();
+  }
+
+  /** A user record of `bytes` in `slot` was superseded; note the slot if nothing in it is live now. */
+  private killRecord(slot: number, bytes: number): void {
+    const left = (this.dataLive[slot]! -= bytes);
+    if (left === 0 && this.metaLive[slot] === 0 && !this.readOnly) {
+      this.deadNoted.push({ slot, seq: this.slotSeq[slot]! });
+      if (this.deadNoted.length >= DEAD_RECLAIM_BATCH) this.maybeReclaimDead();
+    }
+  }
+
+  /**
+   * Free dead segments (nothing live in them) without the cleaner, so that a workload that
+   * overwrites whole regions, a sequential rewrite say, reuses the slots it empties instead of
+   * taking new ones. A slot already on disk is far cheaper to write again than a hole in the
+   * segment file (ext4 here: 7.4 GB/s against 0.44 GB/s, measured with dd), and the store's
+   * footprint stays as large as the data needs. The rules are the cleaner's for a victim with
+   * nothing live: the segment is sealed and covered by the durable checkpoint (recovery never
+   * replays it), and it is freed only after a flush made durable every record appended before
+   * it was picked, the records that superseded its own among them. Single-flight; it runs
+   * once DEAD_RECLAIM_BATCH slots are ready, so each flush frees several.
+   */
+  private maybeReclaimDead(): void {
+    if (this.reclaimRunning !== undefined || this.failed !== undefined || this.closed) return;
+    const ready: { slot: number; seq: number }[] = [];
+    const later: { slot: number; seq: number }[] = [];
+    let uncovered = 0;
+    for (const d of this.deadNoted) {
+      const s = d.slot;
+      // Gone: reused, freed, picked by the cleaner, or live again (a slot can only take appends while open).
+      if (this.slotSeq[s] !== d.seq || this.pendingFree[s] !== 0 || this.dataLive[s] !== 0 || this.metaLive[s] !== 0) continue;
+      if (this.slotState[s] === SLOT_FREE) continue;
+      if (this.slotState[s] === SLOT_SEALED && this.appendsEndedGen[s]! < this.durableSnapshotGen && this.victimNow[s] === 0 && (this.slotFlags[s]! & SLOT_FLAG_DAMAGED) === 0) ready.push(d);
+      else {
+        later.push(d);
+        if (this.slotState[s] === SLOT_SEALED && this.appendsEndedGen[s]! >= this.durableSnapshotGen) uncovered++;
+      }
+    }
+    if (uncovered >= DEAD_CHECKPOINT_SEGMENTS && this.logBytesSinceCheckpoint >= Math.min(EARLY_CHECKPOINT_MIN_BYTES, this.checkpointInterval) && this.checkpointQueued === undefined && this.checkpointRunning === undefined) {
+      this.checkpoint().catch(() => undefined);
+    }
+    // Bounded: a slot is noted once per death, and the list keeps only live candidates.
+    this.deadNoted = later;
+    if (ready.length < DEAD_RECLAIM_BATCH) {
+      this.deadNoted.push(...ready);
+      return;
+    }
+    for (const d of ready) this.pendingFree[d.slot] = 1;
+    const run = this.flush().then(
+      () => {
+        let freed = 0;
+        for (const d of ready) {
+          if (this.pendingFree[d.slot] !== 1 || this.slotSeq[d.slot] !== d.seq) continue; // a checkpoint freed it first
+          this.releaseSlot(d.slot);
+          freed++;
+        }
+        this.counters.deadSegmentsFreed += freed;
+        this.trace?.(`freed ${freed} dead slots without cleaning`);
+      },
+      () => undefined, // the store failed; the next open recovers, and frees them then
+    );
+    this.reclaimRunning = run.finally(() => {
+      this.reclaimRunning = undefined;
+      if (this.deadNoted.length >= DEAD_RECLAIM_BATCH) this.maybeReclaimDead();
+    });
   }
 
   private afterAppend(): void {
@@ -696,6 +776,7 @@ export class GrassLog implements Grass {
     if (!this.readOnly && this.failed === undefined) {
       try {
         await this.cleanerRunning;
+        await this.reclaimRunning;
         await this.checkpoint();
       } catch {
         // The store failed while closing: nothing more to make durable.
@@ -922,6 +1003,8 @@ export class GrassLog implements Grass {
     for (const r of released) this.metaLive[r.slot]! -= RECORD_HEADER_BYTES + r.length;
     for (const f of freedBySnapshot) if (this.slotSeq[f.slot] === f.seq) this.releaseSlot(f.slot);
     this.counters.checkpoints++;
+    // Dead segments sealed since the last checkpoint may be reclaimed now that this one covers them.
+    if (this.deadNoted.length >= DEAD_RECLAIM_BATCH) this.maybeReclaimDead();
     this.trace?.(`checkpoint ${generation} durable (snapshot ${snapshotGen}, heads ${JSON.stringify(heads.filter((h) => h.slot !== NO_SLOT))}, freed ${freedBySnapshot.map((f) => f.slot).join(',')})`);
   }
 
@@ -1025,18 +1108,23 @@ export class GrassLog implements Grass {
     }
     this.counters.cleanerRounds++;
     let needCheckpoint = false;
-    for (const v of victims) {
-      const outcome = await this.cleanSegment(v);
-      if (outcome === 'checkpoint') needCheckpoint = true;
-    }
-    // Relocations must be durable before a victim's slot is reused.
-    await this.flush();
     let freed = 0;
-    for (const v of victims) {
-      if (this.pendingFree[v] === 1) {
-        this.releaseSlot(v);
-        freed++;
+    for (const v of victims) this.victimNow[v] = 1;
+    try {
+      for (const v of victims) {
+        const outcome = await this.cleanSegment(v);
+        if (outcome === 'checkpoint') needCheckpoint = true;
       }
+      // Relocations must be durable before a victim's slot is reused.
+      await this.flush();
+      for (const v of victims) {
+        if (this.pendingFree[v] === 1) {
+          this.releaseSlot(v);
+          freed++;
+        }
+      }
+    } finally {
+      for (const v of victims) this.victimNow[v] = 0;
     }
     if (needCheckpoint) {
       const before = this.freeSlots.length;
@@ -1453,6 +1541,7 @@ export class GrassLog implements Grass {
       writeAmplification: c.userBytes === 0 ? 1 : (c.userBytes + c.cleanerBytes) / c.userBytes,
       cleanerRounds: c.cleanerRounds,
       segmentsCleaned: c.segmentsCleaned,
+      deadSegmentsFreed: c.deadSegmentsFreed,
       foregroundCleans: c.foregroundCleans,
       damagedSegments: c.damagedSegments,
       flushes: c.flushes,

@@ -45,6 +45,8 @@ export interface SimResult {
   unflushedSurvived: number;
   unflushedLost: number;
   cleanerRecords: number;
+  /** Segments freed with nothing live in them, without the cleaner (Grass.maybeReclaimDead). */
+  deadSegmentsFreed: number;
   checkpoints: number;
   /** Batches refused with ENOSPC (the store was full; nothing applied). */
   noSpace: number;
@@ -98,7 +100,7 @@ export async function runSimulation(params: SimParams, log: (line: string) => vo
   const inner = new MemorySegmentStore(params.segmentBytes, params.segmentCount);
   const result: SimResult = {
     params, ok: true, crashes: 0, steps: 0, batches: 0, reopenChecks: 0, readsChecked: 0,
-    unflushedSurvived: 0, unflushedLost: 0, cleanerRecords: 0, checkpoints: 0, noSpace: 0,
+    unflushedSurvived: 0, unflushedLost: 0, cleanerRecords: 0, deadSegmentsFreed: 0, checkpoints: 0, noSpace: 0,
   };
   // The model: committed batches in order, and the state they produce.
   let history: ModelBatch[] = [];
@@ -199,6 +201,7 @@ export async function runSimulation(params: SimParams, log: (line: string) => vo
     await Promise.all(background);
     const st = g.stats();
     result.cleanerRecords += st.cleanerRecords;
+    result.deadSegmentsFreed += st.deadSegmentsFreed;
     result.checkpoints += st.checkpoints;
     result.crashes++;
 
@@ -231,6 +234,7 @@ export async function runSimulation(params: SimParams, log: (line: string) => vo
   }
   const st = g.stats();
   result.cleanerRecords += st.cleanerRecords;
+    result.deadSegmentsFreed += st.deadSegmentsFreed;
   await g.close();
   return result;
 }

@@ -30,6 +30,8 @@ export interface GrassStats {
   writeAmplification: number;
   cleanerRounds: number;
   segmentsCleaned: number;
+  /** Segments freed with nothing live in them, without a cleaning round (a whole region was rewritten or trimmed). */
+  deadSegmentsFreed: number;
   foregroundCleans: number;
   damagedSegments: number;
   flushes: number;
