@@ -632,13 +632,23 @@ export class GrassLog implements Grass {
     this.afterAppend();
   }
 
-  /** A user record of `bytes` in `slot` was superseded; note the slot if nothing in it is live now. */
+  /**
+   * A user record of `bytes` in `slot` was superseded; note the slot if nothing in it is live
+   * now and it takes no more appends. A segment still open is noted when it rolls over, if it
+   * is dead then: its live bytes may touch 0 and rise again many times before that (an
+   * address overwritten in place, whose old record dies before the new one counts).
+   */
   private killRecord(slot: number, bytes: number): void {
     const left = (this.dataLive[slot]! -= bytes);
-    if (left === 0 && this.metaLive[slot] === 0 && !this.readOnly) {
-      this.deadNoted.push({ slot, seq: this.slotSeq[slot]! });
-      if (this.deadNoted.length >= DEAD_RECLAIM_BATCH) this.maybeReclaimDead();
-    }
+    if (left === 0 && this.metaLive[slot] === 0 && this.appendsEndedGen[slot] !== Infinity) this.noteDead(slot);
+  }
+
+  private noteDead(slot: number): void {
+    if (this.readOnly) return;
+    // One entry per life of a slot at most, and each scan drops the stale ones.
+    assert(this.deadNoted.length <= this.segmentCount, `dead-segment list holds ${this.deadNoted.length} entries for ${this.segmentCount} slots`);
+    this.deadNoted.push({ slot, seq: this.slotSeq[slot]! });
+    if (this.deadNoted.length >= DEAD_RECLAIM_BATCH) this.maybeReclaimDead();
   }
 
   /**
@@ -827,6 +837,7 @@ export class GrassLog implements Grass {
     this.sealingPerStream[old.stream]!++;
     this.sealQueue.push(old);
     this.enqueue(() => this.drainSealsThrough(old)).catch(() => undefined);
+    if (old.stream === STREAM_USER && this.dataLive[old.slot] === 0 && this.metaLive[old.slot] === 0) this.noteDead(old.slot);
     return next;
   }
 
