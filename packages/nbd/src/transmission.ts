@@ -315,10 +315,11 @@ export class Transmission {
 
   private trackWrite(p: Promise<void>): Promise<void> {
     this.writesInFlight.add(p);
-    const done = (): void => {
-      this.writesInFlight.delete(p);
-    };
-    p.then(done, done);
+    // Two inline arrows rather than one named one: see ReplyWriter.pending on keepNames.
+    p.then(
+      () => this.writesInFlight.delete(p),
+      () => this.writesInFlight.delete(p),
+    );
     return p;
   }
 }
