@@ -239,6 +239,29 @@ test('diff finds exactly the blocks that differ, and usage counts what a trim wo
   await healthy(t, cow);
 });
 
+test('a fast write across leaves changes exactly its blocks, near 0 and far past 2^53', async (t) => {
+  const { cow } = await fresh();
+  for (const [k, base] of [[0, 200n], [1, (1n << 100n) + 200n]] as const) {
+    await fill(cow, base, 600, 10_000 * (k + 1));
+    const before = cow.stats().fastWrites;
+    // 400 blocks from base + 50: three leaves (256-aligned), both boundaries inside the run.
+    const run = new Uint8Array(400 * BLOCK_BYTES);
+    for (let i = 0; i < 400; i++) run.set(blockFor(50_000 * (k + 1) + i), i * BLOCK_BYTES);
+    await cow.writeBlocks(base + 50n, run);
+    t.is(cow.stats().fastWrites - before, 1, 'one fast write');
+    for (let i = 0; i < 600; i++) {
+      const want = i >= 50 && i < 450 ? 50_000 * (k + 1) + i - 50 : 10_000 * (k + 1) + i;
+      const got = tagAt(await cow.read(base + BigInt(i)));
+      if (got !== want) {
+        t.fail(`block ${i} of range ${k}: tag ${got}, expected ${want}`);
+        break;
+      }
+    }
+  }
+  await healthy(t, cow);
+  await cow.close();
+});
+
 test('writes of unshared blocks take the fast path, waiting out a transaction under way rather than becoming one, and never touch a shared block', async (t) => {
   const { cow } = await fresh();
   await fill(cow, 0n, 512, 1);

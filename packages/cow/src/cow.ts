@@ -37,7 +37,7 @@ import {
   spanOf,
 } from './format.ts';
 import { RwLock } from './rwlock.ts';
-import { Txn, checkRange, digit, digitOf } from './txn.ts';
+import { Txn, checkRange, digit } from './txn.ts';
 
 export interface Extent {
   start: bigint;
@@ -130,9 +130,6 @@ export interface CowScan {
 export const DIFF_WINDOW_HEIGHT = 4;
 /** Times a write waits for the fast path (see writeRecords) before it becomes a transaction. */
 const FAST_WRITE_ATTEMPTS = 8;
-/** Addresses up to this are exact as numbers (2^53). */
-const MAX_NUMBER_ADDR = 2n ** 53n;
-
 /** Most blocks one writeBlocks call takes (32 MiB): one Grass batch must hold them. */
 export const MAX_WRITE_BLOCKS = 8192;
 export const DIFF_WINDOW_BLOCKS = spanOf(DIFF_WINDOW_HEIGHT);
@@ -390,26 +387,19 @@ export class CowStore implements Cow {
     if (this.lock.writing) return this.lock.noWriter();
     const ops: BatchOp[] = [];
     let grown = 0;
-    // Below 2^53 addresses are plain numbers, and a run of them walks from the root once per
-    // leaf it touches instead of once per block (a 1 MiB write: 256 blocks, one or two leaves).
-    const small = start + BigInt(recs.length) <= MAX_NUMBER_ADDR;
-    const first = small ? Number(start) : 0;
-    let leafNo = -1;
+    // The run walks from the root once per leaf it touches, not once per block (a 1 MiB
+    // write: 256 blocks, one or two leaves); `entry` is block i's index in its leaf.
     let leaf: CowNode | 0 | undefined;
-    for (let i = 0; i < recs.length; i++) {
+    let entry = 0;
+    for (let i = 0; i < recs.length; i++, entry++) {
       const rec = recs[i];
       if (rec === undefined) return false;
-      let d: number | undefined;
-      if (small) {
-        const a = first + i;
-        if (Math.floor(a / FANOUT) !== leafNo) {
-          leafNo = Math.floor(a / FANOUT);
-          leaf = this.exclusiveLeafCached(a);
-        }
-        d = leaf instanceof CowNode ? this.exclusiveEntryCached(leaf, a % FANOUT) : leaf;
-      } else {
-        d = this.exclusiveDataCached(start + BigInt(i));
+      if (i === 0 || entry === FANOUT) {
+        const addr = start + BigInt(i);
+        leaf = this.exclusiveLeafCached(addr);
+        entry = digit(addr, 0);
       }
+      const d = leaf instanceof CowNode ? this.exclusiveEntryCached(leaf, entry) : leaf;
       const old = d === undefined || d === 0 ? undefined : this.grass.size(d);
       if (old === undefined) return false;
       grown += rec.length - old;
@@ -430,12 +420,13 @@ export class CowStore implements Cow {
   }
 
   /**
-   * exclusiveDataCached's walk for an address below 2^53, down to the leaf: the leaf if it and
-   * every node above it has refcount 1, else 0; undefined if something on the path is not cached.
+   * The leaf (height 0) over `addr` if it and every node above it has refcount 1 (a write may
+   * change it in place), else 0; from the cache alone, without awaiting; undefined if
+   * something on the path is not cached.
    */
-  private exclusiveLeafCached(addr: number): CowNode | 0 | undefined {
+  private exclusiveLeafCached(addr: bigint): CowNode | 0 | undefined {
     const sb = this.sb;
-    if (sb.root === 0 || addr >= Number(spanOf(sb.rootHeight))) return 0;
+    if (sb.root === 0 || addr >= spanOf(sb.rootHeight)) return 0;
     let g = sb.root;
     for (let h = sb.rootHeight; ; h--) {
       const page = this.cache.get(RC_BASE_GADDR + Math.floor(g / RC_PAGE_ENTRIES));
@@ -444,7 +435,7 @@ export class CowStore implements Cow {
       const node = this.cache.get(g);
       if (!(node instanceof CowNode) || node.height !== h) return undefined;
       if (h === 0) return node;
-      g = node.get(digitOf(addr, h));
+      g = node.get(digit(addr, h));
       if (g === 0) return 0;
     }
   }
@@ -456,26 +447,6 @@ export class CowStore implements Cow {
     const page = this.cache.get(RC_BASE_GADDR + Math.floor(g / RC_PAGE_ENTRIES));
     if (!(page instanceof Uint32Array)) return undefined;
     return page[g % RC_PAGE_ENTRIES] === 1 ? g : 0;
-  }
-
-  /**
-   * The committed data record at `addr` if it and every node above it has refcount 1, else 0;
-   * from the cache alone, without awaiting; undefined if something on the path is not cached.
-   */
-  private exclusiveDataCached(addr: bigint): number | undefined {
-    const sb = this.sb;
-    if (sb.root === 0 || addr >= spanOf(sb.rootHeight)) return 0;
-    let g = sb.root;
-    for (let h = sb.rootHeight; ; h--) {
-      const page = this.cache.get(RC_BASE_GADDR + Math.floor(g / RC_PAGE_ENTRIES));
-      if (!(page instanceof Uint32Array)) return undefined;
-      if (page[g % RC_PAGE_ENTRIES] !== 1) return 0;
-      if (h < 0) return g;
-      const node = this.cache.get(g);
-      if (!(node instanceof CowNode) || node.height !== h) return undefined;
-      g = node.get(digit(addr, h));
-      if (g === 0) return 0;
-    }
   }
 
   async trim(addr: bigint, count: bigint): Promise<void> {

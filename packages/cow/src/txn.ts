@@ -63,11 +63,6 @@ export function digit(addr: bigint, h: number): number {
 /** 256^h for each height, so that digit() needs no Math.pow. */
 const DIGIT_DIVISORS: number[] = Array.from({ length: MAX_HEIGHT + 1 }, (_, h) => 2 ** (8 * h));
 
-/** digit() of an address below 2^53 held as a number (no bigint on the fast write path). */
-export function digitOf(addr: number, h: number): number {
-  return Math.floor(addr / DIGIT_DIVISORS[h]!) % 256;
-}
-
 /** Blocks covered by one child of a node of height h. */
 function childSpanOf(h: number): bigint {
   return 1n << SHIFTS[h]!;
