@@ -51,7 +51,6 @@ export const io = {
       if (--capturing === 0) capture.disable();
     }
   },
-
 };
 
 /** Bytes in binary units: 4096 -> "4.0 KiB". */

@@ -234,7 +234,7 @@ export async function runSimulation(params: SimParams, log: (line: string) => vo
   }
   const st = g.stats();
   result.cleanerRecords += st.cleanerRecords;
-    result.deadSegmentsFreed += st.deadSegmentsFreed;
+  result.deadSegmentsFreed += st.deadSegmentsFreed;
   await g.close();
   return result;
 }
