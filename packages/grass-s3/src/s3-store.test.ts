@@ -525,15 +525,24 @@ test('reads of segments only in S3 fetch ranges with ranged GETs, fetch ahead wh
   await s2.close();
 });
 
-test('a read waits only for its own range of a larger GET in flight, which then completes the segment', async (t) => {
+/** Small fetches and no read-ahead: reads of one uploaded segment, range by range. */
+const FETCH_OPTS = { ...quick, fetchBytes: 64 << 10, readaheadBytes: 0 };
+const FETCH_GEOMETRY = { segmentBytes: 1 << 20, segmentCount: 4 };
+
+/** A new bucket holding one uploaded segment of random bytes in `slot`; its writer is closed. */
+async function bucketWithSegment(slot: number): Promise<{ name: string; data: Buffer }> {
   const name = newBucketName();
-  const geometry = { segmentBytes: 1 << 20, segmentCount: 4 };
-  const opts = { ...quick, fetchBytes: 64 << 10, readaheadBytes: 0 };
-  const s1 = await S3SegmentStore.create({ bucket: bucketOptions(name), cacheDir: await tempDir(), ...geometry, createBucket: true, ...opts });
-  const data = randomBytes(geometry.segmentBytes);
-  await s1.write(1, 0, data);
-  await s1.seal(1);
+  const s1 = await S3SegmentStore.create({ bucket: bucketOptions(name), cacheDir: await tempDir(), ...FETCH_GEOMETRY, createBucket: true, ...FETCH_OPTS });
+  const data = randomBytes(FETCH_GEOMETRY.segmentBytes);
+  await s1.write(slot, 0, data);
+  await s1.seal(slot);
   await s1.close();
+  return { name, data };
+}
+
+test('a read waits only for its own range of a larger GET in flight, which then completes the segment', async (t) => {
+  const { name, data } = await bucketWithSegment(1);
+  const opts = FETCH_OPTS;
 
   // The real bucket, with a GET's body held back once 256 KiB of it has been handed over.
   let release!: () => void;
@@ -552,7 +561,7 @@ test('a read waits only for its own range of a larger GET in flight, which then 
   }
   const s2 = await S3SegmentStore.open({ bucket: new GatedBucket(bucketOptions(name)), cacheDir: await tempDir(), ...opts });
   const gets0 = s2.stats().gets;
-  const whole = s2.read(1, 0, geometry.segmentBytes);
+  const whole = s2.read(1, 0, FETCH_GEOMETRY.segmentBytes);
   let wholeDone = false;
   void whole.then(() => (wholeDone = true));
   // Range 1 is in the first 256 KiB: its read returns while the rest of the body is held.
@@ -569,14 +578,8 @@ test('a read waits only for its own range of a larger GET in flight, which then 
 });
 
 test('a partly fetched segment left by a crash is discarded at open and fetched again', async (t) => {
-  const name = newBucketName();
-  const geometry = { segmentBytes: 1 << 20, segmentCount: 4 };
-  const opts = { ...quick, fetchBytes: 64 << 10, readaheadBytes: 0 };
-  const s1 = await S3SegmentStore.create({ bucket: bucketOptions(name), cacheDir: await tempDir(), ...geometry, createBucket: true, ...opts });
-  const data = randomBytes(geometry.segmentBytes);
-  await s1.write(2, 0, data);
-  await s1.seal(2);
-  await s1.close();
+  const { name, data } = await bucketWithSegment(2);
+  const opts = FETCH_OPTS;
 
   const cache = await tempDir();
   const s2 = await S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: cache, ...opts });
