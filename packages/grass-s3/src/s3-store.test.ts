@@ -9,7 +9,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir, hostname } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { GrassLog, StoreLockedError, Rng, type BatchOp } from '@pasture/grass';
+import { GrassLog, StoreLockedError, Rng, SUPERBLOCK_BYTES, type BatchOp } from '@pasture/grass';
 import { S3SegmentStore, type S3StoreOptions } from './s3-store.ts';
 import { Bucket, type BucketOptions } from './bucket.ts';
 import { S3Faults } from './faulty-s3.ts';
@@ -313,7 +313,9 @@ test('an outage: flushes go on in the journal, cached reads go on, uncached read
 
 test('the cleaner on S3: released segments are deleted after the next publication; sweep removes orphans', async (t) => {
   const name = newBucketName();
-  const store = await S3SegmentStore.create({ bucket: bucketOptions(name), cacheDir: await tempDir(), segmentBytes: 128 * 1024, segmentCount: 40, createBucket: true, ...quick });
+  // Uploads at once: held back, most segments here would die in the journal and never be
+  // uploaded, and there would be nothing to delete.
+  const store = await S3SegmentStore.create({ bucket: bucketOptions(name), cacheDir: await tempDir(), segmentBytes: 128 * 1024, segmentCount: 40, createBucket: true, ...quick, uploadIdleMs: 0 });
   const g = await GrassLog.create(store, { checkpointIntervalBytes: 512 * 1024 });
   const model = new Model();
   const rng = new Rng(41);
@@ -714,4 +716,75 @@ test('sweep measures the grace period in the server\'s clock: a local clock an h
     await store.close();
     bucket.destroy();
   }
+});
+
+test('a burst stays in the journal: uploads wait while writes keep coming, start when they pause or pass the hold bound, and a segment released meanwhile is never uploaded', async (t) => {
+  const name = newBucketName();
+  const seg = GEOMETRY.segmentBytes;
+  const store = await S3SegmentStore.create({
+    bucket: bucketOptions(name), cacheDir: await tempDir(), ...GEOMETRY, createBucket: true, ...quick,
+    uploadIdleMs: 2000, uploadHoldBytes: 6 * seg, maxUploadBacklogBytes: 12 * seg,
+  });
+  const body = (slot: number): Buffer => Buffer.alloc(seg, slot);
+  const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+  // The first superblock is published at once (until then the bucket alone opens no store).
+  await store.writeSuperblock(0, new Uint8Array(SUPERBLOCK_BYTES).fill(9));
+  await store.drain();
+  // A burst: a segment every 100 ms for 0.5 s, the writes never pausing for the idle time.
+  for (let slot = 0; slot < 5; slot++) {
+    await store.write(slot, 0, body(slot));
+    await store.seal(slot);
+    await store.sync();
+    await store.writeSuperblock(0, new Uint8Array(SUPERBLOCK_BYTES).fill(slot + 1)); // a checkpoint: its publication waits too
+    await sleep(100);
+  }
+  await store.release(2); // dead before it was uploaded
+  t.is(store.stats().segmentUploads, 0, 'nothing uploaded during the burst');
+  t.is(store.stats().uploadBacklogBytes, 5 * seg);
+  const published = store.stats().publications;
+  // The writes pause: the backlog goes up (bounded wait), the dead segment does not.
+  for (let i = 0; i < 100 && store.stats().uploadBacklogBytes > 0; i++) await sleep(50);
+  t.is(store.stats().uploadBacklogBytes, 0, 'uploaded once the writes paused');
+  t.is(store.stats().segmentUploads, 4, 'four segments, not the released one');
+  for (let i = 0; i < 100 && store.stats().publications === published; i++) await sleep(50);
+  t.true(store.stats().publications > published, 'the put-off publication follows');
+  const objects = (await new Bucket(bucketOptions(name)).list('seg/')).map((o) => o.key);
+  t.is(objects.length, 4);
+
+  // Past the hold bound, uploads start although the writes go on.
+  for (let slot = 10; slot < 18; slot++) {
+    await store.write(slot, 0, body(slot));
+    await store.seal(slot);
+  }
+  for (let i = 0; i < 100 && store.stats().segmentUploads < 6; i++) {
+    await store.write(30, i === 0 ? 0 : i * 512, Buffer.alloc(512, 1)); // writes keep coming
+    await sleep(20);
+  }
+  t.true(store.stats().segmentUploads >= 6, `uploads started at the bound (${store.stats().segmentUploads})`);
+  t.true(store.stats().uploadBacklogBytes <= 6 * seg);
+  await store.close();
+});
+
+test('a seal whose rename a crash lost is taken as sealed at open, and uploaded whole', async (t) => {
+  const name = newBucketName();
+  const cache = await tempDir();
+  const s1 = await S3SegmentStore.create({ bucket: bucketOptions(name), cacheDir: cache, ...GEOMETRY, createBucket: true, ...quick, uploadIdleMs: 60_000 });
+  const data = randomBytes(GEOMETRY.segmentBytes);
+  await s1.write(4, 0, data.subarray(0, 1000));
+  await s1.write(4, 1000, data.subarray(1000));
+  await s1.seal(4); // held back: no upload yet
+  const sealed = (await s1.journalFiles()).find((f) => f.startsWith('4.'))!;
+  t.true(sealed.endsWith('.sealed'));
+  await s1.simulateCrash();
+  // The directory's sync never came: the file has its old name.
+  const { rename } = await import('node:fs/promises');
+  await rename(join(cache, 'seg', sealed), join(cache, 'seg', sealed.replace(/\.sealed$/, '.open')));
+
+  const s2 = await S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: cache, ...quick, takeover: true, uploadIdleMs: 0 });
+  await s2.drain();
+  t.true(s2.manifest.entries.some((e) => e.slot === 4 && e.sealed && e.length === GEOMETRY.segmentBytes), 'published as a sealed segment');
+  t.is(s2.stats().segmentUploads, 1, 'uploaded as one whole object');
+  t.is(s2.stats().partialUploads, 0, 'not as an open segment\'s prefix');
+  t.deepEqual(Buffer.from(await s2.read(4, 0, GEOMETRY.segmentBytes)), data);
+  await s2.close();
 });

@@ -11,7 +11,8 @@
  *   DIR/lock           the local process holding DIR
  *
  * So a flush is durable once it is in the journal and never waits for S3. Sealed segments are
- * uploaded in the background, each as one object written once. The bucket's state is advanced by
+ * uploaded in the background, each as one object written once, after a burst of writes rather
+ * than during it (S3StoreOptions.uploadIdleMs). The bucket's state is advanced by
  * publishing a manifest (at each Grass checkpoint, every `publishIntervalMs`, and at close):
  * it waits for the uploads it needs, uploads the open segments' written prefixes as partial
  * objects, and creates the next manifest in the chain with If-None-Match. Recovery from the
@@ -44,8 +45,17 @@ export interface S3StoreOptions {
   cacheDir: string;
   /** Bytes of uploaded segments kept locally for reads (default 1 GiB). */
   cacheBytes?: number;
-  /** `seal` waits while sealed segments not yet uploaded exceed this (default 512 MiB). */
+  /** `seal` waits while sealed segments not yet uploaded exceed this (default 2 GiB of local disk). */
   maxUploadBacklogBytes?: number;
+  /**
+   * Uploads wait while writes keep coming (one in the last `uploadIdleMs`; default 1000, 0
+   * uploads at once), so that the journal takes a burst and S3 gets it after: until the backlog
+   * reaches `uploadHoldBytes` (default half of maxUploadBacklogBytes) or the oldest segment
+   * waiting is `maxUploadDelayMs` old (default 30 000). Publications wait with them.
+   */
+  uploadIdleMs?: number;
+  uploadHoldBytes?: number;
+  maxUploadDelayMs?: number;
   /** Segment uploads in flight (default 4). */
   uploadConcurrency?: number;
   /** Publish a manifest this often when something changed; 0 = only at checkpoints and close (default 10 000). */
@@ -86,7 +96,7 @@ export interface S3StoreStats extends BucketCounters {
   cacheMisses: number;
   /** cacheHits / (cacheHits + cacheMisses), for reads of uploaded segments. */
   cacheHitRate: number;
-  /** Read-ahead requests made for sequential reads (each fetches what of its window is still missing, in zero or more GETs). */
+  /** Read-ahead requests made for sequential reads (each for what of one segment in the window is still missing, in zero or more GETs). */
   prefetches: number;
   cachedBytes: number;
   uploadBacklogSegments: number;
@@ -122,8 +132,15 @@ const CacheManifest = z.object({
 export type CacheManifest = z.infer<typeof CacheManifest>;
 
 const MAX_UPLOAD_BACKOFF_MS = 30_000;
-/** Read-ahead fetches (each one GET) in flight at once. */
+/** How often held-back uploads look again whether they may start. */
+const HOLD_RECHECK_MS = 100;
+/**
+ * Read-ahead requests in flight at once, and the bytes they may ask for together (the first is
+ * let through whatever its size). Four 8 MiB segments at a time read fastest here: more in
+ * parallel only made each one arrive later.
+ */
 const MAX_PREFETCHES_IN_FLIGHT = 16;
+const MAX_PREFETCH_BYTES_IN_FLIGHT = 32 * 1024 * 1024;
 
 type SegState = 'open' | 'sealed' | 'cached';
 
@@ -141,6 +158,8 @@ class Seg {
   released = false;
   dirty = false;
   uploading: Promise<void> | undefined;
+  /** When its upload was queued (performance.now()). */
+  queuedAt = 0;
   uploadDone: (() => void) | undefined;
   /** While the local file holds only some fetch ranges: which (1 = present). */
   chunks: Uint8Array | undefined;
@@ -267,6 +286,16 @@ export class S3SegmentStore implements SegmentStore {
   private readonly cacheBytes: number;
   private readonly maxBacklog: number;
   private readonly uploadConcurrency: number;
+  private readonly uploadIdleMs: number;
+  private readonly uploadHoldBytes: number;
+  private readonly maxUploadDelayMs: number;
+  /** The newest append (performance.now()), for holding uploads back while writes keep coming. */
+  private lastAppendAt = -Infinity;
+  /** Publications under way: they need their uploads, so nothing is held back meanwhile. */
+  private uploadsForced = 0;
+  /** A publication was put off while uploads were held back. */
+  private publishDeferred = false;
+  private holdTimer: NodeJS.Timeout | undefined;
   private readonly publishIntervalMs: number;
   private readonly deleteGraceMs: number;
   private readonly keepManifests: number;
@@ -275,6 +304,9 @@ export class S3SegmentStore implements SegmentStore {
   private readonly chunksPerSegment: number;
   private readonly readaheadChunks: number;
   private prefetchesInFlight = 0;
+  private prefetchBytesInFlight = 0;
+  /** The newest sequential read's range (slot x ranges + range), which read-ahead runs after; -1 before one. */
+  private streamPos = -1;
   private readonly sweepIntervalMs: number;
   /** The last few distinct fetch ranges read (as slot x ranges + range), newest last. */
   private readonly recentRanges: number[] = [];
@@ -293,7 +325,10 @@ export class S3SegmentStore implements SegmentStore {
     this.slots = new Array<Seg | undefined>(segmentCount).fill(undefined);
     this.lastManifest = manifest;
     this.cacheBytes = options.cacheBytes ?? 1 << 30;
-    this.maxBacklog = Math.max(options.maxUploadBacklogBytes ?? 512 << 20, 2 * segmentBytes);
+    this.maxBacklog = Math.max(options.maxUploadBacklogBytes ?? 2 * 2 ** 30, 2 * segmentBytes);
+    this.uploadIdleMs = options.uploadIdleMs ?? 1000;
+    this.uploadHoldBytes = Math.min(options.uploadHoldBytes ?? this.maxBacklog / 2, this.maxBacklog);
+    this.maxUploadDelayMs = options.maxUploadDelayMs ?? 30_000;
     this.uploadConcurrency = options.uploadConcurrency ?? 4;
     this.publishIntervalMs = options.publishIntervalMs ?? 10_000;
     this.deleteGraceMs = options.deleteGraceMs ?? 60_000;
@@ -514,6 +549,13 @@ export class S3SegmentStore implements SegmentStore {
         await unlink(path);
         continue;
       }
+      if (f.state === 'open' && size >= this.segmentBytes) {
+        // Only a seal makes a journal file this long: a crash lost its rename (seal leaves the
+        // directory's sync to the next sync()).
+        await rename(path, join(segDir, fileName(slot, f.key, 'sealed')));
+        f.state = 'sealed';
+        this.dirDirty = true;
+      }
       const seg = new Seg(slot, f.key, f.state);
       this.setFile(seg, fh);
       if (listedWhole) {
@@ -582,7 +624,7 @@ export class S3SegmentStore implements SegmentStore {
   private startBackground(): void {
     if (this.publishIntervalMs > 0) {
       this.publishTimer = setInterval(() => {
-        if (this.changedSincePublish && this.publishQueued === undefined) this.publish().catch(() => undefined);
+        if (this.changedSincePublish && this.publishQueued === undefined) this.publishUnlessHeld();
       }, this.publishIntervalMs);
       this.publishTimer.unref();
     }
@@ -639,6 +681,7 @@ export class S3SegmentStore implements SegmentStore {
       done += bytesWritten;
     }
     seg.length = Math.max(seg.length, offset + data.length);
+    this.lastAppendAt = performance.now();
     seg.dirty = true;
     this.dirty.add(seg);
     this.changedSincePublish = true;
@@ -669,9 +712,10 @@ export class S3SegmentStore implements SegmentStore {
     this.dirty.delete(seg);
     seg.dirty = false;
     seg.length = this.segmentBytes;
+    // The new name is made durable by the next sync(): a crash that loses it leaves an open
+    // file of full length, which open() takes as sealed (only a seal makes one that long).
     await this.renameLocal(seg, 'sealed');
-    await syncDir(this.segDir());
-    this.dirDirty = false;
+    this.dirDirty = true;
     this.changedSincePublish = true;
     this.queueUpload(seg);
     // Backpressure: the journal absorbs bursts, but an S3 that cannot keep up (or is down)
@@ -742,7 +786,7 @@ export class S3SegmentStore implements SegmentStore {
     this.superblocks[slot] = new Uint8Array(data);
     this.changedSincePublish = true;
     // A checkpoint is a good moment for the bucket to catch up; it happens in the background.
-    this.publish().catch(() => undefined);
+    this.publishUnlessHeld();
   }
 
   async close(): Promise<void> {
@@ -783,6 +827,7 @@ export class S3SegmentStore implements SegmentStore {
     this.closed = true;
     this.stopping = true;
     clearInterval(this.publishTimer);
+    clearTimeout(this.holdTimer);
     clearInterval(this.deleteTimer);
     clearInterval(this.sweepTimer);
     for (const w of this.backlogWaiters.splice(0)) w();
@@ -809,12 +854,52 @@ export class S3SegmentStore implements SegmentStore {
 
   private queueUpload(seg: Seg): void {
     this.backlogBytes += this.segmentBytes;
+    seg.queuedAt = performance.now();
     seg.uploading = new Promise<void>((r) => (seg.uploadDone = r));
     this.uploadQueue.push(seg);
     this.pumpUploads();
   }
 
+  /**
+   * Uploads are held back (see S3StoreOptions.uploadIdleMs): writes came within the idle time,
+   * the backlog is under its hold bound, nothing has waited too long, and no publication,
+   * drain or close needs them.
+   */
+  private uploadsHeld(): boolean {
+    if (this.uploadIdleMs <= 0 || this.uploadsForced > 0 || this.stopping || this.fenced !== undefined) return false;
+    const now = performance.now();
+    if (now - this.lastAppendAt >= this.uploadIdleMs || this.backlogBytes >= this.uploadHoldBytes) return false;
+    const oldest = this.uploadQueue[0];
+    return oldest === undefined || now - oldest.queuedAt < this.maxUploadDelayMs;
+  }
+
+  /** A publication now, or once uploads are no longer held back (it would wait for them). */
+  private publishUnlessHeld(): void {
+    // Not the first one with a superblock: until it lands, the bucket alone opens no store.
+    if (this.uploadsHeld() && this.lastManifest.superblocks.some((b) => b !== null)) {
+      this.publishDeferred = true;
+      this.recheckHold();
+      return;
+    }
+    this.publishDeferred = false;
+    this.publish().catch(() => undefined);
+  }
+
+  private recheckHold(): void {
+    if (this.holdTimer !== undefined || this.closed) return;
+    this.holdTimer = setTimeout(() => {
+      this.holdTimer = undefined;
+      this.pumpUploads();
+    }, HOLD_RECHECK_MS);
+    this.holdTimer.unref();
+  }
+
   private pumpUploads(): void {
+    if (this.uploadsHeld()) {
+      if (this.uploadQueue.length > 0 || this.publishDeferred) this.recheckHold();
+      return;
+    }
+    if (this.publishDeferred && !this.closed) this.publishUnlessHeld();
     while (this.uploadsRunning < this.uploadConcurrency && this.uploadQueue.length > 0) {
       const seg = this.uploadQueue.shift()!;
       this.uploadsRunning++;
@@ -904,43 +989,54 @@ export class S3SegmentStore implements SegmentStore {
     const recent = this.recentRanges;
     if (recent[recent.length - 1] === pos) return;
     // Cow's node reads interleave with data reads, so look a few ranges back, not one.
-    if (this.readaheadChunks > 0 && recent.includes(pos - 1)) this.readAhead(pos);
+    if (this.readaheadChunks > 0 && recent.includes(pos - 1)) {
+      this.streamPos = pos;
+      this.readAhead();
+    }
     const i = recent.indexOf(pos);
     if (i >= 0) recent.splice(i, 1);
     recent.push(pos);
     if (recent.length > 8) recent.shift();
   }
 
-  /** Start fetching the ranges after `pos` that are only in S3, into the next slots too. */
-  private readAhead(pos: number): void {
+  /**
+   * Keep the window after the newest sequential read fetched: one request per segment, nearest
+   * first, a bounded number at once, the next one started as each finishes. A steady stream in
+   * order, so that the range the reader needs next arrives first. (Fetching half the window at
+   * once, as parallel GETs, made them all arrive late, and the reader waited at every step.)
+   */
+  private readAhead(): void {
+    const pos = this.streamPos;
+    if (pos < 0 || this.closed) return;
     const end = Math.min(pos + this.readaheadChunks, this.segmentCount * this.chunksPerSegment - 1);
-    // Like the kernel's asynchronous read-ahead: while at least half the window ahead is here
-    // or on its way, do nothing; then fetch the rest of the window at once, so that the GETs
-    // are a few large runs rather than one range per step.
-    let firstMissing = -1;
-    for (let p = pos + 1; p <= end; p++) {
-      if (this.rangeMissing(p)) {
-        firstMissing = p;
-        break;
+    // As the window slides one range per read, its far end would become one small GET per
+    // step: a run is fetched once it reaches its segment's end or is half the window long.
+    const minRun = Math.min(this.chunksPerSegment, Math.ceil(this.readaheadChunks / 2));
+    let p = pos + 1;
+    while (p <= end && this.prefetchesInFlight < MAX_PREFETCHES_IN_FLIGHT) {
+      if (!this.rangeMissing(p)) {
+        p++;
+        continue;
       }
-    }
-    if (firstMissing < 0 || firstMissing - pos > this.readaheadChunks / 2) return;
-    let p = firstMissing;
-    while (p <= end) {
       const slot = Math.floor(p / this.chunksPerSegment);
       const first = p % this.chunksPerSegment;
       const last = Math.min(this.chunksPerSegment - 1, first + (end - p));
+      if (last < this.chunksPerSegment - 1 && last - first + 1 < minRun && this.prefetchesInFlight > 0) return;
       p += last - first + 1;
       const seg = this.slots[slot];
       if (seg === undefined || (seg.fh !== undefined && seg.chunks === undefined) || seg.released) continue;
-      // A bound on GETs in flight for read-ahead: with small segments the window spans many
-      // objects, and a burst of them would only queue behind each other (and time out).
-      if (this.prefetchesInFlight >= MAX_PREFETCHES_IN_FLIGHT) return;
+      const bytes = (last - first + 1) * this.chunkBytes;
+      if (this.prefetchesInFlight > 0 && this.prefetchBytesInFlight + bytes > MAX_PREFETCH_BYTES_IN_FLIGHT) return;
       this.counters.prefetches++;
       this.prefetchesInFlight++;
-      this.ensureRange(seg, first * this.chunkBytes, (last - first + 1) * this.chunkBytes)
-        .catch(() => undefined)
-        .finally(() => this.prefetchesInFlight--);
+      this.prefetchBytesInFlight += bytes;
+      // The next request when this one is in; after a failure, only at the next read.
+      const done = (ok: boolean): void => {
+        this.prefetchesInFlight--;
+        this.prefetchBytesInFlight -= bytes;
+        if (ok) this.readAhead();
+      };
+      this.ensureRange(seg, first * this.chunkBytes, bytes).then(() => done(true), () => done(false));
     }
   }
 
@@ -1150,7 +1246,11 @@ export class S3SegmentStore implements SegmentStore {
     const after = this.publishRunning ?? Promise.resolve();
     const p = after.catch(() => undefined).then(() => {
       this.publishQueued = undefined;
-      const run = this.publishOnce();
+      // A publication waits for the uploads it lists: none is held back meanwhile.
+      this.publishDeferred = false;
+      this.uploadsForced++;
+      this.pumpUploads();
+      const run = this.publishOnce().finally(() => this.uploadsForced--);
       this.publishRunning = run;
       return run.finally(() => {
         if (this.publishRunning === run) this.publishRunning = undefined;
