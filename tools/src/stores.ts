@@ -27,6 +27,8 @@ export interface S3Flags {
   region?: string;
   takeover?: boolean;
   cacheBytes?: number;
+  /** maxUploadBacklogBytes: local disk for segments waiting for their upload. */
+  journalBytes?: number;
 }
 
 const env = (...names: string[]): string | undefined => {
@@ -80,7 +82,10 @@ async function asS3(spec: StoreSpec): Promise<{ bucket: string; prefix: string; 
 }
 
 function s3Options(flags: S3Flags): Partial<S3StoreOptions> {
-  return { ...(flags.takeover ? { takeover: true } : {}), ...(flags.cacheBytes !== undefined ? { cacheBytes: flags.cacheBytes } : {}) };
+  return {
+    ...(flags.takeover ? { takeover: true } : {}), ...(flags.cacheBytes !== undefined ? { cacheBytes: flags.cacheBytes } : {}),
+    ...(flags.journalBytes !== undefined ? { maxUploadBacklogBytes: flags.journalBytes } : {}),
+  };
 }
 
 export async function openStore(spec: StoreSpec, flags: S3Flags = {}): Promise<SegmentStore> {

@@ -788,3 +788,11 @@ test('a seal whose rename a crash lost is taken as sealed at open, and uploaded 
   t.deepEqual(Buffer.from(await s2.read(4, 0, GEOMETRY.segmentBytes)), data);
   await s2.close();
 });
+
+test('a size that overflowed is refused before anything is opened', async (t) => {
+  const cacheDir = await tempDir();
+  const e = await t.throwsAsync(S3SegmentStore.open({ bucket: bucketOptions(newBucketName()), cacheDir, cacheBytes: 3 << 30 }));
+  t.regex(e!.message, /cacheBytes must be a whole number >= 0, got -1073741824/);
+  const { readdir } = await import('node:fs/promises');
+  t.deepEqual(await readdir(cacheDir), [], 'nothing written to the cache directory');
+});

@@ -45,13 +45,14 @@ export interface S3StoreOptions {
   cacheDir: string;
   /** Bytes of uploaded segments kept locally for reads (default 1 GiB). */
   cacheBytes?: number;
-  /** `seal` waits while sealed segments not yet uploaded exceed this (default 2 GiB of local disk). */
+  /** `seal` waits while sealed segments not yet uploaded exceed this (default 4 GiB of local disk). */
   maxUploadBacklogBytes?: number;
   /**
    * Uploads wait while writes keep coming (one in the last `uploadIdleMs`; default 1000, 0
    * uploads at once), so that the journal takes a burst and S3 gets it after: until the backlog
-   * reaches `uploadHoldBytes` (default half of maxUploadBacklogBytes) or the oldest segment
-   * waiting is `maxUploadDelayMs` old (default 30 000). Publications wait with them.
+   * reaches `uploadHoldBytes` (default 3/4 of maxUploadBacklogBytes) or the oldest segment
+   * waiting is `maxUploadDelayMs` old (default 30 000). Publications (but for the first with a
+   * superblock, and drain's and close's) wait until writes pause or that delay is up.
    */
   uploadIdleMs?: number;
   uploadHoldBytes?: number;
@@ -325,9 +326,9 @@ export class S3SegmentStore implements SegmentStore {
     this.slots = new Array<Seg | undefined>(segmentCount).fill(undefined);
     this.lastManifest = manifest;
     this.cacheBytes = options.cacheBytes ?? 1 << 30;
-    this.maxBacklog = Math.max(options.maxUploadBacklogBytes ?? 2 * 2 ** 30, 2 * segmentBytes);
+    this.maxBacklog = Math.max(options.maxUploadBacklogBytes ?? 4 * 2 ** 30, 2 * segmentBytes);
     this.uploadIdleMs = options.uploadIdleMs ?? 1000;
-    this.uploadHoldBytes = Math.min(options.uploadHoldBytes ?? this.maxBacklog / 2, this.maxBacklog);
+    this.uploadHoldBytes = Math.min(options.uploadHoldBytes ?? (this.maxBacklog / 4) * 3, this.maxBacklog);
     this.maxUploadDelayMs = options.maxUploadDelayMs ?? 30_000;
     this.uploadConcurrency = options.uploadConcurrency ?? 4;
     this.publishIntervalMs = options.publishIntervalMs ?? 10_000;
@@ -347,6 +348,7 @@ export class S3SegmentStore implements SegmentStore {
 
   /** Make a new store under the bucket's prefix (which must hold none) and open it. */
   static async create(options: S3CreateOptions): Promise<S3SegmentStore> {
+    checkOptions(options);
     const bucket = options.bucket instanceof Bucket ? options.bucket : new Bucket(options.bucket);
     const { segmentBytes, segmentCount } = options;
     if (!Number.isInteger(segmentBytes) || segmentBytes < MIN_SEGMENT_BYTES || segmentBytes > MAX_SEGMENT_BYTES || segmentBytes % 4096 !== 0) {
@@ -399,6 +401,7 @@ export class S3SegmentStore implements SegmentStore {
    * journal holds, or starting from the bucket alone when the journal is empty or missing).
    */
   static async open(options: S3StoreOptions): Promise<S3SegmentStore> {
+    checkOptions(options);
     const bucket = options.bucket instanceof Bucket ? options.bucket : new Bucket(options.bucket);
     const dir = options.cacheDir;
     await mkdir(join(dir, 'seg'), { recursive: true });
@@ -866,9 +869,18 @@ export class S3SegmentStore implements SegmentStore {
    * drain or close needs them.
    */
   private uploadsHeld(): boolean {
-    if (this.uploadIdleMs <= 0 || this.uploadsForced > 0 || this.stopping || this.fenced !== undefined) return false;
+    return this.writesBusy() && this.uploadsForced === 0 && this.backlogBytes < this.uploadHoldBytes;
+  }
+
+  /**
+   * Writes keep coming and nothing has waited too long: periodic and checkpoint publications
+   * wait, even once the backlog is past the hold bound. Then uploads run only as fast as the
+   * backlog grows; a publication would upload all of it at once, in the middle of the burst.
+   */
+  private writesBusy(): boolean {
+    if (this.uploadIdleMs <= 0 || this.stopping || this.fenced !== undefined) return false;
     const now = performance.now();
-    if (now - this.lastAppendAt >= this.uploadIdleMs || this.backlogBytes >= this.uploadHoldBytes) return false;
+    if (now - this.lastAppendAt >= this.uploadIdleMs) return false;
     const oldest = this.uploadQueue[0];
     return oldest === undefined || now - oldest.queuedAt < this.maxUploadDelayMs;
   }
@@ -876,7 +888,7 @@ export class S3SegmentStore implements SegmentStore {
   /** A publication now, or once uploads are no longer held back (it would wait for them). */
   private publishUnlessHeld(): void {
     // Not the first one with a superblock: until it lands, the bucket alone opens no store.
-    if (this.uploadsHeld() && this.lastManifest.superblocks.some((b) => b !== null)) {
+    if (this.writesBusy() && this.lastManifest.superblocks.some((b) => b !== null)) {
       this.publishDeferred = true;
       this.recheckHold();
       return;
@@ -895,11 +907,11 @@ export class S3SegmentStore implements SegmentStore {
   }
 
   private pumpUploads(): void {
+    if (this.publishDeferred && !this.closed) this.publishUnlessHeld();
     if (this.uploadsHeld()) {
-      if (this.uploadQueue.length > 0 || this.publishDeferred) this.recheckHold();
+      if (this.uploadQueue.length > 0) this.recheckHold();
       return;
     }
-    if (this.publishDeferred && !this.closed) this.publishUnlessHeld();
     while (this.uploadsRunning < this.uploadConcurrency && this.uploadQueue.length > 0) {
       const seg = this.uploadQueue.shift()!;
       this.uploadsRunning++;
@@ -1470,6 +1482,14 @@ export class S3SegmentStore implements SegmentStore {
   /** Local files (for tests). */
   async journalFiles(): Promise<string[]> {
     return (await readdir(this.segDir())).sort();
+  }
+}
+
+/** Sizes and times are whole and not negative: a size that overflowed (1 << 31 is negative in JavaScript) must not empty the cache. */
+function checkOptions(options: S3StoreOptions): void {
+  for (const k of ['cacheBytes', 'maxUploadBacklogBytes', 'uploadHoldBytes', 'uploadIdleMs', 'maxUploadDelayMs', 'fetchBytes', 'readaheadBytes', 'publishIntervalMs', 'deleteGraceMs'] as const) {
+    const v = options[k];
+    if (v !== undefined && !(Number.isSafeInteger(v) && v >= 0)) throw new InvalidArgumentError(`S3 store option ${k} must be a whole number >= 0, got ${v}`);
   }
 }
 
