@@ -796,3 +796,29 @@ test('a size that overflowed is refused before anything is opened', async (t) =>
   const { readdir } = await import('node:fs/promises');
   t.deepEqual(await readdir(cacheDir), [], 'nothing written to the cache directory');
 });
+
+test('writes that never pause still get a publication once maxUploadDelayMs has passed', async (t) => {
+  const name = newBucketName();
+  const seg = GEOMETRY.segmentBytes;
+  const store = await S3SegmentStore.create({
+    bucket: bucketOptions(name), cacheDir: await tempDir(), ...GEOMETRY, createBucket: true, ...quick,
+    uploadIdleMs: 5000, uploadHoldBytes: seg, maxUploadDelayMs: 800,
+  });
+  await store.writeSuperblock(0, new Uint8Array(SUPERBLOCK_BYTES).fill(1));
+  await store.drain();
+  const published = store.stats().publications;
+  // Past the hold bound from the first seal, so uploads keep pace and nothing waits long.
+  let slot = 0;
+  const t0 = Date.now();
+  while (Date.now() - t0 < 2500 && store.stats().publications === published) {
+    await store.write(slot, 0, Buffer.alloc(seg, slot + 1));
+    await store.seal(slot);
+    await store.writeSuperblock(0, new Uint8Array(SUPERBLOCK_BYTES).fill(slot + 2)); // a checkpoint asks for one
+    slot = (slot + 1) % 40;
+    if (slot === 0) for (let s = 0; s < 40; s++) await store.release(s);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  t.true(store.stats().publications > published, 'published while the writes went on');
+  t.true(Date.now() - t0 >= 700, `not before the delay (${Date.now() - t0} ms)`);
+  await store.close();
+});

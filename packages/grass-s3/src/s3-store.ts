@@ -294,6 +294,8 @@ export class S3SegmentStore implements SegmentStore {
   private lastAppendAt = -Infinity;
   /** Publications under way: they need their uploads, so nothing is held back meanwhile. */
   private uploadsForced = 0;
+  /** When the newest publication started (performance.now()). */
+  private lastPublishAt = performance.now();
   /** A publication was put off while uploads were held back. */
   private publishDeferred = false;
   private holdTimer: NodeJS.Timeout | undefined;
@@ -888,7 +890,10 @@ export class S3SegmentStore implements SegmentStore {
   /** A publication now, or once uploads are no longer held back (it would wait for them). */
   private publishUnlessHeld(): void {
     // Not the first one with a superblock: until it lands, the bucket alone opens no store.
-    if (this.writesBusy() && this.lastManifest.superblocks.some((b) => b !== null)) {
+    // Nor one more than maxUploadDelayMs after the last: the bucket's lag stays bounded even
+    // when uploads keep pace with the writes (then nothing waits long, and writes never pause).
+    const due = performance.now() - this.lastPublishAt >= this.maxUploadDelayMs;
+    if (this.writesBusy() && !due && this.lastManifest.superblocks.some((b) => b !== null)) {
       this.publishDeferred = true;
       this.recheckHold();
       return;
@@ -1260,6 +1265,7 @@ export class S3SegmentStore implements SegmentStore {
       this.publishQueued = undefined;
       // A publication waits for the uploads it lists: none is held back meanwhile.
       this.publishDeferred = false;
+      this.lastPublishAt = performance.now();
       this.uploadsForced++;
       this.pumpUploads();
       const run = this.publishOnce().finally(() => this.uploadsForced--);
