@@ -822,3 +822,48 @@ test('writes that never pause still get a publication once maxUploadDelayMs has 
   t.true(Date.now() - t0 >= 700, `not before the delay (${Date.now() - t0} ms)`);
   await store.close();
 });
+
+test('a full-length open segment whose seal never came stays open: its footer write may be torn, and Grass writes it again', async (t) => {
+  const name = newBucketName();
+  const cache = await tempDir();
+  const seg = GEOMETRY.segmentBytes;
+  const s1 = await S3SegmentStore.create({ bucket: bucketOptions(name), cacheDir: cache, ...GEOMETRY, createBucket: true, ...quick });
+  const data = randomBytes(seg);
+  await s1.write(6, 0, data.subarray(0, seg - 4096));
+  await s1.sync();
+  await s1.write(6, seg - 4096, data.subarray(seg - 4096)); // the footer, ending at segmentBytes; then a crash
+  await s1.simulateCrash();
+  const s2 = await S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: cache, ...quick, takeover: true });
+  t.true((await s2.journalFiles()).some((f) => f.startsWith('6.') && f.endsWith('.open')), 'still open');
+  await s2.write(6, seg - 4096, data.subarray(seg - 4096)); // written again, as Grass's recovery does
+  await s2.seal(6);
+  await s2.drain();
+  t.true(s2.manifest.entries.some((e) => e.slot === 6 && e.sealed));
+  t.deepEqual(Buffer.from(await s2.read(6, 0, seg)), data);
+  await s2.close();
+});
+
+test('read-ahead into a cache smaller than its window stops, rather than fetching what it pushed out again', async (t) => {
+  const name = newBucketName();
+  const geometry = { segmentBytes: 256 << 10, segmentCount: 16 };
+  const s1 = await S3SegmentStore.create({ bucket: bucketOptions(name), cacheDir: await tempDir(), ...geometry, createBucket: true, ...quick, uploadIdleMs: 0 });
+  for (let slot = 0; slot < 12; slot++) {
+    await s1.write(slot, 0, randomBytes(geometry.segmentBytes));
+    await s1.seal(slot);
+  }
+  await s1.close();
+  const s2 = await S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: await tempDir(), ...quick, fetchBytes: 64 << 10, readaheadBytes: 2 << 20, cacheBytes: 512 << 10 });
+  await s2.read(0, 0, 4096);
+  await s2.read(0, 64 << 10, 4096); // sequential: read-ahead starts
+  const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+  let before = -1;
+  for (let i = 0; i < 40 && s2.stats().gets !== before; i++) {
+    before = s2.stats().gets;
+    await sleep(250);
+  }
+  const settled = s2.stats().gets;
+  await sleep(1000);
+  t.is(s2.stats().gets, settled, `no GETs without reads (${settled} before, ${s2.stats().gets} after)`);
+  t.true(s2.stats().bytesDown <= 3 * (2 << 20), `bounded (${s2.stats().bytesDown} bytes down)`);
+  await s2.close();
+});

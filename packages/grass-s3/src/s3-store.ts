@@ -133,6 +133,8 @@ const CacheManifest = z.object({
 export type CacheManifest = z.infer<typeof CacheManifest>;
 
 const MAX_UPLOAD_BACKOFF_MS = 30_000;
+/** A sealed journal file has this many bytes past the segment: they mark it sealed. */
+const SEALED_MARK_BYTES = 1;
 /** How often held-back uploads look again whether they may start. */
 const HOLD_RECHECK_MS = 100;
 /**
@@ -479,7 +481,7 @@ export class S3SegmentStore implements SegmentStore {
         if (p === undefined || (p.state !== 'open' && p.state !== 'sealed')) continue;
         const e = listedKeys.get(p.key);
         const size = (await stat(join(segDir, f.name)).catch(() => ({ size: Infinity }))).size;
-        const sent = e !== undefined && (e.sealed || (p.state === 'open' && e.length >= size));
+        const sent = e !== undefined && (e.sealed || (p.state === 'open' && e.length >= Math.min(size, this.segmentBytes)));
         if (!sent) unsent.push(f.name);
       }
       if (unsent.length > 0) {
@@ -554,9 +556,10 @@ export class S3SegmentStore implements SegmentStore {
         await unlink(path);
         continue;
       }
-      if (f.state === 'open' && size >= this.segmentBytes) {
-        // Only a seal makes a journal file this long: a crash lost its rename (seal leaves the
-        // directory's sync to the next sync()).
+      if (f.state === 'open' && size > this.segmentBytes) {
+        // Only a seal makes a journal file longer than a segment (SEALED_MARK_BYTES): a crash
+        // lost its rename, whose directory sync seal leaves to the next sync(). A file just
+        // segmentBytes long is not sealed: Grass's footer write ends there, before its seal.
         await rename(path, join(segDir, fileName(slot, f.key, 'sealed')));
         f.state = 'sealed';
         this.dirDirty = true;
@@ -711,14 +714,15 @@ export class S3SegmentStore implements SegmentStore {
     checkRange(this, segment, 0, 0);
     const seg = this.slots[segment];
     if (seg === undefined || seg.state !== 'open' || seg.fh === undefined) throw new InvalidArgumentError(`seal of segment ${segment}, which is not open`);
-    // A full-length file, so that reads and the upload see the unwritten middle as zeros.
-    await seg.fh.truncate(this.segmentBytes);
+    // A full-length file, so that reads and the upload see the unwritten middle as zeros, and
+    // one byte more, durable with the datasync, which marks it sealed (see open()).
+    await seg.fh.truncate(this.segmentBytes + SEALED_MARK_BYTES);
     await seg.fh.datasync();
     this.dirty.delete(seg);
     seg.dirty = false;
     seg.length = this.segmentBytes;
     // The new name is made durable by the next sync(): a crash that loses it leaves an open
-    // file of full length, which open() takes as sealed (only a seal makes one that long).
+    // file longer than a segment, which open() takes as sealed (only a seal makes one).
     await this.renameLocal(seg, 'sealed');
     this.dirDirty = true;
     this.changedSincePublish = true;
@@ -1051,7 +1055,9 @@ export class S3SegmentStore implements SegmentStore {
       const done = (ok: boolean): void => {
         this.prefetchesInFlight--;
         this.prefetchBytesInFlight -= bytes;
-        if (ok) this.readAhead();
+        // Not over the cache's bound: what it fetched would push out what it fetched before,
+        // and the stream would fetch that again, for ever, without a read.
+        if (ok && this.cachedBytes <= this.cacheBytes) this.readAhead();
       };
       this.ensureRange(seg, first * this.chunkBytes, bytes).then(() => done(true), () => done(false));
     }
