@@ -9,6 +9,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir, hostname } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { GrassLog, StoreLockedError, Rng, SUPERBLOCK_BYTES, type BatchOp } from '@pasture/grass';
 import { S3SegmentStore, type S3StoreOptions } from './s3-store.ts';
 import { Bucket, type BucketOptions } from './bucket.ts';
@@ -329,7 +330,7 @@ test('the cleaner on S3: released segments are deleted after the next publicatio
   await g.cleanRound();
   await store.drain();
   await store.drain(); // a second publication: what the first retired is now due
-  await new Promise((r) => setTimeout(r, 1500));
+  await sleep(1500);
   const stats = g.stats();
   t.log(`${stats.segmentsCleaned} segments cleaned (${stats.cleanerRecords} records copied), ${stats.deadSegmentsFreed} freed dead`);
   t.true(stats.segmentsCleaned > 0 && stats.cleanerRecords > 0, `the cleaner ran (${stats.segmentsCleaned} segments)`);
@@ -344,7 +345,7 @@ test('the cleaner on S3: released segments are deleted after the next publicatio
   await bucket.put('seg/00000000-0000beef', new Uint8Array(10));
   // The grace period is 0 here, but sweep knows the server's time only to the second (its
   // Date header), and rounds down: a second later the orphan is past it.
-  await new Promise((r) => setTimeout(r, 1100));
+  await sleep(1100);
   const swept = await store.sweep();
   t.true(swept.includes('seg/00000000-0000beef'), 'an orphan of an old epoch is swept');
   t.false(swept.some((k) => listed.has(k)), 'nothing the manifest lists is swept');
@@ -506,8 +507,8 @@ test('reads of segments only in S3 fetch ranges with ranged GETs, fetch ahead wh
   // Range 4 after range 3: sequential, so the window ahead (ranges 5..8) comes in one GET.
   await s2.read(3, 4 * (64 << 10), 16);
   // The read-ahead runs in the background: wait for its bytes (bounded), not a fixed time.
-  for (let i = 0; i < 100 && st().bytesDown - c.bytesDown < 256 << 10; i++) await new Promise((r) => setTimeout(r, 50));
-  await new Promise((r) => setTimeout(r, 100));
+  for (let i = 0; i < 100 && st().bytesDown - c.bytesDown < 256 << 10; i++) await sleep(50);
+  await sleep(100);
   const d = st();
   t.is(d.gets - c.gets, 1, 'one GET for the whole read-ahead window');
   t.is(d.bytesDown - c.bytesDown, 256 << 10);
@@ -519,7 +520,7 @@ test('reads of segments only in S3 fetch ranges with ranged GETs, fetch ahead wh
   t.deepEqual(Buffer.from(await s2.read(3, 0, geometry.segmentBytes)), pattern(3));
   // Named .cached once durable, in the background (readers do not wait for the datasync).
   const isCached = async (): Promise<boolean> => (await s2.journalFiles()).some((f) => f.startsWith('3.') && f.endsWith('.cached'));
-  for (let i = 0; i < 40 && !(await isCached()); i++) await new Promise((r) => setTimeout(r, 50));
+  for (let i = 0; i < 40 && !(await isCached()); i++) await sleep(50);
   t.true(await isCached());
   for (const slot of [1, 2]) t.deepEqual(Buffer.from(await s2.read(slot, 0, geometry.segmentBytes)), pattern(slot));
   t.true(s2.stats().cachedBytes <= cacheBytes, `the cache holds ${s2.stats().cachedBytes} bytes, bound ${cacheBytes}`);
@@ -570,7 +571,7 @@ test('a read waits only for its own range of a larger GET in flight, which then 
   const part = await Promise.race([s2.read(1, 70_000, 1000), new Promise<'timeout'>((r) => setTimeout(() => r('timeout'), 10_000))]);
   t.not(part, 'timeout', 'the read of an arrived range did not wait for the whole GET');
   if (part !== 'timeout') t.deepEqual(Buffer.from(part), data.subarray(70_000, 71_000));
-  for (let i = 0; i < 100 && !held; i++) await new Promise((r) => setTimeout(r, 20));
+  for (let i = 0; i < 100 && !held; i++) await sleep(20);
   t.true(held, 'the rest of the body is held back');
   t.false(wholeDone, 'the whole-segment read is still waiting');
   release();
@@ -726,7 +727,6 @@ test('a burst stays in the journal: uploads wait while writes keep coming, start
     uploadIdleMs: 2000, uploadHoldBytes: 6 * seg, maxUploadBacklogBytes: 12 * seg,
   });
   const body = (slot: number): Buffer => Buffer.alloc(seg, slot);
-  const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
   // The first superblock is published at once (until then the bucket alone opens no store).
   await store.writeSuperblock(0, new Uint8Array(SUPERBLOCK_BYTES).fill(9));
   await store.drain();
@@ -816,7 +816,7 @@ test('writes that never pause still get a publication once maxUploadDelayMs has 
     await store.writeSuperblock(0, new Uint8Array(SUPERBLOCK_BYTES).fill(slot + 2)); // a checkpoint asks for one
     slot = (slot + 1) % 40;
     if (slot === 0) for (let s = 0; s < 40; s++) await store.release(s);
-    await new Promise((r) => setTimeout(r, 50));
+    await sleep(50);
   }
   t.true(store.stats().publications > published, 'published while the writes went on');
   t.true(Date.now() - t0 >= 700, `not before the delay (${Date.now() - t0} ms)`);
@@ -855,7 +855,6 @@ test('read-ahead into a cache smaller than its window stops, rather than fetchin
   const s2 = await S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: await tempDir(), ...quick, fetchBytes: 64 << 10, readaheadBytes: 2 << 20, cacheBytes: 512 << 10 });
   await s2.read(0, 0, 4096);
   await s2.read(0, 64 << 10, 4096); // sequential: read-ahead starts
-  const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
   let before = -1;
   for (let i = 0; i < 40 && s2.stats().gets !== before; i++) {
     before = s2.stats().gets;

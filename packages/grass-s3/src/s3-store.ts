@@ -139,8 +139,9 @@ const SEALED_MARK_BYTES = 1;
 const HOLD_RECHECK_MS = 100;
 /**
  * Read-ahead requests in flight at once, and the bytes they may ask for together (the first is
- * let through whatever its size). Four 8 MiB segments at a time read fastest here: more in
- * parallel only made each one arrive later.
+ * let through whatever its size). Four 8 MiB ranged GETs at a time took radosgw's data fastest
+ * here (742 MiB/s, against 416 with one and 586-670 with 8-16), and more in parallel only made
+ * each one arrive later.
  */
 const MAX_PREFETCHES_IN_FLIGHT = 16;
 const MAX_PREFETCH_BYTES_IN_FLIGHT = 32 * 1024 * 1024;

@@ -656,10 +656,11 @@ export class GrassLog implements Grass {
    * overwrites whole regions, a sequential rewrite say, reuses the slots it empties instead of
    * taking new ones. A slot just emptied is far cheaper to write again than a hole in the
    * segment file, whose pages are new to the page cache (dd on this project's VM: 7.4 GB/s
-   * against 0.44 GB/s), and the store's footprint stays as large as the data needs. The rules are the cleaner's for a victim with
-   * nothing live: the segment is sealed and covered by the durable checkpoint (recovery never
-   * replays it), and it is freed only after a flush made durable every record appended before
-   * it was picked, the records that superseded its own among them. Single-flight; it runs
+   * against 0.44 GB/s), and the store's footprint stays as large as the data needs. The rules
+   * are the cleaner's for a victim with nothing live: the segment is sealed and covered by the
+   * durable checkpoint (recovery never replays it), and it is freed only after a flush made
+   * durable every record appended before it was picked, the records that superseded its own
+   * among them. Single-flight; it runs
    * once DEAD_RECLAIM_BATCH slots are ready, so each flush frees several.
    */
   private maybeReclaimDead(): void {
