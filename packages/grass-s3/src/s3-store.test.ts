@@ -10,12 +10,16 @@ import { tmpdir, hostname } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
+import { fileURLToPath } from 'node:url';
 import { GrassLog, StoreLockedError, Rng, SUPERBLOCK_BYTES, type BatchOp } from '@pasture/grass';
 import { S3SegmentStore, type S3StoreOptions } from './s3-store.ts';
 import { Bucket, type BucketOptions } from './bucket.ts';
 import { S3Faults } from './faulty-s3.ts';
 import { startS3Server, s3Available, type S3Server } from './testing.ts';
 
+const run = promisify(execFile);
 let server: S3Server | undefined;
 const dirs: string[] = [];
 
@@ -203,6 +207,14 @@ test('recovery from the bucket alone opens at the last publication: a prefix of 
     if (seed === 11) t.true(k! < model.batches.length, 'what was never published is not in the bucket');
     await g2.close();
   }
+});
+
+test('a process draining through an outage stays alive until the uploads land', async (t) => {
+  // Nothing but the store's back-off between upload retries keeps the child alive: with that
+  // timer unref'd, it exited mid-drain and printed nothing.
+  const child = fileURLToPath(new URL('./fixtures/drain-through-outage.ts', import.meta.url));
+  const { stdout } = await run(process.execPath, ['--import', 'tsx', child, JSON.stringify(bucketOptions(newBucketName())), await tempDir()], { timeout: 60_000 });
+  t.is(stdout.trim(), 'drained 1');
 });
 
 test('a second writer is refused with the holder named; a takeover fences the first', async (t) => {
@@ -518,9 +530,9 @@ test('reads of segments only in S3 fetch ranges with ranged GETs, fetch ahead wh
   t.true(s2.stats().prefetches > 0);
   // The whole segment: the rest arrives, the local file becomes a complete cached copy.
   t.deepEqual(Buffer.from(await s2.read(3, 0, geometry.segmentBytes)), pattern(3));
-  // Named .cached once durable, in the background (readers do not wait for the datasync).
+  // Named .cached once durable, in the background once fetches pause (readers do not wait).
   const isCached = async (): Promise<boolean> => (await s2.journalFiles()).some((f) => f.startsWith('3.') && f.endsWith('.cached'));
-  for (let i = 0; i < 40 && !(await isCached()); i++) await sleep(50);
+  for (let i = 0; i < 100 && !(await isCached()); i++) await sleep(50);
   t.true(await isCached());
   for (const slot of [1, 2]) t.deepEqual(Buffer.from(await s2.read(slot, 0, geometry.segmentBytes)), pattern(slot));
   t.true(s2.stats().cachedBytes <= cacheBytes, `the cache holds ${s2.stats().cachedBytes} bytes, bound ${cacheBytes}`);
@@ -596,6 +608,48 @@ test('a partly fetched segment left by a crash is discarded at open and fetched 
   t.deepEqual(Buffer.from(await s3.read(2, 100_000, 1000)), data.subarray(100_000, 101_000));
   t.is(s3.stats().gets - gets, 1, 'the range is fetched again');
   await s3.close();
+});
+
+test('a whole fetched copy is made durable once fetches pause, or at close; a crash before then costs only the copy', async (t) => {
+  const { name, data } = await bucketWithSegment(1);
+  const opts = FETCH_OPTS;
+  const files = async (s: S3SegmentStore): Promise<string[]> => (await s.journalFiles()).filter((f) => f.startsWith('1.'));
+
+  // Fetched whole, then a crash before fetches paused: the copy was never flushed, and open
+  // drops it.
+  const cache = await tempDir();
+  const s2 = await S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: cache, ...opts, cacheSyncIdleMs: 3_600_000 });
+  t.deepEqual(Buffer.from(await s2.read(1, 0, FETCH_GEOMETRY.segmentBytes)), data);
+  t.deepEqual((await files(s2)).map((f) => f.split('.').pop()), ['chunks'], 'a whole copy keeps its .chunks name while fetches go on');
+  await s2.simulateCrash();
+  const s3 = await S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: cache, ...opts, takeover: true });
+  t.deepEqual(await files(s3), [], 'the copy that was not durable is gone');
+  let gets = s3.stats().gets;
+  t.deepEqual(Buffer.from(await s3.read(1, 0, FETCH_GEOMETRY.segmentBytes)), data);
+  t.true(s3.stats().gets > gets, 'and is fetched again');
+
+  // Left alone, the copy becomes durable and .cached: it then outlives a crash.
+  const named = async (s: S3SegmentStore): Promise<boolean> => (await files(s)).some((f) => f.endsWith('.cached'));
+  for (let i = 0; i < 200 && !(await named(s3)); i++) await sleep(50);
+  t.true(await named(s3), 'named .cached once fetches paused');
+  await s3.simulateCrash();
+  const s4 = await S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: cache, ...opts, takeover: true });
+  gets = s4.stats().gets;
+  t.deepEqual(Buffer.from(await s4.read(1, 0, FETCH_GEOMETRY.segmentBytes)), data);
+  t.is(s4.stats().gets, gets, 'the durable copy was kept: no GET');
+  await s4.close();
+
+  // A close makes the copies it holds durable, so the next open keeps them.
+  const cache2 = await tempDir();
+  const s5 = await S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: cache2, ...opts, cacheSyncIdleMs: 3_600_000 });
+  t.deepEqual(Buffer.from(await s5.read(1, 0, FETCH_GEOMETRY.segmentBytes)), data);
+  t.false(await named(s5));
+  await s5.close();
+  const s6 = await S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: cache2, ...opts });
+  gets = s6.stats().gets;
+  t.deepEqual(Buffer.from(await s6.read(1, 0, FETCH_GEOMETRY.segmentBytes)), data);
+  t.is(s6.stats().gets, gets, 'the copy closed with the store was kept: no GET');
+  await s6.close();
 });
 
 test('open: a newer life of a slot in the manifest wins over a leftover journal file; a wrong cache directory does not move the epoch', async (t) => {
@@ -724,7 +778,8 @@ test('a burst stays in the journal: uploads wait while writes keep coming, start
   const seg = GEOMETRY.segmentBytes;
   const store = await S3SegmentStore.create({
     bucket: bucketOptions(name), cacheDir: await tempDir(), ...GEOMETRY, createBucket: true, ...quick,
-    uploadIdleMs: 2000, uploadHoldBytes: 6 * seg, maxUploadBacklogBytes: 12 * seg,
+    // An idle time well above any stall of this loop on a loaded machine (2 s was not).
+    uploadIdleMs: 5000, uploadHoldBytes: 6 * seg, maxUploadBacklogBytes: 12 * seg,
   });
   const body = (slot: number): Buffer => Buffer.alloc(seg, slot);
   // The first superblock is published at once (until then the bucket alone opens no store).
@@ -743,10 +798,10 @@ test('a burst stays in the journal: uploads wait while writes keep coming, start
   t.is(store.stats().uploadBacklogBytes, 5 * seg);
   const published = store.stats().publications;
   // The writes pause: the backlog goes up (bounded wait), the dead segment does not.
-  for (let i = 0; i < 100 && store.stats().uploadBacklogBytes > 0; i++) await sleep(50);
+  for (let i = 0; i < 400 && store.stats().uploadBacklogBytes > 0; i++) await sleep(50);
   t.is(store.stats().uploadBacklogBytes, 0, 'uploaded once the writes paused');
   t.is(store.stats().segmentUploads, 4, 'four segments, not the released one');
-  for (let i = 0; i < 100 && store.stats().publications === published; i++) await sleep(50);
+  for (let i = 0; i < 400 && store.stats().publications === published; i++) await sleep(50);
   t.true(store.stats().publications > published, 'the put-off publication follows');
   const objects = (await new Bucket(bucketOptions(name)).list('seg/')).map((o) => o.key);
   t.is(objects.length, 4);
