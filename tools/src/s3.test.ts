@@ -81,7 +81,7 @@ test('a pool in S3: init, volumes, import and export, serve to qemu-io, live sna
     t.is(grow.code, 0, grow.stderr);
     t.is((await pasture('snap', 'create', 'v@s1', '--store', cache)).code, 0);
 
-    const { child, uri } = await startServer(['--store', cache], 10890);
+    const { child, uri } = await startServer(['--store', cache, '--cache-bytes', '48M', '--journal-bytes', '96M'], 10890);
     try {
       const vol = uri.endsWith('/') ? `${uri}v` : `${uri}/v`;
       const w = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 8M 1M', '-c', 'flush', '-c', 'read -P 0x5a 8M 1M', vol], { timeout: 60_000 });
@@ -91,8 +91,10 @@ test('a pool in S3: init, volumes, import and export, serve to qemu-io, live sna
       t.is(snap.code, 0, snap.stderr);
       const stats = await pasture('stats', '--store', cache, '--json');
       t.is(stats.code, 0, stats.stderr);
-      const s3 = JSON.parse(stats.stdout).s3 as { puts: number; uploadBacklogBytes: number; epoch: number };
+      const s3 = JSON.parse(stats.stdout).s3 as { puts: number; uploadBacklogBytes: number; epoch: number; cacheLimitBytes: number; uploadBacklogLimitBytes: number };
       t.true(s3.puts > 0, 'the live stats show S3 traffic');
+      t.is(s3.cacheLimitBytes, 48 << 20, 'serve --cache-bytes reached the store');
+      t.is(s3.uploadBacklogLimitBytes, 96 << 20, 'serve --journal-bytes reached the store');
       // A second writer elsewhere (another cache directory) is refused by name.
       const second = await pasture('volume', 'list', '--store', url, '--cache-dir', join(base, 'elsewhere'));
       t.is(second.code, 1);

@@ -108,8 +108,12 @@ export interface S3StoreStats extends BucketCounters {
   /** Read-ahead requests made for sequential reads (each for what of one segment in the window is still missing, in zero or more GETs). */
   prefetches: number;
   cachedBytes: number;
+  /** The read cache's bound (S3StoreOptions.cacheBytes). */
+  cacheLimitBytes: number;
   uploadBacklogSegments: number;
   uploadBacklogBytes: number;
+  /** The journal's bound on segments waiting for upload (maxUploadBacklogBytes). */
+  uploadBacklogLimitBytes: number;
   uploadRetries: number;
   /** Sealed segments uploaded (one object each). */
   segmentUploads: number;
@@ -1553,8 +1557,9 @@ export class S3SegmentStore implements SegmentStore {
       ...this.bucket.counters,
       cacheHits: this.counters.cacheHits, cacheMisses: this.counters.cacheMisses,
       cacheHitRate: this.counters.cacheHits + this.counters.cacheMisses === 0 ? 1 : this.counters.cacheHits / (this.counters.cacheHits + this.counters.cacheMisses),
-      prefetches: this.counters.prefetches, cachedBytes: this.cachedBytes,
+      prefetches: this.counters.prefetches, cachedBytes: this.cachedBytes, cacheLimitBytes: this.cacheBytes,
       uploadBacklogSegments: Math.round(this.backlogBytes / this.segmentBytes), uploadBacklogBytes: this.backlogBytes,
+      uploadBacklogLimitBytes: this.maxBacklog,
       uploadRetries: this.counters.uploadRetries, segmentUploads: this.counters.segmentUploads, partialUploads: this.counters.partialUploads,
       publications: this.counters.publications, lastPublishedSeq: this.lastManifest.seq,
       pendingDeletes: this.retired.length, epoch: this.epoch, lastError: this.lastError,
