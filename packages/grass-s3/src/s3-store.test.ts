@@ -210,8 +210,9 @@ test('recovery from the bucket alone opens at the last publication: a prefix of 
 });
 
 test('a process draining through an outage stays alive until the uploads land', async (t) => {
-  // Nothing but the store's back-off between upload retries keeps the child alive: with that
-  // timer unref'd, it exited mid-drain and printed nothing.
+  // Nothing in the child is ref'd but what drain() holds while it waits: the uploads'
+  // back-off timers are unref'd, and before drain kept the process alive it exited mid-drain
+  // (code 13, unsettled top-level await) and printed nothing.
   const child = fileURLToPath(new URL('./fixtures/drain-through-outage.ts', import.meta.url));
   const { stdout } = await run(process.execPath, ['--import', 'tsx', child, JSON.stringify(bucketOptions(newBucketName())), await tempDir()], { timeout: 60_000 });
   t.is(stdout.trim(), 'drained 1');
@@ -907,6 +908,7 @@ test('read-ahead into a cache smaller than its window stops, rather than fetchin
     await s1.seal(slot);
   }
   await s1.close();
+  // (The window is also capped at half the cache, 256 KiB here; the test holds for either bound.)
   const s2 = await S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: await tempDir(), ...quick, fetchBytes: 64 << 10, readaheadBytes: 2 << 20, cacheBytes: 512 << 10 });
   await s2.read(0, 0, 4096);
   await s2.read(0, 64 << 10, 4096); // sequential: read-ahead starts

@@ -8,6 +8,8 @@
  *   DIR/seg/SLOT.KEY.open     a segment being written: `sync` is its fdatasync
  *   DIR/seg/SLOT.KEY.sealed   sealed, durable here, not yet uploaded
  *   DIR/seg/SLOT.KEY.cached   uploaded; kept as a read cache, evicted least recently used
+ *   DIR/seg/SLOT.KEY.chunks   being fetched range by range, or fetched whole but not yet
+ *                             flushed (see scheduleNaming); deleted at open
  *   DIR/lock           the local process holding DIR
  *
  * So a flush is durable once it is in the journal and never waits for S3. Sealed segments are
@@ -23,6 +25,7 @@
  * period for readers of older manifests. `sweep()` deletes orphans that a crash left.
  */
 import { setTimeout as sleep } from 'node:timers/promises';
+import { setMaxListeners } from 'node:events';
 import { open, mkdir, readFile, writeFile, rename, readdir, unlink, rm, stat } from 'node:fs/promises';
 import type { FileHandle } from 'node:fs/promises';
 import { hostname } from 'node:os';
@@ -81,9 +84,9 @@ export interface S3StoreOptions {
   fetchBytes?: number;
   /**
    * Bytes fetched ahead when reads move from one fetch range to the next (default 64 MiB, at
-   * most half of cacheBytes, so that what is fetched ahead does not push out what comes next): a
-   * volume written in order lies in consecutive slots, so a sequential read becomes parallel
-   * GETs. 0 turns it off.
+   * most half of cacheBytes, so that what is fetched ahead does not push out what comes next;
+   * none if that is less than one fetch range): a volume written in order lies in consecutive
+   * slots, so a sequential read becomes parallel GETs. 0 turns it off.
    */
   readaheadBytes?: number;
   /** How long `close` waits for uploads and the last publication (default 60 000). */
@@ -326,9 +329,15 @@ export class S3SegmentStore implements SegmentStore {
   private readonly unsyncedCopies = new Set<Seg>();
   private lastFetchAt = 0;
   private namingTimer: NodeJS.Timeout | undefined;
-  /** Aborted when the store stops: ends the uploads' back-off waits. */
-  private readonly stopped = new AbortController();
+  /** Aborted when the store stops: ends the uploads' back-off waits (one listener each). */
+  private readonly stopped = (() => {
+    const c = new AbortController();
+    setMaxListeners(0, c.signal);
+    return c;
+  })();
   private naming: Promise<void> | undefined;
+  /** close() has begun (or the store stopped): no more background naming runs. */
+  private closing = false;
   private readonly publishIntervalMs: number;
   private readonly deleteGraceMs: number;
   private readonly keepManifests: number;
@@ -845,6 +854,7 @@ export class S3SegmentStore implements SegmentStore {
       if (r === 'ok') await this.runDeletes();
     }
     // Fetched copies stay in the cache for the next open once they are durable.
+    this.closing = true;
     clearTimeout(this.namingTimer);
     await this.naming;
     await this.nameFetchedCopies([...this.unsyncedCopies]);
@@ -858,6 +868,7 @@ export class S3SegmentStore implements SegmentStore {
   async simulateCrash(): Promise<void> {
     this.stopping = true;
     this.closed = true;
+    this.closing = true;
     // A dead process sends nothing more: let requests already sent land (or fail) first.
     await this.publishRunning?.catch(() => undefined);
     await releaseBucketLock(this.bucket, this.writer).catch(() => undefined);
@@ -868,6 +879,7 @@ export class S3SegmentStore implements SegmentStore {
   /** Stop everything and let go of local and bucket locks, without publishing. */
   private async abandon(): Promise<void> {
     this.closed = true;
+    this.closing = true;
     this.stopping = true;
     clearInterval(this.publishTimer);
     clearTimeout(this.holdTimer);
@@ -1021,10 +1033,9 @@ export class S3SegmentStore implements SegmentStore {
         this.lastError = `upload of ${seg.key}: ${(e as Error).message}`;
         this.counters.uploadRetries++;
         attempt++;
-        // Not unref'd: a drain() or close() waiting on this upload must keep the process
-        // alive (with the timer unref'd, a process whose S3 was down simply exited mid-close).
-        // Cut short when the store stops.
-        await sleep(Math.random() * Math.min(MAX_UPLOAD_BACKOFF_MS, 250 * 2 ** Math.min(attempt, 10)), undefined, { signal: this.stopped.signal }).catch(() => undefined);
+        // Unref'd (an abandoned store does not keep its process alive; drain() does, while it
+        // waits), and cut short when the store stops.
+        await sleep(Math.random() * Math.min(MAX_UPLOAD_BACKOFF_MS, 250 * 2 ** Math.min(attempt, 10)), undefined, { signal: this.stopped.signal, ref: false }).catch(() => undefined);
       }
     }
   }
@@ -1179,6 +1190,7 @@ export class S3SegmentStore implements SegmentStore {
     let next = a; // the first range whose promise has not settled
     /** Ranges up to `c` are in the file: count them cached and let their readers go. */
     const arrivedThrough = (c: number): void => {
+      this.lastFetchAt = performance.now();
       for (; next <= c; next++) {
         if (seg.fh === fh && seg.chunks !== undefined && seg.chunks[next] === 0) {
           seg.chunks[next] = 1;
@@ -1217,7 +1229,6 @@ export class S3SegmentStore implements SegmentStore {
         seg.unsynced = true;
         seg.fetchedAt = performance.now();
         this.unsyncedCopies.add(seg);
-        this.lastFetchAt = performance.now();
         this.scheduleNaming();
       }
       this.evict(seg);
@@ -1237,13 +1248,14 @@ export class S3SegmentStore implements SegmentStore {
    * before then costs only the copies, which the next open deletes as partly fetched files.
    */
   private scheduleNaming(): void {
-    if (this.namingTimer !== undefined || this.closed || this.unsyncedCopies.size === 0) return;
-    const oldest = Math.min(...[...this.unsyncedCopies].map((s) => s.fetchedAt));
+    // One run at a time: the run's end schedules the next.
+    if (this.namingTimer !== undefined || this.naming !== undefined || this.closing || this.unsyncedCopies.size === 0) return;
+    const oldest = this.unsyncedCopies.values().next().value!.fetchedAt; // (added in fetch order)
     const now = performance.now();
     const wait = Math.max(0, Math.min(this.lastFetchAt + this.cacheSyncIdleMs - now, oldest + FETCH_SYNC_MAX_DELAY_MS - now));
     this.namingTimer = setTimeout(() => {
       this.namingTimer = undefined;
-      if (this.closed) return;
+      if (this.closing) return;
       const t = performance.now();
       const due = [...this.unsyncedCopies].filter((s) => t - this.lastFetchAt >= this.cacheSyncIdleMs || t - s.fetchedAt >= FETCH_SYNC_MAX_DELAY_MS);
       if (due.length === 0) return this.scheduleNaming();
@@ -1549,7 +1561,14 @@ export class S3SegmentStore implements SegmentStore {
   /** Wait until every sealed segment has reached S3 and the current state is published. */
   async drain(): Promise<void> {
     this.changedSincePublish = true;
-    await this.publish();
+    // While S3 is down, nothing else may keep the process alive but the uploads' back-off
+    // timers, which are unref'd: without this, a process waiting here exited mid-drain.
+    const keepAlive = setInterval(() => undefined, 1 << 30);
+    try {
+      await this.publish();
+    } finally {
+      clearInterval(keepAlive);
+    }
   }
 
   stats(): S3StoreStats {
