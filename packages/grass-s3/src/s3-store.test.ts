@@ -209,13 +209,16 @@ test('recovery from the bucket alone opens at the last publication: a prefix of 
   }
 });
 
-test('a process draining through an outage stays alive until the uploads land', async (t) => {
-  // Nothing in the child is ref'd but what drain() holds while it waits: the uploads'
-  // back-off timers are unref'd, and before drain kept the process alive it exited mid-drain
+test('a process waiting on uploads through an outage stays alive until they land: drain, and a seal held by the journal bound', async (t) => {
+  // Nothing in the child is ref'd but what the store holds while a caller waits: the uploads'
+  // back-off timers are unref'd, and without the store's keep-alive the child exited mid-wait
   // (code 13, unsettled top-level await) and printed nothing.
   const child = fileURLToPath(new URL('./fixtures/drain-through-outage.ts', import.meta.url));
-  const { stdout } = await run(process.execPath, ['--import', 'tsx', child, JSON.stringify(bucketOptions(newBucketName())), await tempDir()], { timeout: 60_000 });
-  t.is(stdout.trim(), 'drained 1');
+  for (const [mode, expected] of [['drain', 'drained 1'], ['seal', /^sealed [1-3]$/]] as const) {
+    const { stdout } = await run(process.execPath, ['--import', 'tsx', child, JSON.stringify(bucketOptions(newBucketName())), await tempDir(), mode], { timeout: 60_000 });
+    if (typeof expected === 'string') t.is(stdout.trim(), expected, mode);
+    else t.regex(stdout.trim(), expected, mode);
+  }
 });
 
 test('a second writer is refused with the holder named; a takeover fences the first', async (t) => {

@@ -244,6 +244,21 @@ function localName(seg: Seg): string {
 }
 
 /** Write `bufs` one after another at `position`, all of them (writev may write part). */
+/**
+ * Run `fn`, keeping the process alive meanwhile. A caller waiting on uploads (drain, a seal
+ * held by the journal's bound) may have nothing else that does while S3 is down: the uploads'
+ * back-off timers are unref'd, so that an abandoned store does not hold its process. Without
+ * this, a process waiting in drain() exited mid-wait.
+ */
+async function keepingAlive<T>(fn: () => Promise<T>): Promise<T> {
+  const timer = setInterval(() => undefined, 1 << 30);
+  try {
+    return await fn();
+  } finally {
+    clearInterval(timer);
+  }
+}
+
 async function writevAll(fh: FileHandle, bufs: Uint8Array[], position: number): Promise<void> {
   const total = bufs.reduce((n, b) => n + b.length, 0);
   const { bytesWritten } = await fh.writev(bufs, position);
@@ -768,8 +783,12 @@ export class S3SegmentStore implements SegmentStore {
     this.queueUpload(seg);
     // Backpressure: the journal absorbs bursts, but an S3 that cannot keep up (or is down)
     // must slow writers down rather than fill the local disk.
-    while (this.backlogBytes > this.maxBacklog && !this.closed && this.fenced === undefined) {
-      await new Promise<void>((r) => this.backlogWaiters.push(r));
+    if (this.backlogBytes > this.maxBacklog) {
+      await keepingAlive(async () => {
+        while (this.backlogBytes > this.maxBacklog && !this.closed && this.fenced === undefined) {
+          await new Promise<void>((r) => this.backlogWaiters.push(r));
+        }
+      });
     }
     this.live();
   }
@@ -1561,14 +1580,7 @@ export class S3SegmentStore implements SegmentStore {
   /** Wait until every sealed segment has reached S3 and the current state is published. */
   async drain(): Promise<void> {
     this.changedSincePublish = true;
-    // While S3 is down, nothing else may keep the process alive but the uploads' back-off
-    // timers, which are unref'd: without this, a process waiting here exited mid-drain.
-    const keepAlive = setInterval(() => undefined, 1 << 30);
-    try {
-      await this.publish();
-    } finally {
-      clearInterval(keepAlive);
-    }
+    await keepingAlive(() => this.publish());
   }
 
   stats(): S3StoreStats {
