@@ -664,6 +664,17 @@ test('a whole fetched copy is made durable once fetches pause, or at close; a cr
   await s6.close();
 });
 
+test('a store whose machine is lost right after create opens from the bucket alone, empty', async (t) => {
+  const name = newBucketName();
+  const s1 = await S3SegmentStore.create({ bucket: bucketOptions(name), cacheDir: await tempDir(), ...GEOMETRY, createBucket: true, ...quick });
+  const g1 = await GrassLog.create(s1);
+  await g1.batch([{ op: 'put', gaddr: 1, data: value(1, 1) }]); // never flushed
+  await s1.simulateCrash();
+  const g2 = await GrassLog.open(await S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: await tempDir(), ...quick, takeover: true }));
+  t.is(await g2.read(1), undefined, 'the unflushed write is not there');
+  await g2.close();
+});
+
 test('open: a newer life of a slot in the manifest wins over a leftover journal file; a wrong cache directory does not move the epoch', async (t) => {
   const name = newBucketName();
   const cache = await tempDir();

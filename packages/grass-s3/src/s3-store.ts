@@ -852,6 +852,14 @@ export class S3SegmentStore implements SegmentStore {
     await this.superblockFile.datasync();
     this.superblocks[slot] = new Uint8Array(data);
     this.changedSincePublish = true;
+    if (this.lastManifest.superblocks.every((b) => b === null)) {
+      // The first format: until a manifest holds a superblock, the bucket alone opens no store
+      // at all ("never formatted"), so Grass's create returns only once one does. (Published
+      // in the background, a machine lost 16 ms after create left such a bucket: the crash
+      // simulator, seed 10668.)
+      await this.publish();
+      return;
+    }
     // A checkpoint is a good moment for the bucket to catch up; it happens in the background.
     this.publishUnlessHeld();
   }
