@@ -4,7 +4,7 @@
  * from the bucket alone, fencing of a second writer, faults between the store and S3, an
  * outage, and the cleaner's deletes.
  */
-import test from 'ava';
+import test, { type ExecutionContext } from 'ava';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir, hostname } from 'node:os';
 import { join } from 'node:path';
@@ -396,16 +396,20 @@ test('large segments go up as multipart uploads and read back whole', async (t) 
  * process crash, at least the last publication after losing the machine, everything after a
  * clean close. The model then continues from the prefix that survived.
  */
-test('simulation: crashes, lost machines and faults over many cycles, checked against a model', async (t) => {
-  const seed = Number(process.env['PASTURE_S3_SIM_SEED'] ?? 61);
-  const cycles = Number(process.env['PASTURE_S3_SIM_CYCLES'] ?? 12);
+/**
+ * The crash simulator: random batches, flushes and drains; each cycle ends in a process crash,
+ * a lost machine (the cache directory gone) or a clean stop, with S3 faults on half the
+ * cycles; after each, the reopened store must hold a prefix of the model at least as long as
+ * what was flushed (crash), published (lost) or written (clean).
+ */
+async function simulate(t: ExecutionContext, seed: number, cycles: number, storeOptions: Partial<S3StoreOptions>): Promise<void> {
   const rng = new Rng(seed);
   const name = newBucketName();
   const faults = new S3Faults(seed);
   faults.timeoutMs = 50;
   const opts = (): BucketOptions => bucketOptions(name, faults, { maxAttempts: 10 });
   let cache = await tempDir();
-  let store = await S3SegmentStore.create({ bucket: opts(), cacheDir: cache, ...GEOMETRY, createBucket: true, ...quick });
+  let store = await S3SegmentStore.create({ bucket: opts(), cacheDir: cache, ...GEOMETRY, createBucket: true, ...quick, ...storeOptions });
   let g = await GrassLog.create(store, { checkpointIntervalBytes: 1 << 20 });
   let model = new Model();
   const addresses = 200;
@@ -452,7 +456,7 @@ test('simulation: crashes, lost machines and faults over many cycles, checked ag
       }
     }
     faults.rates = {};
-    store = await S3SegmentStore.open({ bucket: opts(), cacheDir: cache, ...quick, takeover });
+    store = await S3SegmentStore.open({ bucket: opts(), cacheDir: cache, ...quick, ...storeOptions, takeover });
     g = await GrassLog.open(store, { checkpointIntervalBytes: 1 << 20 });
     const k = await matchingPrefix(g, model, lo, model.batches.length, addresses);
     if (k === undefined) {
@@ -465,9 +469,21 @@ test('simulation: crashes, lost machines and faults over many cycles, checked ag
     next.batches.push(...model.batches.slice(0, k));
     model = next;
   }
+  const last = store.stats();
   await g.close();
-  t.log(`seed ${seed}: ${cycles} cycles (${kinds.crash} process crashes, ${kinds.lost} lost machines, ${kinds.clean} clean stops); faults: ${JSON.stringify(faults.counters)}`);
+  t.log(`seed ${seed}: ${cycles} cycles (${kinds.crash} process crashes, ${kinds.lost} lost machines, ${kinds.clean} clean stops); faults: ${JSON.stringify(faults.counters)}; last open: ${last.gets} GETs, ${last.prefetches} read-aheads, ${last.cacheMisses} cache misses`);
   t.true(kinds.crash + kinds.lost > 0);
+}
+
+const SIM_SEED = Number(process.env['PASTURE_S3_SIM_SEED'] ?? 61);
+const SIM_CYCLES = Number(process.env['PASTURE_S3_SIM_CYCLES'] ?? 12);
+
+test('simulation: crashes, lost machines and faults over many cycles, checked against a model', async (t) => {
+  await simulate(t, SIM_SEED, SIM_CYCLES, {});
+});
+
+test('simulation with a cache of four segments, fetched in 64 KiB ranges with read-ahead: eviction, partial fetches and unflushed copies under crashes', async (t) => {
+  await simulate(t, SIM_SEED + 1, SIM_CYCLES, { cacheBytes: 4 * GEOMETRY.segmentBytes, fetchBytes: 64 << 10, readaheadBytes: 256 << 10, cacheSyncIdleMs: 200 });
 });
 
 test('a publication keeps what it listed: a slot rewritten while the publication runs is published as it was', async (t) => {
