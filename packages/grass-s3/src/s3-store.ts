@@ -128,6 +128,8 @@ export interface S3StoreStats extends BucketCounters {
   pendingDeletes: number;
   epoch: number;
   lastError: string | undefined;
+  /** After close(): whether the bucket got the final state (else the journal keeps it). */
+  closePublished: boolean | undefined;
 }
 
 const CacheManifest = z.object({
@@ -243,10 +245,9 @@ function localName(seg: Seg): string {
   return fileName(seg.slot, seg.key, seg.chunks !== undefined || seg.unsynced ? 'chunks' : seg.state);
 }
 
-/** Write `bufs` one after another at `position`, all of them (writev may write part). */
 /**
  * Run `fn`, keeping the process alive meanwhile. A caller waiting on uploads (drain, a seal
- * held by the journal's bound) may have nothing else that does while S3 is down: the uploads'
+ * held by the journal's bound, the first superblock's publication) may have nothing else that does while S3 is down: the uploads'
  * back-off timers are unref'd, so that an abandoned store does not hold its process. Without
  * this, a process waiting in drain() exited mid-wait.
  */
@@ -259,6 +260,7 @@ async function keepingAlive<T>(fn: () => Promise<T>): Promise<T> {
   }
 }
 
+/** Write `bufs` one after another at `position`, all of them (writev may write part). */
 async function writevAll(fh: FileHandle, bufs: Uint8Array[], position: number): Promise<void> {
   const total = bufs.reduce((n, b) => n + b.length, 0);
   const { bytesWritten } = await fh.writev(bufs, position);
@@ -351,6 +353,8 @@ export class S3SegmentStore implements SegmentStore {
     return c;
   })();
   private naming: Promise<void> | undefined;
+  /** Whether close() published the final state (undefined until a close has run). */
+  private closePublished: boolean | undefined;
   /** close() has begun (or the store stopped): no more background naming runs. */
   private closing = false;
   private readonly publishIntervalMs: number;
@@ -857,7 +861,7 @@ export class S3SegmentStore implements SegmentStore {
       // at all ("never formatted"), so Grass's create returns only once one does. (Published
       // in the background, a machine lost 16 ms after create left such a bucket: the crash
       // simulator, seed 10668.)
-      await this.publish();
+      await keepingAlive(() => this.publish());
       return;
     }
     // A checkpoint is a good moment for the bucket to catch up; it happens in the background.
@@ -877,6 +881,7 @@ export class S3SegmentStore implements SegmentStore {
       })();
       const r = await Promise.race([drained.then(() => 'ok' as const, (e: unknown) => e), timeout]);
       clearTimeout(timer);
+      this.closePublished = r === 'ok';
       if (r !== 'ok') this.lastError = r === 'timeout' ? `close: S3 did not take the final state within ${this.closeTimeoutMs} ms; the journal keeps it` : String((r as Error).message ?? r);
       if (r === 'ok') await this.runDeletes();
     }
@@ -896,6 +901,7 @@ export class S3SegmentStore implements SegmentStore {
     this.stopping = true;
     this.closed = true;
     this.closing = true;
+    this.stopUploads(); // uploads waiting to retry: a dead process retries nothing
     // A dead process sends nothing more: let requests already sent land (or fail) first.
     await this.publishRunning?.catch(() => undefined);
     await releaseBucketLock(this.bucket, this.writer).catch(() => undefined);
@@ -911,10 +917,9 @@ export class S3SegmentStore implements SegmentStore {
     clearInterval(this.publishTimer);
     clearTimeout(this.holdTimer);
     clearTimeout(this.namingTimer);
-    this.stopped.abort();
     clearInterval(this.deleteTimer);
     clearInterval(this.sweepTimer);
-    for (const w of this.backlogWaiters.splice(0)) w();
+    this.stopUploads();
     for (const seg of [...this.withFiles]) {
       const fh = seg.fh;
       seg.fh = undefined;
@@ -925,6 +930,13 @@ export class S3SegmentStore implements SegmentStore {
     if (this.fenced === undefined) await releaseBucketLock(this.bucket, this.writer).catch(() => undefined);
     await unlink(join(this.dir, 'lock')).catch(() => undefined);
     if (this.ownsBucket) this.bucket.destroy();
+  }
+
+  /** No more uploads (stopped or fenced): end their back-offs, let their waiters go. */
+  private stopUploads(): void {
+    this.stopped.abort();
+    for (const w of this.backlogWaiters.splice(0)) w();
+    for (const seg of this.uploadQueue) seg.uploadDone?.(); // never started: never will
   }
 
   private setFile(seg: Seg, fh: FileHandle): void {
@@ -1006,15 +1018,28 @@ export class S3SegmentStore implements SegmentStore {
     }
   }
 
-  /** Upload one sealed segment, retrying with backoff until it succeeds or the store closes. */
+  /**
+   * Upload one sealed segment, retrying with backoff until it succeeds or the store stops (or
+   * is fenced). Either way, whoever waits on `seg.uploading` is let go: a publication then
+   * sees that the segment is not in S3 and fails. (Left waiting, a drain() during an outage
+   * never returned once close() had given up, and kept its process alive for ever.)
+   */
   private async uploadOne(seg: Seg): Promise<void> {
+    try {
+      await this.uploadUntilDone(seg);
+    } finally {
+      if (!seg.remote) seg.uploadDone?.();
+    }
+  }
+
+  private async uploadUntilDone(seg: Seg): Promise<void> {
     let attempt = 0;
     const finish = (): void => {
       this.backlogBytes -= this.segmentBytes;
       for (const w of this.backlogWaiters.splice(0)) w();
       seg.uploadDone?.();
     };
-    while (!this.stopping) {
+    while (!this.stopping && this.fenced === undefined) {
       // Released, and no publication under way lists it: nothing needs it; skip the upload.
       if (seg.released && seg.pins === 0) {
         finish();
@@ -1061,7 +1086,7 @@ export class S3SegmentStore implements SegmentStore {
         this.counters.uploadRetries++;
         attempt++;
         // Unref'd (an abandoned store does not keep its process alive; drain() does, while it
-        // waits), and cut short when the store stops.
+        // waits), and cut short when the store stops or is fenced.
         await sleep(Math.random() * Math.min(MAX_UPLOAD_BACKOFF_MS, 250 * 2 ** Math.min(attempt, 10)), undefined, { signal: this.stopped.signal, ref: false }).catch(() => undefined);
       }
     }
@@ -1491,7 +1516,7 @@ export class S3SegmentStore implements SegmentStore {
   private fence(winner: Manifest | undefined): never {
     const who = winner !== undefined ? `${winner.writer.host} (pid ${winner.writer.pid}, epoch ${winner.epoch})` : 'another writer';
     this.fenced = new StoreLockedError(`${this.bucket.describe()} was taken over by ${who}; this writer stopped, and its unpublished writes stay in ${this.dir}`);
-    for (const w of this.backlogWaiters.splice(0)) w();
+    this.stopUploads();
     throw this.fenced;
   }
 
@@ -1601,7 +1626,7 @@ export class S3SegmentStore implements SegmentStore {
       uploadBacklogLimitBytes: this.maxBacklog,
       uploadRetries: this.counters.uploadRetries, segmentUploads: this.counters.segmentUploads, partialUploads: this.counters.partialUploads,
       publications: this.counters.publications, lastPublishedSeq: this.lastManifest.seq,
-      pendingDeletes: this.retired.length, epoch: this.epoch, lastError: this.lastError,
+      pendingDeletes: this.retired.length, epoch: this.epoch, lastError: this.lastError, closePublished: this.closePublished,
     };
   }
 
