@@ -706,6 +706,23 @@ test('a store whose machine is lost right after create opens from the bucket alo
   await g2.close();
 });
 
+test('a create whose first publication fails leaves the store unformatted, and can be tried again', async (t) => {
+  const name = newBucketName();
+  const faults = new S3Faults(9);
+  const store = await S3SegmentStore.create({ bucket: bucketOptions(name, faults, { maxAttempts: 1 }), cacheDir: await tempDir(), ...GEOMETRY, createBucket: true, ...quick });
+  faults.down = true;
+  await t.throwsAsync(GrassLog.create(store), { message: /ECONNREFUSED|refused/i });
+  t.is(await store.readSuperblock(0), undefined, 'no superblock left behind');
+  faults.down = false;
+  const g = await GrassLog.create(store);
+  await g.batch([{ op: 'put', gaddr: 1, data: value(1, 1) }]);
+  await g.close();
+  // And the bucket alone holds it.
+  const g2 = await GrassLog.open(await S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: await tempDir(), ...quick }));
+  t.deepEqual(await g2.read(1), value(1, 1));
+  await g2.close();
+});
+
 test('open: a newer life of a slot in the manifest wins over a leftover journal file; a wrong cache directory does not move the epoch', async (t) => {
   const name = newBucketName();
   const cache = await tempDir();

@@ -861,7 +861,16 @@ export class S3SegmentStore implements SegmentStore {
       // at all ("never formatted"), so Grass's create returns only once one does. (Published
       // in the background, a machine lost 16 ms after create left such a bucket: the crash
       // simulator, seed 10668.)
-      await keepingAlive(() => this.publish());
+      try {
+        await keepingAlive(() => this.publish());
+      } catch (e) {
+        // Not in the bucket, so not formatted: undone here too, so that create can be tried
+        // again (else it would find this superblock and refuse: "already holds a Grass store").
+        this.superblocks[slot] = undefined;
+        await this.superblockFile.write(Buffer.alloc(SUPERBLOCK_BYTES), 0, SUPERBLOCK_BYTES, slot * SUPERBLOCK_BYTES).catch(() => undefined);
+        await this.superblockFile.datasync().catch(() => undefined);
+        throw e;
+      }
       return;
     }
     // A checkpoint is a good moment for the bucket to catch up; it happens in the background.
