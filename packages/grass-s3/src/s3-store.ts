@@ -247,9 +247,9 @@ function localName(seg: Seg): string {
 
 /**
  * Run `fn`, keeping the process alive meanwhile. A caller waiting on uploads (drain, a seal
- * held by the journal's bound, the first superblock's publication) may have nothing else that does while S3 is down: the uploads'
- * back-off timers are unref'd, so that an abandoned store does not hold its process. Without
- * this, a process waiting in drain() exited mid-wait.
+ * held by the journal's bound, the first superblock's publication) may have nothing else
+ * that does while S3 is down: the uploads' back-off timers are unref'd, so that an abandoned
+ * store does not hold its process. Without this, a process waiting in drain() exited mid-wait.
  */
 async function keepingAlive<T>(fn: () => Promise<T>): Promise<T> {
   const timer = setInterval(() => undefined, 1 << 30);

@@ -660,8 +660,8 @@ export class GrassLog implements Grass {
    * are the cleaner's for a victim with nothing live: the segment is sealed and covered by the
    * durable checkpoint (recovery never replays it), and it is freed only after a flush made
    * durable every record appended before it was picked, the records that superseded its own
-   * among them. Single-flight; it runs
-   * once DEAD_RECLAIM_BATCH slots are ready, so each flush frees several.
+   * among them. Single-flight; it runs once DEAD_RECLAIM_BATCH slots are ready, so each flush
+   * frees several.
    */
   private maybeReclaimDead(): void {
     if (this.reclaimRunning !== undefined || this.failed !== undefined || this.closed) return;
