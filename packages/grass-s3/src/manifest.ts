@@ -96,6 +96,12 @@ export function epochOfKey(key: string): number | undefined {
   return m === null ? undefined : parseInt(m[1]!, 16);
 }
 
+/** The incarnation in a segment key (its life's number within its epoch), or undefined. */
+export function incarnationOfKey(key: string): number | undefined {
+  const m = /^seg\/[0-9a-f]{8}-([0-9a-f]{8})(\.p[0-9]+)?$/.exec(key);
+  return m === null ? undefined : parseInt(m[1]!, 16);
+}
+
 export function encodeManifest(m: Manifest): Uint8Array {
   return new TextEncoder().encode(JSON.stringify(m) + '\n');
 }

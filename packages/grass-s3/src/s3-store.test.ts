@@ -15,7 +15,7 @@ import { promisify } from 'node:util';
 import { fileURLToPath } from 'node:url';
 import { GrassLog, StoreLockedError, Rng, SUPERBLOCK_BYTES, type BatchOp } from '@pasture/grass';
 import { S3SegmentStore, type S3StoreOptions } from './s3-store.ts';
-import { Bucket, type BucketOptions } from './bucket.ts';
+import { Bucket, type BucketOptions, type HttpHandler } from './bucket.ts';
 import { S3Faults } from './faulty-s3.ts';
 import { startS3Server, s3Available, type S3Server } from './testing.ts';
 
@@ -913,6 +913,96 @@ test('a seal whose rename a crash lost is taken as sealed at open, and uploaded 
   t.is(s2.stats().partialUploads, 0, 'not as an open segment\'s prefix');
   t.deepEqual(Buffer.from(await s2.read(4, 0, GEOMETRY.segmentBytes)), data);
   await s2.close();
+});
+
+test('opens that die after their claims, one after another, leave the journal current', async (t) => {
+  const name = newBucketName();
+  const cache = await tempDir();
+  const s1 = await S3SegmentStore.create({ bucket: bucketOptions(name), cacheDir: cache, ...GEOMETRY, createBucket: true, ...quick });
+  const data = Buffer.alloc(4096, 0x5a);
+  await s1.write(1, 0, data);
+  await s1.sync(); // in the journal only: nothing publishes it
+  await s1.simulateCrash();
+  // Each open fails after its claim: a directory stands where the journal has a file.
+  const { mkdir, rmdir } = await import('node:fs/promises');
+  const obstacle = join(cache, 'seg', '5.00000000-00000009.open');
+  await mkdir(obstacle);
+  const bucket = new Bucket(bucketOptions(name));
+  const claimsBefore = (await bucket.list('manifest/')).length;
+  for (let i = 0; i < 3; i++) await t.throwsAsync(S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: cache, ...quick }), { code: 'EISDIR' });
+  t.is((await bucket.list('manifest/')).length, claimsBefore + 3, 'each failed open made its claim');
+  bucket.destroy();
+  await rmdir(obstacle);
+  const s2 = await S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: cache, ...quick });
+  t.deepEqual(Buffer.from(await s2.read(1, 0, 4096)), data, 'the flushed write, which only the journal holds');
+  await s2.close();
+});
+
+test('a journal another writer replaced: refused if it holds uploads its writer never published, dropped if it holds only fetched copies', async (t) => {
+  // Uploaded but never published: a .cached file of the writer's own epoch.
+  const name = newBucketName();
+  const cacheA = await tempDir();
+  const a = await S3SegmentStore.create({ bucket: bucketOptions(name), cacheDir: cacheA, ...GEOMETRY, createBucket: true, ...quick, uploadIdleMs: 0 });
+  await a.write(1, 0, randomBytes(GEOMETRY.segmentBytes));
+  await a.seal(1);
+  for (let i = 0; i < 200 && a.stats().uploadBacklogBytes > 0; i++) await sleep(25);
+  t.true((await a.journalFiles()).some((f) => f.startsWith('1.') && f.endsWith('.cached')), 'uploaded, not published');
+  await a.simulateCrash();
+  const b = await S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: await tempDir(), ...quick });
+  await b.close();
+  await t.throwsAsync(S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: cacheA, ...quick }), { instanceOf: StoreLockedError, message: /1 segments that never reached/ });
+
+  // Fetched copies of segments that the writer after it released: nothing unsent.
+  const name2 = newBucketName();
+  const s1 = await S3SegmentStore.create({ bucket: bucketOptions(name2), cacheDir: await tempDir(), ...GEOMETRY, createBucket: true, ...quick });
+  await s1.write(3, 0, Buffer.alloc(GEOMETRY.segmentBytes, 3));
+  await s1.seal(3);
+  await s1.close();
+  const cacheC = await tempDir();
+  const c = await S3SegmentStore.open({ bucket: bucketOptions(name2), cacheDir: cacheC, ...quick });
+  await c.read(3, 0, GEOMETRY.segmentBytes); // a fetched copy, kept at close
+  await c.close();
+  t.true((await c.journalFiles()).some((f) => f.startsWith('3.') && f.endsWith('.cached')));
+  const d = await S3SegmentStore.open({ bucket: bucketOptions(name2), cacheDir: await tempDir(), ...quick });
+  await d.release(3);
+  await d.close();
+  const c2 = await S3SegmentStore.open({ bucket: bucketOptions(name2), cacheDir: cacheC, ...quick });
+  t.false((await c2.journalFiles()).some((f) => f.startsWith('3.')), 'the journal was dropped for the bucket\'s state');
+  await c2.close();
+});
+
+test('after an upload lands, its journal file is left alone by a store that stopped meanwhile, and a failed rename is not uploaded again', async (t) => {
+  const name = newBucketName();
+  const cache = await tempDir();
+  /** Segment PUTs land `ms` late (the real request, delayed). */
+  const slowSegmentPuts = (ms: number) => (h: HttpHandler): HttpHandler => ({
+    handle: async (req, options) => {
+      if (req.method === 'PUT' && req.path.includes('/seg/')) await sleep(ms);
+      return h.handle(req, options);
+    },
+    destroy: () => h.destroy?.(),
+  });
+  const a = await S3SegmentStore.create({ bucket: bucketOptions(name, undefined, { wrapHandler: slowSegmentPuts(600) }), cacheDir: cache, ...GEOMETRY, createBucket: true, ...quick, uploadIdleMs: 0 });
+  const data = randomBytes(GEOMETRY.segmentBytes);
+  await a.write(2, 0, data);
+  await a.seal(2); // its upload starts, and lands after the crash
+  await sleep(100);
+  await a.simulateCrash();
+  const b = await S3SegmentStore.open({ bucket: bucketOptions(name, undefined, { wrapHandler: slowSegmentPuts(1500) }), cacheDir: cache, ...quick, uploadIdleMs: 0 });
+  await sleep(900); // A's PUT has landed; B's is under way
+  const sealed = (await b.journalFiles()).find((f) => f.startsWith('2.'));
+  t.true(sealed?.endsWith('.sealed'), `the dead store renamed nothing: ${sealed}`);
+  // B's rename will fail: the file is moved away under it (its open handle still reads it).
+  const { rename } = await import('node:fs/promises');
+  await rename(join(cache, 'seg', sealed!), join(cache, 'seg', 'moved-away'));
+  for (let i = 0; i < 200 && b.stats().segmentUploads === 0; i++) await sleep(25);
+  await sleep(2500); // time for a retry, if there were one
+  const st = b.stats();
+  t.is(st.segmentUploads, 1, 'uploaded once, not again after the failed rename');
+  t.is(st.uploadBacklogBytes, 0);
+  t.regex(st.lastError ?? '', /is in S3, but its journal file could not be renamed/);
+  t.deepEqual(Buffer.from(await b.read(2, 0, GEOMETRY.segmentBytes)), data);
+  await b.close();
 });
 
 test('a size that overflowed is refused before anything is opened', async (t) => {

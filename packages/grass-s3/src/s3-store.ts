@@ -38,7 +38,7 @@ import {
 } from '@pasture/grass';
 import { Bucket, type BucketCounters, type BucketOptions } from './bucket.ts';
 import {
-  LOCK_KEY, LockRecord, MANIFEST_DIR, MANIFEST_FORMAT_VERSION, SEGMENT_DIR, decodeManifest, encodeManifest, epochOfKey,
+  LOCK_KEY, LockRecord, MANIFEST_DIR, MANIFEST_FORMAT_VERSION, SEGMENT_DIR, decodeManifest, encodeManifest, epochOfKey, incarnationOfKey,
   manifestKey, manifestSeqOf, partialKey, segmentKey, segmentKeyOf, type Manifest, type ManifestEntry, type Writer,
 } from './manifest.ts';
 
@@ -146,9 +146,23 @@ const CacheManifest = z.object({
   epoch: z.number().int().min(0),
   /** Written before an open claims the next epoch: if that open dies after its claim, the journal is still this store's current one. */
   claimingEpoch: z.number().int().min(0).optional(),
+  /**
+   * The writer ids of every open that tried to claim an epoch from this directory since the
+   * last one that completed, newest last (at most MAX_CLAIMS): the journal is current if the
+   * newest manifest is one of theirs, however many opens died after their claims.
+   */
+  claims: z.array(z.string()).optional(),
+  /**
+   * Rewritten after each publication: segments of this directory's epoch with a lower
+   * incarnation were created before that publication (it lists them, or they were released
+   * before it); one with this incarnation or higher was never published.
+   */
+  publishedIncarnation: z.number().int().min(0).optional(),
 });
 export type CacheManifest = z.infer<typeof CacheManifest>;
 
+/** Opens that died after their claims that a journal stays current through (CacheManifest.claims). */
+const MAX_CLAIMS = 64;
 const MAX_UPLOAD_BACKOFF_MS = 30_000;
 /** A sealed journal file has this many bytes past the segment: they mark it sealed. */
 const SEALED_MARK_BYTES = 1;
@@ -291,11 +305,15 @@ export class S3SegmentStore implements SegmentStore {
   private readonly localReads = new LocalReads();
   /** Every segment holding an open local file (closed by abandon, released or not). */
   private readonly withFiles = new Set<Seg>();
+  /** Local steps after uploads (renames, drops) under way: a stop waits for them. */
+  private readonly localSteps = new Set<Promise<void>>();
   /** Segments pinned by the publication under way (kept by sweep). */
   private readonly pinned = new Set<Seg>();
   private ownsBucket = false;
   private dirDirty = false;
   private nextIncarnation = 0;
+  /** This directory's store.json as last written (set once open has written it). */
+  private cacheManifest: CacheManifest | undefined;
   private closed = false;
   private fenced: StoreLockedError | undefined;
   /** Stops the background loops (set by close, after the final publication). */
@@ -488,8 +506,9 @@ export class S3SegmentStore implements SegmentStore {
           throw new InvalidArgumentError(`cache directory ${dir} belongs to store ${local.storeId} at s3://${local.bucket}/${local.prefix}, not to ${bucket.describe()} (store ${latest.storeId})`);
         }
         claim = { ...latest, seq: latest.seq + 1, epoch: latest.epoch + 1, writer, publishedAt: new Date().toISOString() };
-        if (local !== undefined && local.epoch === latest.epoch) {
-          await writeFileDurably(join(dir, 'store.json'), JSON.stringify({ ...local, claimingEpoch: claim.epoch }, null, 2) + '\n');
+        if (local !== undefined && journalIsCurrent(local, latest)) {
+          const claims = [...(local.claims ?? []).filter((id) => id !== writer.id), writer.id].slice(-MAX_CLAIMS);
+          await writeFileDurably(join(dir, 'store.json'), JSON.stringify({ ...local, claimingEpoch: claim.epoch, claims }, null, 2) + '\n');
         }
         const r = await createManifest(bucket, claim);
         if (r === 'created' || r.writer.id === writer.id) break;
@@ -514,6 +533,7 @@ export class S3SegmentStore implements SegmentStore {
       if (opts?.region !== undefined) cm.region = opts.region;
       await writeFileDurably(join(dir, 'store.json'), JSON.stringify(cm, null, 2) + '\n');
       await syncDir(dir);
+      store.cacheManifest = cm;
       store.startBackground();
       return store;
     } catch (e) {
@@ -529,14 +549,19 @@ export class S3SegmentStore implements SegmentStore {
     const segDir = join(this.dir, 'seg');
     let useJournal = local !== undefined;
     const files = (await readdir(segDir)).map((n) => ({ name: n, parsed: parseFileName(n) }));
-    if (local !== undefined && latest.epoch !== local.epoch && latest.epoch !== local.claimingEpoch) {
+    if (local !== undefined && !journalIsCurrent(local, latest)) {
       // Someone else has opened the store since this directory's writer. The journal can only
       // be dropped if the bucket already has everything in it.
       const listedKeys = new Map(latest.entries.map((e) => [segmentKeyOf(e.key), e]));
       const unsent: string[] = [];
       for (const f of files) {
         const p = f.parsed;
-        if (p === undefined || (p.state !== 'open' && p.state !== 'sealed')) continue;
+        if (p === undefined) continue;
+        // A `.cached` file is unsent if its writer created it after its last publication (see
+        // publishedIncarnation) and the manifest does not list it. Others may be copies of
+        // segments that were published and then released by the writer that took over.
+        const ownUpload = p.state === 'cached' && epochOfKey(p.key) === local.epoch && incarnationOfKey(p.key)! >= (local.publishedIncarnation ?? 0);
+        if (p.state !== 'open' && p.state !== 'sealed' && !ownUpload) continue;
         const e = listedKeys.get(p.key);
         const size = (await stat(join(segDir, f.name)).catch(() => ({ size: Infinity }))).size;
         const sent = e !== undefined && (e.sealed || (p.state === 'open' && e.length >= Math.min(size, this.segmentBytes)));
@@ -929,6 +954,7 @@ export class S3SegmentStore implements SegmentStore {
     clearInterval(this.deleteTimer);
     clearInterval(this.sweepTimer);
     this.stopUploads();
+    await Promise.allSettled([...this.localSteps]);
     for (const seg of [...this.withFiles]) {
       const fh = seg.fh;
       seg.fh = undefined;
@@ -1072,22 +1098,13 @@ export class S3SegmentStore implements SegmentStore {
         await this.bucket.put(seg.key, body);
         this.counters.segmentUploads++;
         seg.remote = true;
-        if (seg.partial !== undefined) {
-          this.retire({ key: seg.partial.key });
-          seg.partial = undefined;
-        }
         finish();
-        if (seg.released) {
-          this.retire({ key: seg.key });
-          await this.dropLocal(seg);
-          return;
-        }
-        await this.renameLocal(seg, 'cached');
-        if (!seg.released && seg.fh !== undefined) {
-          seg.cachedBytes = this.segmentBytes;
-          this.cachedBytes += this.segmentBytes;
-          this.evict();
-        }
+        // A store that stopped while the PUT was under way (a crash, or a close that gave up
+        // waiting) leaves its journal alone: another instance may have opened it since.
+        if (this.stopping) return;
+        const local = this.afterUpload(seg);
+        this.localSteps.add(local);
+        await local.finally(() => this.localSteps.delete(local));
         return;
       } catch (e) {
         if (this.stopping) return;
@@ -1098,6 +1115,32 @@ export class S3SegmentStore implements SegmentStore {
         // waits), and cut short when the store stops or is fenced.
         await sleep(Math.random() * Math.min(MAX_UPLOAD_BACKOFF_MS, 250 * 2 ** Math.min(attempt, 10)), undefined, { signal: this.stopped.signal, ref: false }).catch(() => undefined);
       }
+    }
+  }
+
+  /**
+   * The local steps after a segment's object landed. Not retried with the PUT: a rename that
+   * fails leaves a `.sealed` file whose object is listed, which the next open takes as cached.
+   */
+  private async afterUpload(seg: Seg): Promise<void> {
+    try {
+      if (seg.partial !== undefined) {
+        this.retire({ key: seg.partial.key });
+        seg.partial = undefined;
+      }
+      if (seg.released) {
+        this.retire({ key: seg.key });
+        await this.dropLocal(seg);
+        return;
+      }
+      await this.renameLocal(seg, 'cached');
+      if (!seg.released && seg.fh !== undefined) {
+        seg.cachedBytes = this.segmentBytes;
+        this.cachedBytes += this.segmentBytes;
+        this.evict();
+      }
+    } catch (e) {
+      this.lastError = `segment ${seg.key} is in S3, but its journal file could not be renamed: ${(e as Error).message}`;
     }
   }
 
@@ -1439,6 +1482,7 @@ export class S3SegmentStore implements SegmentStore {
   private async publishOnce(): Promise<void> {
     if (this.fenced !== undefined) throw this.fenced;
     const snap = ++this.snapshots;
+    const incarnationAtSnap = this.nextIncarnation;
     this.changedSincePublish = false;
     const superblocks: [string | null, string | null] = [
       this.superblocks[0] === undefined ? null : Buffer.from(this.superblocks[0]).toString('base64'),
@@ -1512,6 +1556,7 @@ export class S3SegmentStore implements SegmentStore {
     await this.checkHead(m.seq);
     this.lastManifest = m;
     this.counters.publications++;
+    await this.notePublished(incarnationAtSnap);
     const listed = new Set(entries.filter((e) => e.sealed).map((e) => e.key));
     for (const seg of segs) if (listed.has(seg.key)) seg.published = true;
     const now = Date.now();
@@ -1519,6 +1564,24 @@ export class S3SegmentStore implements SegmentStore {
     const old = m.seq - this.keepManifests - 1;
     if (old >= 0) this.retired.push({ key: manifestKey(old), snap: 0, dueAt: now + this.deleteGraceMs });
     this.evict();
+  }
+
+  /**
+   * Record in store.json how far this writer's segments are published (publishedIncarnation),
+   * for an open of this directory after another writer has used the store. Best effort: without
+   * it, that open counts more of this directory's copies as never published, and refuses.
+   */
+  private async notePublished(incarnation: number): Promise<void> {
+    const cm = this.cacheManifest;
+    // A store that stopped meanwhile (a close that gave up) leaves the directory alone.
+    if (cm === undefined || cm.publishedIncarnation === incarnation || this.stopping) return;
+    const next = { ...cm, publishedIncarnation: incarnation };
+    try {
+      await writeFileDurably(join(this.dir, 'store.json'), JSON.stringify(next, null, 2) + '\n');
+      this.cacheManifest = next;
+    } catch (e) {
+      this.lastError = `store.json: ${(e as Error).message}`;
+    }
   }
 
   /** Stop as a writer that was taken over: no more publications, deletes or writes. */
@@ -1656,6 +1719,18 @@ function checkOptions(options: S3StoreOptions): void {
     const v = options[k];
     if (v !== undefined && !(Number.isSafeInteger(v) && v >= 0)) throw new InvalidArgumentError(`S3 store option ${k} must be a whole number >= 0, got ${v}`);
   }
+}
+
+/**
+ * Whether a cache directory's journal is the store's current state: its last writer is the
+ * newest manifest's, or the newest manifest is the claim of an open from this directory that
+ * died before it completed. (Directories written before `claims` existed record only the
+ * last such open's epoch.)
+ */
+function journalIsCurrent(local: CacheManifest, latest: Manifest): boolean {
+  if (latest.epoch === local.epoch) return true;
+  if (local.claims !== undefined) return local.claims.includes(latest.writer.id);
+  return latest.epoch === local.claimingEpoch;
 }
 
 function newWriter(): Writer {
