@@ -303,3 +303,31 @@ test('writes of unshared blocks take the fast path, waiting out a transaction un
   await healthy(t, cow);
   await cow.close();
 });
+
+test('a fast write behind a stream of transactions waits a bounded number of them, then becomes one', async (t) => {
+  const { cow } = await fresh();
+  await fill(cow, 0n, 512, 1);
+  // Three clients keep a transaction queued at all times until the write is done; the write
+  // is issued once 20 have committed.
+  let written = false;
+  let committed = 0;
+  let committedAtWrite = -1;
+  let w: Promise<void> | undefined;
+  const client = async (k: number): Promise<void> => {
+    for (let i = 0; !written && i < 2000; i++) {
+      await cow.transaction(async (tx) => tx.write(BigInt(100 + k), blockFor(10_000 + i)));
+      if (++committed === 20) {
+        w = cow.write(7n, blockFor(777)).then(() => {
+          written = true;
+          committedAtWrite = committed;
+        });
+      }
+    }
+  };
+  await Promise.all([client(0), client(1), client(2)]);
+  await w;
+  t.true(committedAtWrite >= 0 && committedAtWrite < 20 + 3 * 16, `the write finished after ${committedAtWrite - 20} more transactions`);
+  t.is(tagAt(await cow.read(7n)), 777);
+  await healthy(t, cow);
+  await cow.close();
+});

@@ -32,8 +32,11 @@ export class RwLock {
       return await fn();
     } finally {
       this.writer = false;
+      // Every release wakes them, even one that hands the lock straight to the next writer:
+      // each wake is one of their bounded tries, so a stream of writers cannot keep them
+      // waiting for ever (they find the lock held again, and in the end queue as writers).
+      this.wakeNoWriter();
       this.pump();
-      if (!this.writer) this.wakeNoWriter();
     }
   }
 
@@ -43,9 +46,10 @@ export class RwLock {
   }
 
   /**
-   * Resolves once no writer holds the lock (at once if none does), for callers that do their
-   * work synchronously without taking it. It does not queue: a writer granted the lock as the
-   * last one releases it keeps these waiting, so the caller must bound its retries.
+   * Resolves once no writer holds the lock (at once if none does) or a writer has released it,
+   * for callers that do their work synchronously without taking it. It does not queue: the
+   * next writer may hold the lock again by the time the caller runs, so the caller must bound
+   * its retries.
    */
   noWriter(): Promise<void> {
     if (!this.writer) return Promise.resolve();
