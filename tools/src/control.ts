@@ -5,7 +5,7 @@
  * back. Protocol: one JSON line each way, {argv, cwd} then {stdout, stderr, code}; paths in
  * argv are resolved against the client's cwd (io.resolve).
  */
-import { createConnection, createServer, type Server } from 'node:net';
+import { createConnection, createServer, type Socket } from 'node:net';
 import { existsSync } from 'node:fs';
 import { unlink } from 'node:fs/promises';
 import { isAbsolute, join, resolve } from 'node:path';
@@ -21,11 +21,31 @@ export function controlPath(storeDir: string): string {
   return join(storeDir, CONTROL_SOCKET);
 }
 
-/** Serve commands on DIR/control.sock with `run(argv)`; returns the server (close it to stop). */
-export async function startControl(storeDir: string, run: (argv: string[]) => Promise<number>): Promise<Server> {
+/** The control socket's server: `close` stops it, letting commands under way finish. */
+export interface ControlServer {
+  /**
+   * Take no more commands (a request that arrives now is refused), hang up on idle clients,
+   * wait for the commands under way to finish and answer, then hang up on the rest. The pool
+   * must stay open until this resolves: a command cut off half way would leave its work half
+   * done (an import, say).
+   */
+  close(): Promise<void>;
+}
+
+/** Serve commands on DIR/control.sock with `run(argv)`. */
+export async function startControl(storeDir: string, run: (argv: string[]) => Promise<number>): Promise<ControlServer> {
   const path = controlPath(storeDir);
   await unlink(path).catch(() => undefined); // a stale socket from a killed server (we hold the store lock)
+  let closing = false;
+  /** Connections, and the command each one runs (if any). */
+  const clients = new Map<Socket, Promise<void> | undefined>();
   const server = createServer((sock) => {
+    if (closing) {
+      sock.destroy();
+      return;
+    }
+    clients.set(sock, undefined);
+    sock.on('close', () => clients.delete(sock));
     let buf = '';
     sock.setEncoding('utf8');
     sock.on('error', () => undefined);
@@ -38,12 +58,14 @@ export async function startControl(storeDir: string, run: (argv: string[]) => Pr
       const nl = buf.indexOf('\n');
       if (nl < 0) return;
       sock.pause();
-      void (async () => {
+      const job = (async () => {
         let code = 1;
         const cap: Capture = { stdout: [], stderr: [], cwd: '/' };
         try {
           const req = JSON.parse(buf.slice(0, nl)) as { argv?: unknown; cwd?: unknown };
-          if (typeof req.cwd !== 'string' || !isAbsolute(req.cwd)) {
+          if (closing) {
+            cap.stderr.push('pasture: the server is stopping; run the command again once it has stopped\n');
+          } else if (typeof req.cwd !== 'string' || !isAbsolute(req.cwd)) {
             cap.stderr.push('pasture: a control request needs the absolute working directory of its client\n');
           } else if (!Array.isArray(req.argv) || !req.argv.every((a) => typeof a === 'string') || !LIVE_COMMANDS.has(req.argv[0] as string)) {
             cap.stderr.push('pasture: the control socket runs only management commands\n');
@@ -54,15 +76,25 @@ export async function startControl(storeDir: string, run: (argv: string[]) => Pr
         } catch (e) {
           cap.stderr.push(`pasture: ${(e as Error).message}\n`);
         }
-        sock.end(JSON.stringify({ stdout: cap.stdout.join(''), stderr: cap.stderr.join(''), code }) + '\n');
+        await new Promise<void>((done) => sock.end(JSON.stringify({ stdout: cap.stdout.join(''), stderr: cap.stderr.join(''), code }) + '\n', done));
       })();
+      clients.set(sock, job);
     });
   });
   await new Promise<void>((res, rej) => {
     server.once('error', rej);
     server.listen(path, () => res());
   });
-  return server;
+  return {
+    async close() {
+      closing = true;
+      const stopped = new Promise<void>((r) => server.close(() => r()));
+      for (const [sock, job] of clients) if (job === undefined) sock.destroy();
+      await Promise.allSettled([...clients.values()]);
+      for (const sock of clients.keys()) sock.destroy();
+      await stopped;
+    },
+  };
 }
 
 /**

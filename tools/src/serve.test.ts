@@ -7,7 +7,9 @@
 import test from 'ava';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { startServe } from './serve-process.ts';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, open, rm } from 'node:fs/promises';
+import { createConnection } from 'node:net';
+import { randomFillSync } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -121,6 +123,67 @@ test('serve: SIGKILL in the middle of writes; after a restart everything flushed
     child = undefined;
     const fsck = await pasture('fsck', '--store', store, '--json');
     t.is(fsck.code, 0, fsck.stdout);
+  } finally {
+    if (child !== undefined && child.exitCode === null) child.kill('SIGKILL');
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+/** Send one request line on the control socket `sock`; the reply, or undefined if it hung up without one. */
+function controlRequest(sockPath: string, argv: string[], delayMs = 0): Promise<{ code: number; stdout: string; stderr: string } | undefined> {
+  return new Promise((resolve) => {
+    const c = createConnection(sockPath);
+    let buf = '';
+    c.setEncoding('utf8');
+    c.on('data', (d: string) => (buf += d));
+    c.on('error', () => undefined);
+    c.on('close', () => resolve(buf.includes('\n') ? JSON.parse(buf.slice(0, buf.indexOf('\n'))) : undefined));
+    c.on('connect', () => setTimeout(() => c.write(JSON.stringify({ argv, cwd: '/' }) + '\n'), delayMs));
+  });
+}
+
+test('serve: SIGTERM lets a command under way on the control socket finish, takes no new ones, and does not wait for idle clients', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'pasture-ctl-'));
+  let child: ChildProcess | undefined;
+  try {
+    const storeDir = join(dir, 'pool');
+    const store = `file:${storeDir}`;
+    t.is((await pasture('init', '--store', store, '--segment-bytes', '4M', '--segments', '512')).code, 0);
+    // An image large enough that its import is still under way when SIGTERM comes.
+    const image = join(dir, 'image.raw');
+    const fh = await open(image, 'w');
+    const chunk = Buffer.alloc(1 << 20);
+    for (let i = 0; i < 384; i++) await fh.write(randomFillSync(chunk), 0, chunk.length, i << 20);
+    await fh.close();
+    const s = await startServer(store, 10937);
+    child = s.child;
+    const sockPath = join(storeDir, 'control.sock');
+    const idle = createConnection(sockPath); // connected, never sends anything
+    idle.on('error', () => undefined);
+    await new Promise((r) => idle.once('connect', r));
+    let importDone = false;
+    const importing = controlRequest(sockPath, ['import', image, 'imp', '--store', store]).then((r) => {
+      importDone = true;
+      return r;
+    });
+    // One that asks only after SIGTERM.
+    const late = controlRequest(sockPath, ['volume', 'create', 'late', '--size', '1M', '--store', store], 400);
+    await new Promise((r) => setTimeout(r, 150));
+    t.false(importDone, 'the import is under way at SIGTERM');
+    child.kill('SIGTERM');
+    const code = await Promise.race([exited(child), new Promise((r) => setTimeout(() => r('still running after 60 s'), 60_000))]);
+    t.is(code, 0, 'the server stopped, although a client was still connected');
+    child = undefined;
+    const imported = await importing;
+    t.is(imported?.code, 0, `the import finished: ${imported?.stderr}`);
+    const lateReply = await late;
+    t.true(lateReply === undefined || (lateReply.code !== 0 && /stopping/.test(lateReply.stderr)), `a command after SIGTERM is refused: ${JSON.stringify(lateReply)}`);
+    idle.destroy();
+    // The store holds the whole image, and no volume the late command would have made.
+    const list = await pasture('volume', 'list', '--store', store, '--json');
+    t.deepEqual((JSON.parse(list.stdout) as { volumes: { name: string }[] }).volumes.map((v) => v.name), ['imp']);
+    t.is((await pasture('export', 'imp', join(dir, 'out.raw'), '--store', store)).code, 0);
+    await run('cmp', [image, join(dir, 'out.raw')]);
   } finally {
     if (child !== undefined && child.exitCode === null) child.kill('SIGKILL');
     await rm(dir, { recursive: true, force: true });

@@ -5,7 +5,6 @@
  */
 import { readFile } from 'node:fs/promises';
 import { createServer as createHttpServer, type Server as HttpServer } from 'node:http';
-import type { Server } from 'node:net';
 import { GrassLog, type SegmentStore } from '@pasture/grass';
 import { Pool } from '@pasture/human';
 import { NbdServer } from '@pasture/nbd';
@@ -51,7 +50,7 @@ export async function serve(o: ServeOptions): Promise<number> {
   const target = o.socket !== undefined ? { path: o.socket } : (o.listen ?? { host: '127.0.0.1', port: 10809 });
   const { uri } = await server.listen(target);
   o.setLive({ dir: o.dir, pool, store });
-  const control: Server = await startControl(o.dir, o.runCommand);
+  const control = await startControl(o.dir, o.runCommand);
   let metrics: HttpServer | undefined;
   if (o.metrics !== undefined) metrics = await startMetrics(o.metrics, server, pool, store);
 
@@ -65,15 +64,18 @@ export async function serve(o: ServeOptions): Promise<number> {
   return new Promise<number>((resolveExit) => {
     let stopping = false;
     const stop = (sig: string): void => {
-      if (stopping) return;
+      if (stopping) {
+        // A second signal: stop at once, as a crash would (everything flushed is safe).
+        io.err(`${sig}: stopping at once\n`);
+        process.exit(1);
+      }
       stopping = true;
-      if (!o.json) io.err(`${sig}: stopping: finishing requests in flight, flushing, closing the pool\n`);
+      if (!o.json) io.err(`${sig}: stopping: finishing requests in flight and commands under way, flushing, closing the pool (${sig} again to stop at once)\n`);
       void (async () => {
         let code = 0;
         try {
-          control.close();
           metrics?.close();
-          await server.close({ graceful: true });
+          await Promise.all([control.close(), server.close({ graceful: true })]);
           await pool.flush();
           o.setLive(undefined);
           await pool.close();
@@ -84,8 +86,8 @@ export async function serve(o: ServeOptions): Promise<number> {
         resolveExit(code);
       })();
     };
-    process.once('SIGTERM', () => stop('SIGTERM'));
-    process.once('SIGINT', () => stop('SIGINT'));
+    process.on('SIGTERM', () => stop('SIGTERM'));
+    process.on('SIGINT', () => stop('SIGINT'));
   });
 }
 

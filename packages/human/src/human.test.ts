@@ -213,3 +213,38 @@ test('bad input: each a clear error, nothing changed', async (t) => {
   await cow.close();
   await t.throwsAsync(Pool.open(await GrassLog.open(store.reopen(), {})), { code: 'EIO', message: /catalog is invalid/ } as never);
 });
+
+test('an import that fails part way leaves no volume behind; one into a name taken leaves that volume alone', async (t) => {
+  const { importImage } = await import('./transfer.ts');
+  const { mkdtemp, rm, writeFile } = await import('node:fs/promises');
+  const { tmpdir } = await import('node:os');
+  const { join } = await import('node:path');
+  const dir = await mkdtemp(join(tmpdir(), 'pasture-import-'));
+  try {
+    const file = join(dir, 'img.raw');
+    await writeFile(file, pattern(5, 3 * MiB));
+    const { pool } = await fresh();
+    // The copy fails after its first MiB (here the progress callback throws; a pool closed
+    // under it, a full store or an I/O error end it the same way).
+    await t.throwsAsync(importImage(pool, file, 'half', (done) => {
+      if (done > MiB) throw new Error('stopped half way');
+    }), { message: 'stopped half way' });
+    t.deepEqual(pool.listVolumes().map((v) => v.name), [], 'the partly imported volume was removed');
+    await pool.createVolume('taken', MiB);
+    const img = await pool.openImage('taken');
+    await img.write(0, pattern(6, 8192));
+    await img.close();
+    await t.throwsAsync(importImage(pool, file, 'taken'), { code: 'EEXIST' } as never);
+    const again = await pool.openImage('taken');
+    same(t, await again.read(0, 8192), pattern(6, 8192), 'the volume that had the name');
+    await again.close();
+    const r = await importImage(pool, file, 'whole');
+    t.is(r.bytes, 3 * MiB);
+    const whole = await pool.openImage('whole');
+    same(t, await whole.read(0, 3 * MiB), pattern(5, 3 * MiB), 'imported image');
+    await whole.close();
+    await pool.close();
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});

@@ -23,10 +23,24 @@ export async function importImage(pool: Pool, file: string, name: string, progre
   const size = (await stat(file)).size;
   const t0 = process.hrtime.bigint();
   await pool.createVolume(name, Math.ceil(size / BLOCK_BYTES) * BLOCK_BYTES);
-  const img = await pool.openImage(name);
-  const fh = await open(file, 'r');
   let dataBytes = 0;
   try {
+    dataBytes = await copyInto(pool, name, file, size, progress);
+  } catch (e) {
+    // Half an image must not pass for a whole one: the new volume goes (if the pool still can).
+    await pool.removeVolume(name).catch(() => undefined);
+    throw e;
+  }
+  return { bytes: size, dataBytes, seconds: Number(process.hrtime.bigint() - t0) / 1e9 };
+}
+
+/** importImage's copy of `file` into the new volume `name`; returns the bytes of data written. */
+async function copyInto(pool: Pool, name: string, file: string, size: number, progress?: (done: number, total: number) => void): Promise<number> {
+  const img = await pool.openImage(name);
+  let dataBytes = 0;
+  let fh;
+  try {
+    fh = await open(file, 'r');
     const buf = Buffer.alloc(CHUNK_BYTES);
     for (let off = 0; off < size; off += CHUNK_BYTES) {
       const n = Math.min(CHUNK_BYTES, size - off);
@@ -55,10 +69,10 @@ export async function importImage(pool: Pool, file: string, name: string, progre
     }
     await img.flush();
   } finally {
-    await fh.close();
+    await fh?.close();
     await img.close();
   }
-  return { bytes: size, dataBytes, seconds: Number(process.hrtime.bigint() - t0) / 1e9 };
+  return dataBytes;
 }
 
 /** Write `spec` (a volume or snapshot) to `file`: data extents only, holes left as holes. */
