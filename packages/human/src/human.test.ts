@@ -248,3 +248,41 @@ test('an import that fails part way leaves no volume behind; one into a name tak
     await rm(dir, { recursive: true, force: true });
   }
 });
+
+test('a large atomic write keeps writes that land while it is staged, outside its ranges', async (t) => {
+  const { pool } = await fresh(512);
+  await pool.createVolume('db', 64 * MiB);
+  const img = await pool.openImage('db');
+  const other = await pool.openImage('db');
+  // Ranges of more than MAX_IO_BYTES (staged in a scratch slot), with unaligned ends, and two
+  // that share a block between them.
+  const ranges = [
+    { offset: 100, data: pattern(11, 20 * MiB) },
+    { offset: 30 * MiB + 10, data: pattern(12, 8000) },
+    { offset: 30 * MiB + 8010, data: pattern(13, 16 * MiB) },
+  ];
+  // Another client's writes, acknowledged after staging and before the commit: the bytes
+  // before the first range, in the block it starts in; bytes inside a range (the atomic
+  // write, committed later, wins there); and a block of the shared span's end.
+  const endOfLast = 30 * MiB + 8010 + 16 * MiB;
+  const commit = pool.commitScratch.bind(pool);
+  let raced = 0;
+  pool.commitScratch = async (id, fn) => {
+    raced++;
+    await other.write(0, new Uint8Array(100).fill(0xab));
+    await other.write(200, new Uint8Array(50).fill(0xcd));
+    await other.write(endOfLast, new Uint8Array(30).fill(0xef));
+    return commit(id, fn);
+  };
+  await img.writeAtomic(ranges);
+  t.is(raced, 1, 'the write went through the scratch slot');
+  same(t, await img.read(0, 100), new Uint8Array(100).fill(0xab), 'bytes before the first range');
+  same(t, await img.read(100, 20 * MiB), ranges[0]!.data, 'first range');
+  same(t, await img.read(30 * MiB + 10, 8000), ranges[1]!.data, 'second range');
+  same(t, await img.read(30 * MiB + 8010, 16 * MiB), ranges[2]!.data, 'third range');
+  same(t, await img.read(endOfLast, 30), new Uint8Array(30).fill(0xef), 'bytes after the last range');
+  same(t, await img.read(30 * MiB, 10), new Uint8Array(10), 'bytes before the second range');
+  await img.close();
+  await other.close();
+  await pool.close();
+});

@@ -177,8 +177,22 @@ export class Image {
           await this.pool.cow.transaction((tx) => this.writeIn(tx, sbase, r.offset + o, piece));
         }
       }
+      // The blocks the ranges cover only in part were staged with the volume's bytes as they
+      // were before staging; writes to them since would be undone. So the commit redoes them
+      // from the volume as it is now: after the exchange, that is what the scratch slot holds.
+      const partial = partialBlocks(ranges);
       await this.pool.commitScratch(scratch, async (tx) => {
         for (const [a, b] of spans) await tx.exchange(this.base + BigInt(a), sbase + BigInt(a), BigInt(b - a));
+        for (const [blk, which] of partial) {
+          const block = (await tx.read(sbase + BigInt(blk))) ?? new Uint8Array(BLOCK_BYTES);
+          for (const i of which) {
+            const r = ranges[i]!;
+            const from = Math.max(r.offset, blk * BLOCK_BYTES);
+            const to = Math.min(r.offset + r.data.length, (blk + 1) * BLOCK_BYTES);
+            block.set(r.data.subarray(from - r.offset, to - r.offset), from - blk * BLOCK_BYTES);
+          }
+          await tx.write(this.base + BigInt(blk), block);
+        }
       });
     } catch (e) {
       await this.pool.dropScratch(scratch).catch(() => undefined);
@@ -228,6 +242,42 @@ export class Image {
 }
 
 /** Sort and merge overlapping or touching [a, b) spans. */
+/**
+ * The blocks that `ranges` cover only in part (their union leaves some of the block's bytes
+ * alone), each with the indexes of the ranges that touch it, in order. Such a block is the
+ * first or last block of each range that touches it: a range covering it whole would cover
+ * it whole.
+ */
+export function partialBlocks(ranges: readonly WriteRange[]): Map<number, number[]> {
+  const union = mergeSpans(ranges.map((r) => [r.offset, r.offset + r.data.length] as [number, number]));
+  const covered = (blk: number): boolean => {
+    const a = blk * BLOCK_BYTES;
+    // The union's spans are sorted and disjoint: find the last one starting at or before a.
+    let lo = 0;
+    let hi = union.length - 1;
+    while (lo < hi) {
+      const mid = (lo + hi + 1) >> 1;
+      if (union[mid]![0] <= a) lo = mid;
+      else hi = mid - 1;
+    }
+    const s = union[lo];
+    return s !== undefined && s[0] <= a && s[1] >= a + BLOCK_BYTES;
+  };
+  const out = new Map<number, number[]>();
+  ranges.forEach((r, i) => {
+    if (r.data.length === 0) return;
+    const first = Math.floor(r.offset / BLOCK_BYTES);
+    const last = Math.floor((r.offset + r.data.length - 1) / BLOCK_BYTES);
+    for (const blk of first === last ? [first] : [first, last]) {
+      if (covered(blk)) continue;
+      const list = out.get(blk) ?? [];
+      if (list[list.length - 1] !== i) list.push(i);
+      out.set(blk, list);
+    }
+  });
+  return out;
+}
+
 export function mergeSpans(spans: [number, number][]): [number, number][] {
   const s = spans.filter(([a, b]) => b > a).sort((x, y) => x[0] - y[0]);
   const out: [number, number][] = [];
