@@ -43,9 +43,9 @@ export class ImageDevice implements BlockDevice {
     if (fua) await this.pool.flush();
   }
 
-  /** Zero blocks are holes in Cow, so NO_HOLE cannot be honoured physically; the data reads as zeros either way. */
+  /** NO_HOLE: the blocks stay allocated (stored zero blocks); without it, they become holes. */
   async zero(offset: number, length: number, flags: { fua: boolean; noHole: boolean }): Promise<void> {
-    await this.image.writeZeroes(offset, length);
+    await this.image.writeZeroes(offset, length, { allocate: flags.noHole });
     if (flags.fua) await this.pool.flush();
   }
 

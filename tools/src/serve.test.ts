@@ -56,6 +56,13 @@ test('serve: real clients, live snapshot through the control socket, a second op
     const vm = `${s.uri}/vm`;
     await qemuIo(vm, 'write -P 0xab 0 4M', 'flush');
     await qemuIo(vm, 'read -P 0xab 0 4M');
+    // WRITE_ZEROES: qemu sends NO_HOLE unless told it may unmap (-u). With it the range stays
+    // allocated; without, it becomes a hole. Both read as zeros.
+    await qemuIo(vm, 'write -P 0x5e 8M 2M', 'write -z 8M 1M', 'write -z -u 9M 1M', 'read -P 0 8M 2M');
+    const { stdout: mapOut } = await run('qemu-img', ['map', '--output=json', '-f', 'raw', vm], { timeout: 30_000 });
+    const extents = JSON.parse(mapOut) as { start: number; length: number; data: boolean }[];
+    const dataAt = (off: number): boolean | undefined => extents.find((e) => e.start <= off && off < e.start + e.length)?.data;
+    t.deepEqual([dataAt(8 << 20), dataAt((9 << 20) - 4096), dataAt(9 << 20), dataAt((10 << 20) - 4096)], [true, true, false, false], mapOut);
     // Live management: the CLI finds the control socket by itself.
     const snap = await pasture('snap', 'create', 'vm@before', '--store', store, '--json');
     t.is(snap.code, 0, snap.stderr);

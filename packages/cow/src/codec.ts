@@ -201,6 +201,18 @@ export function encodeBlock(block: Uint8Array, impl: Lz4 = lz4, shareRaw = false
   return shareRaw ? block : block.slice();
 }
 
+/**
+ * The record of an all-zero block that is to stay mapped (allocated), where encodeBlock would
+ * store nothing: LZ4 of 4096 zeros, a few bytes. Shared; Grass copies records it is given.
+ */
+export const ZERO_BLOCK_RECORD: Uint8Array = (() => {
+  const c = lz4.compress(new Uint8Array(BLOCK_BYTES));
+  const out = new Uint8Array(1 + c.length);
+  out[0] = CODEC_LZ4;
+  out.set(c, 1);
+  return out;
+})();
+
 /** The block a stored record holds. Throws CodecError for anything it cannot vouch for. */
 export function decodeBlock(record: Uint8Array, impl: Lz4 = lz4): Uint8Array {
   if (record.length === BLOCK_BYTES) return record.slice();

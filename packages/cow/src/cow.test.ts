@@ -331,3 +331,24 @@ test('a fast write behind a stream of transactions waits a bounded number of the
   await healthy(t, cow);
   await cow.close();
 });
+
+test('allocateZeroes maps blocks to stored zeros: they read as zeros, count as mapped, and a shared block is not touched', async (t) => {
+  const { cow } = await fresh();
+  await fill(cow, 0n, 64, 1);
+  await cow.copy(0n, 1000n, 8n); // blocks 0..7 shared
+  await cow.allocateZeroes(4n, 8n); // 4..7 shared, 8..11 not
+  await cow.allocateZeroes(5000n, 3n); // unmapped before
+  await cow.transaction((tx) => tx.allocateZeroes(6000n, 2n));
+  for (const a of [4n, 7n, 8n, 11n, 5000n, 5002n, 6001n]) {
+    const b = await cow.read(a);
+    t.true(b !== undefined && b.every((x) => x === 0), `block ${a} reads as zeros, mapped`);
+  }
+  t.deepEqual(await cow.extents(5000n, 10n), [{ start: 5000n, count: 3n }]);
+  for (let i = 0; i < 8; i++) t.is(tagAt(await cow.read(1000n + BigInt(i))), 1 + i, 'the copy keeps its blocks');
+  t.is(tagAt(await cow.read(3n)), 4);
+  t.is(tagAt(await cow.read(12n)), 13);
+  await t.throwsAsync(cow.allocateZeroes(0n, 8193n), { message: /0 to 8192 blocks/ });
+  await t.throwsAsync(cow.allocateZeroes(0n, -1n), { message: /0 to 8192 blocks/ });
+  await healthy(t, cow);
+  await cow.close();
+});

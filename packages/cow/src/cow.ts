@@ -15,7 +15,7 @@ import { MAX_READ_MANY, type BatchOp, type Grass } from '@pasture/grass';
 import { assert } from './assert.ts';
 import { Allocator } from './allocator.ts';
 import { NODE_ENTRY_BYTES, NodeCache, REFCOUNT_ENTRY_BYTES } from './cache.ts';
-import { BLOCK_BYTES, decodeOwnedBlock, encodeBlock } from './codec.ts';
+import { BLOCK_BYTES, ZERO_BLOCK_RECORD, decodeOwnedBlock, encodeBlock } from './codec.ts';
 import { CowClosedError, CowCorruptionError, CowInvalidArgumentError, NotACowStoreError } from './errors.ts';
 import {
   CowNode,
@@ -37,7 +37,7 @@ import {
   spanOf,
 } from './format.ts';
 import { RwLock } from './rwlock.ts';
-import { Txn, checkRange, digit } from './txn.ts';
+import { MAX_WRITE_BLOCKS, Txn, checkRange, checkZeroCount, digit } from './txn.ts';
 
 export interface Extent {
   start: bigint;
@@ -52,6 +52,12 @@ export interface CowTransaction {
   write(addr: bigint, block: Uint8Array): Promise<void>;
   /** Unmap [addr, addr + count). */
   trim(addr: bigint, count: bigint): Promise<void>;
+  /**
+   * Map each block of [addr, addr + count) (at most MAX_WRITE_BLOCKS) to a stored all-zero
+   * block, a few bytes each: it reads as zeros but counts as mapped, where writing zeros
+   * would unmap it (NBD's WRITE_ZEROES with NO_HOLE).
+   */
+  allocateZeroes(addr: bigint, count: bigint): Promise<void>;
   /** BLOCK-COPY: make [dst, dst + count) map what [src, src + count) maps (memmove semantics). */
   copy(src: bigint, dst: bigint, count: bigint): Promise<void>;
   /** BLOCK-EXCHANGE: swap the mappings of two disjoint ranges. */
@@ -130,8 +136,7 @@ export interface CowScan {
 export const DIFF_WINDOW_HEIGHT = 4;
 /** Times a write waits for the fast path (see writeRecords) before it becomes a transaction. */
 const FAST_WRITE_ATTEMPTS = 8;
-/** Most blocks one writeBlocks call takes (32 MiB): one Grass batch must hold them. */
-export const MAX_WRITE_BLOCKS = 8192;
+export { MAX_WRITE_BLOCKS };
 export const DIFF_WINDOW_BLOCKS = spanOf(DIFF_WINDOW_HEIGHT);
 
 /** Decrements reaped per background step: bounds one reaper transaction. */
@@ -337,6 +342,14 @@ export class CowStore implements Cow {
     // transaction before this call resolves.
     const rec = encodeBlock(block, undefined, true);
     await this.writeRecords(addr, [rec]);
+  }
+
+  async allocateZeroes(start: bigint, count: bigint): Promise<void> {
+    checkZeroCount(count);
+    checkRange(start, count);
+    this.checkOpen();
+    if (count === 0n) return;
+    await this.writeRecords(start, new Array<Uint8Array>(Number(count)).fill(ZERO_BLOCK_RECORD));
   }
 
   async writeBlocks(start: bigint, data: Uint8Array): Promise<void> {

@@ -23,8 +23,9 @@
  */
 import { assert } from './assert.ts';
 import type { AllocView } from './allocator.ts';
-import { BLOCK_BYTES, decodeBlock, encodeBlock } from './codec.ts';
+import { BLOCK_BYTES, ZERO_BLOCK_RECORD, decodeBlock, encodeBlock } from './codec.ts';
 import type { CowStore, CowTransaction } from './cow.ts';
+
 import { CowCorruptionError, CowInvalidArgumentError, CowTooLargeError } from './errors.ts';
 import {
   ADDRESS_LIMIT,
@@ -45,6 +46,13 @@ import {
   spanOf,
 } from './format.ts';
 import { MAX_BATCH_BYTES, MAX_BATCH_OPS, type BatchOp } from '@pasture/grass';
+
+/** Most blocks one writeBlocks call takes (32 MiB): one Grass batch must hold them. */
+export const MAX_WRITE_BLOCKS = 8192;
+
+export function checkZeroCount(count: bigint): void {
+  if (typeof count !== 'bigint' || count < 0n || count > BigInt(MAX_WRITE_BLOCKS)) throw new CowInvalidArgumentError(`allocateZeroes takes 0 to ${MAX_WRITE_BLOCKS} blocks, got ${count}`);
+}
 
 /** Refcount decrements a transaction may do inline when nodes die; the rest is reaped later. */
 const INLINE_DECREMENTS = 1024;
@@ -309,6 +317,13 @@ export class Txn implements CowTransaction, AllocView {
   }
 
   /** Map `addr` to an encoded record (undefined: an all-zero block, so unmap it). */
+  async allocateZeroes(start: bigint, count: bigint): Promise<void> {
+    this.checkLive();
+    checkZeroCount(count);
+    checkRange(start, count);
+    for (let i = 0n; i < count; i++) await this.writeRecord(start + i, ZERO_BLOCK_RECORD);
+  }
+
   async writeRecord(addr: bigint, rec: Uint8Array | undefined): Promise<void> {
     this.checkLive();
     if (rec === undefined) return this.trim(addr, 1n);

@@ -286,3 +286,32 @@ test('a large atomic write keeps writes that land while it is staged, outside it
   await other.close();
   await pool.close();
 });
+
+test('writeZeroes with allocate (NBD NO_HOLE) reads as zeros and stays allocated; without it, holes', async (t) => {
+  const { pool } = await fresh();
+  await pool.createVolume('v', 4 * MiB);
+  const img = await pool.openImage('v');
+  await img.write(0, pattern(21, 2 * MiB));
+  await pool.createSnapshot('v', 'before');
+  // Over data shared with the snapshot, with unaligned ends; and over a hole, past the data.
+  await img.writeZeroes(4096 + 100, 64 * 1024, { allocate: true });
+  await img.writeZeroes(3 * MiB + 10, 3 * 4096, { allocate: true });
+  // Without allocate: a hole.
+  await img.writeZeroes(MiB, 64 * 1024);
+  const want = new Uint8Array(4 * MiB);
+  want.set(pattern(21, 2 * MiB));
+  want.fill(0, 4096 + 100, 4096 + 100 + 64 * 1024);
+  want.fill(0, MiB, MiB + 64 * 1024);
+  same(t, await img.read(0, 4 * MiB), want, 'volume');
+  const allocated = (off: number, len: number): Promise<boolean> =>
+    img.blockStatus(off, len).then((st) => st.every((s) => s.allocated));
+  t.true(await allocated(4096, 64 * 1024 + 4096), 'zeroed over data: allocated, edges included');
+  t.true(await allocated(3 * MiB, 4 * 4096), 'zeroed over a hole: allocated, edges included');
+  t.false(await allocated(3 * MiB + 4 * 4096, 4096), 'past it: still a hole');
+  t.deepEqual((await img.blockStatus(MiB, 64 * 1024)).map((s) => s.allocated), [false], 'zeroed without allocate: a hole');
+  const snap = await pool.openImage('v@before');
+  same(t, await snap.read(0, 2 * MiB), pattern(21, 2 * MiB), 'the snapshot');
+  await snap.close();
+  await img.close();
+  await pool.close();
+});

@@ -5,7 +5,7 @@
  *
  * Thread-safety: any number of calls may be in flight; Cow serializes what must be.
  */
-import type { CowTransaction, Extent } from '@pasture/cow';
+import { MAX_WRITE_BLOCKS, type CowTransaction, type Extent } from '@pasture/cow';
 import { ClosedError, InvalidArgumentError, ReadOnlyError } from './errors.ts';
 import { BLOCK_BYTES, MAX_IO_BYTES, slotBase } from './layout.ts';
 import type { Pool } from './pool.ts';
@@ -132,9 +132,36 @@ export class Image {
     });
   }
 
-  /** Make the range read as zeros. Cow stores zero blocks as holes, so this is discard. */
-  writeZeroes(offset: number, length: number): Promise<void> {
-    return this.discard(offset, length);
+  /**
+   * Make the range read as zeros. Cow stores zero blocks as holes, so by default this is
+   * discard. With `allocate` (NBD's NO_HOLE) the blocks stay mapped instead, each to a stored
+   * zero block of a few bytes, so that block status reports them as data.
+   */
+  async writeZeroes(offset: number, length: number, options: { allocate?: boolean } = {}): Promise<void> {
+    if (options.allocate !== true) return this.discard(offset, length);
+    this.check(offset, length, true, false);
+    if (length === 0) return;
+    const end = offset + length;
+    const first = Math.ceil(offset / BLOCK_BYTES);
+    const last = Math.floor(end / BLOCK_BYTES);
+    for (let b = first; b < last; b += MAX_WRITE_BLOCKS) {
+      await this.pool.cow.allocateZeroes(this.base + BigInt(b), BigInt(Math.min(MAX_WRITE_BLOCKS, last - b)));
+    }
+    // A partial block at an edge: zero its part; one that is then all zeros stays mapped too.
+    const edge = (from: number, to: number): Promise<void> => this.pool.cow.transaction(async (tx) => {
+      const blk = Math.floor(from / BLOCK_BYTES);
+      const addr = this.base + BigInt(blk);
+      const block = (await tx.read(addr)) ?? new Uint8Array(BLOCK_BYTES);
+      block.fill(0, from - blk * BLOCK_BYTES, to - blk * BLOCK_BYTES);
+      if (block.every((x) => x === 0)) await tx.allocateZeroes(addr, 1n);
+      else await tx.write(addr, block);
+    });
+    if (first > last) {
+      await edge(offset, end); // inside one block
+    } else {
+      if (offset < first * BLOCK_BYTES) await edge(offset, first * BLOCK_BYTES);
+      if (last * BLOCK_BYTES < end) await edge(last * BLOCK_BYTES, end);
+    }
   }
 
   /**
