@@ -34,6 +34,7 @@ export class Connection {
   private readonly link: Link;
   private stream: Duplex;
   private phase: 'handshake' | 'transmission' = 'handshake';
+  private transmission: Transmission | undefined;
   private timedOut = false;
   private readonly name: string;
 
@@ -52,6 +53,7 @@ export class Connection {
    */
   stop(): void {
     if (this.phase === 'handshake') this.destroy();
+    else if (this.transmission !== undefined) this.transmission.stop(new ConnectionAbortedError('the server is closing'));
     else this.link.reader.abort(new ConnectionAbortedError('the server is closing'));
   }
 
@@ -90,6 +92,7 @@ export class Connection {
         this.phase = 'transmission';
         o.stats.transmissions++;
         const t = new Transmission({ link: this.link, negotiated: result.negotiated, maxRequestBytes: o.maxRequestBytes, maxInflightBytes: o.maxInflightBytes, stats: o.stats, log: (l) => this.log(l) });
+        this.transmission = t;
         try {
           this.log(await t.run());
         } catch (e) {

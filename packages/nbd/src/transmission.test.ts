@@ -409,6 +409,40 @@ test('NBD_CMD_DISC: requests before it are still answered, then the server close
   await s.close();
 });
 
+test('graceful close: a write whose header has arrived has the rest of its payload read, and is answered', async (t) => {
+  const dev = new MemoryDevice({ size: MiB });
+  const s = await serve({ disk: dev });
+  const socket = await connectSocket({ port: s.port });
+  socket.on('error', () => {});
+  let got = Buffer.alloc(0);
+  socket.on('data', (d: Buffer) => (got = Buffer.concat([got, d])));
+  const flags = Buffer.alloc(4);
+  flags.writeUInt32BE(P.NBD_FLAG_C_FIXED_NEWSTYLE | P.NBD_FLAG_C_NO_ZEROES);
+  socket.write(Buffer.concat([flags, optionRequest(P.NBD_OPT_GO, infoRequest('disk', []))]));
+  await sleep(200);
+  const payload = Buffer.alloc(256 * KiB, 0x77);
+  const header = Buffer.alloc(28);
+  header.writeUInt32BE(P.NBD_REQUEST_MAGIC, 0);
+  header.writeUInt16BE(P.NBD_CMD_WRITE, 6);
+  header.writeBigUInt64BE(42n, 8);
+  header.writeBigUInt64BE(4096n, 16);
+  header.writeUInt32BE(payload.length, 24);
+  socket.write(Buffer.concat([header, payload.subarray(0, 100 * KiB)]));
+  await sleep(100);
+  const before = got.length;
+  const closing = s.server.close({ graceful: true });
+  await sleep(100);
+  socket.write(payload.subarray(100 * KiB));
+  await closing;
+  const reply = got.subarray(before);
+  t.is(reply.length, 16, 'one simple reply');
+  t.is(reply.readUInt32BE(0), P.NBD_SIMPLE_REPLY_MAGIC);
+  t.is(reply.readUInt32BE(4), 0, 'no error');
+  t.is(reply.readBigUInt64BE(8), 42n, 'for the write');
+  t.true(Buffer.from(await dev.read(4096, payload.length)).equals(payload), 'the write landed');
+  socket.destroy();
+});
+
 test('graceful close does not wait forever for a client that stopped reading its replies', async (t) => {
   const s = await serve({ disk: new MemoryDevice({ size: 64 * MiB }) }, { maxInflightBytesPerConnection: 32 * MiB });
   const socket = await connectSocket({ port: s.port });

@@ -143,6 +143,10 @@ export interface TransmissionOptions {
 
 export class Transmission {
   private readonly budget: InflightBudget;
+  /** Set by stop(): the loop ends before the next request. */
+  private stopping: Error | undefined;
+  /** A write's payload is being read: stop() lets it finish. */
+  private readingPayload = false;
   /** Device calls of writes, trims and zeroes not yet finished; a flush waits for these. */
   private readonly writesInFlight = new Set<Promise<unknown>>();
   private readonly device: BlockDevice;
@@ -161,11 +165,14 @@ export class Transmission {
   async run(): Promise<string> {
     const { link, maxRequestBytes } = this.o;
     for (;;) {
+      if (this.stopping !== undefined) throw this.stopping;
       // The common case waits for nothing, and costs no promise: room in the budget, and the
       // next request already buffered (clients pipeline).
       if (!this.budget.hasRoomForHeader()) await this.budget.roomForHeader();
       const req = parseRequest(link.reader.readNow(REQUEST_HEADER_BYTES) ?? (await link.reader.read(REQUEST_HEADER_BYTES)));
       if (req.type === NBD_CMD_DISC) return 'client sent NBD_CMD_DISC';
+      // From its header on, a write is in flight: a graceful stop waits for its payload.
+      if (req.type === NBD_CMD_WRITE) this.readingPayload = true;
 
       let cost = 0;
       if (req.type === NBD_CMD_WRITE) {
@@ -175,6 +182,7 @@ export class Transmission {
           const reason = `write of ${req.length} bytes is over the ${maxRequestBytes}-byte request limit`;
           if (req.length <= DOS_PAYLOAD_BYTES) {
             await link.reader.skip(req.length);
+            this.readingPayload = false;
             await this.budget.reserve(0);
             this.reply(req, process.hrtime.bigint(), 0, { errno: NBD_EINVAL, message: reason });
             continue;
@@ -198,10 +206,22 @@ export class Transmission {
           this.budget.release(cost);
           if (e instanceof ConnectionClosedError) throw new ConnectionClosedError(1, `connection closed in the middle of a ${req.length}-byte write payload`);
           throw e;
+        } finally {
+          this.readingPayload = false;
         }
       }
       void this.answer(req, cost, process.hrtime.bigint(), payload);
     }
+  }
+
+  /**
+   * Graceful stop: read no further request. A write whose header has arrived still has its
+   * payload read and is answered, as the protocol asks of a server that shuts down (the
+   * server's close time-out bounds the wait for a client that never sends the rest).
+   */
+  stop(reason: Error): void {
+    this.stopping ??= reason;
+    if (!this.readingPayload) this.o.link.reader.abort(reason);
   }
 
   /** Wait until every request read so far has been answered (or found its connection gone). */
