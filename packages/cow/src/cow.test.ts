@@ -186,6 +186,10 @@ test('bad input gets a clear error and changes nothing', async (t) => {
   await t.throwsAsync(cow.trim((1n << 128n) - 1n, 2n), { code: 'EINVAL' } as never);
   await t.throwsAsync(cow.exchange(0n, 10n, 20n), { code: 'EINVAL', message: /overlap/ } as never);
   await t.throwsAsync(cow.copy(0n, 1n, -1n), { code: 'EINVAL' } as never);
+  for (const n of [NaN, 0, -1, 1.5]) {
+    await t.throwsAsync(cow.extents(0n, 10n, n), { code: 'EINVAL', message: /maxExtents/ } as never);
+    await t.throwsAsync(cow.diff(0n, 100n, 10n, n), { code: 'EINVAL', message: /maxExtents/ } as never);
+  }
   t.is(tagAt(await cow.read(5n)), 1);
   await healthy(t, cow);
   await cow.close();

@@ -137,6 +137,10 @@ export const DIFF_WINDOW_HEIGHT = 4;
 /** Times a write waits for the fast path (see writeRecords) before it becomes a transaction. */
 const FAST_WRITE_ATTEMPTS = 8;
 export { MAX_WRITE_BLOCKS };
+
+function checkMaxExtents(n: number): void {
+  if (!Number.isSafeInteger(n) || n < 1) throw new CowInvalidArgumentError(`maxExtents must be a positive integer, got ${n}`);
+}
 export const DIFF_WINDOW_BLOCKS = spanOf(DIFF_WINDOW_HEIGHT);
 
 /** Decrements reaped per background step: bounds one reaper transaction. */
@@ -494,6 +498,7 @@ export class CowStore implements Cow {
 
   async extents(start: bigint, count: bigint, maxExtents = 1024): Promise<Extent[]> {
     checkRange(start, count);
+    checkMaxExtents(maxExtents);
     this.checkOpen();
     return await this.lock.read(async () => {
       const out: Extent[] = [];
@@ -558,6 +563,7 @@ export class CowStore implements Cow {
    * in aligned windows of DIFF_WINDOW_BLOCKS at the same offset (as Human's volumes do).
    */
   async diff(a: bigint, b: bigint, count: bigint, maxExtents = 1024): Promise<Extent[]> {
+    checkMaxExtents(maxExtents);
     checkRange(a, count);
     checkRange(b, count);
     this.checkOpen();
