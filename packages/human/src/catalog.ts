@@ -28,6 +28,8 @@ export const VolumeEntry = z.object({
   created: when,
   /** The snapshot this volume was cloned from, until flattened. */
   parent: id.nullable(),
+  /** Being imported: until the import completes it is not a whole image; removed when the pool opens. */
+  incomplete: z.literal(true).optional(),
 });
 
 export const SnapshotEntry = z.object({
@@ -110,6 +112,16 @@ export function encodeCatalog(c: Catalog): Uint8Array[] {
   return Array.from({ length: blocks }, (_, i) => buf.subarray(i * BLOCK_BYTES, (i + 1) * BLOCK_BYTES));
 }
 
+/** Check a catalog before it is written (the rules decodeCatalog enforces when it is read). */
+export function checkCatalog(c: Catalog): void {
+  const r = Catalog.safeParse(c);
+  if (!r.success) throw new CatalogError(`catalog change refused, it would be invalid: ${issues(r.error)}`);
+}
+
+function issues(e: z.ZodError): string {
+  return e.issues.map((i) => `${i.path.join('.') || '(root)'}: ${i.message}`).join('; ');
+}
+
 /** Read the catalog with `readBlock` (undefined: unmapped, i.e. zeros) and validate it. */
 export async function decodeCatalog(readBlock: (i: number) => Promise<Uint8Array | undefined>): Promise<Catalog> {
   const first = await readBlock(0);
@@ -132,6 +144,6 @@ export async function decodeCatalog(readBlock: (i: number) => Promise<Uint8Array
     throw new CatalogError(`catalog is not valid JSON: ${(e as Error).message}`);
   }
   const r = Catalog.safeParse(parsed);
-  if (!r.success) throw new CatalogError(`catalog is invalid: ${r.error.issues.map((i) => `${i.path.join('.') || '(root)'}: ${i.message}`).join('; ')}`);
+  if (!r.success) throw new CatalogError(`catalog is invalid: ${issues(r.error)}`);
   return r.data;
 }

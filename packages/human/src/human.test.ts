@@ -190,7 +190,7 @@ test('bad input: each a clear error, nothing changed', async (t) => {
   await t.throwsAsync(pool.createSnapshot('a', 's'), { code: 'EEXIST' } as never);
   await t.throwsAsync(img.write(MiB - 10, new Uint8Array(11)), { code: 'EINVAL', message: /past the end/ } as never);
   await t.throwsAsync(img.read(-1, 10), { code: 'EINVAL' } as never);
-  await t.throwsAsync(pool.resizeVolume('a', 4096), { code: 'EBUSY', message: /would discard 1 blocks/ } as never);
+  await t.throwsAsync(pool.resizeVolume('a', 4096), { code: 'EBUSY', message: /is open/ } as never);
   await t.throwsAsync(pool.removeVolume('a'), { code: 'EBUSY', message: /snapshot/ } as never);
   await pool.clone('a@s', 'child');
   await t.throwsAsync(pool.removeSnapshot('a@s'), { code: 'EBUSY' } as never);
@@ -198,9 +198,14 @@ test('bad input: each a clear error, nothing changed', async (t) => {
   await t.throwsAsync(snap.write(0, new Uint8Array(10)), { code: 'EROFS' } as never);
   t.is(JSON.stringify(pool.listVolumes().filter((v) => v.name !== 'child')), before);
   t.deepEqual(await img.read(0, 8192), pattern(1, 8192));
-  await pool.resizeVolume('a', 4096, { allowShrink: true });
-  t.is(img.size, 4096);
+  // An open volume grows, but does not shrink, even with allowShrink.
+  await t.throwsAsync(pool.resizeVolume('a', 4096, { allowShrink: true }), { code: 'EBUSY', message: /is open/ } as never);
+  await pool.resizeVolume('a', 2 * MiB);
+  t.is(img.size, 2 * MiB);
   await img.close();
+  await t.throwsAsync(pool.resizeVolume('a', 4096), { code: 'EBUSY', message: /would discard 1 blocks/ } as never);
+  await pool.resizeVolume('a', 4096, { allowShrink: true });
+  t.is(pool.listVolumes().find((v) => v.name === 'a')!.size, 4096);
   await snap.close();
   await pool.close();
   // Invalid catalog bytes: a clear error on open, never a half-open pool.
@@ -267,12 +272,12 @@ test('a large atomic write keeps writes that land while it is staged, outside it
   const endOfLast = 30 * MiB + 8010 + 16 * MiB;
   const commit = pool.commitScratch.bind(pool);
   let raced = 0;
-  pool.commitScratch = async (id, fn) => {
+  pool.commitScratch = async (id, bytes, fn) => {
     raced++;
     await other.write(0, new Uint8Array(100).fill(0xab));
     await other.write(200, new Uint8Array(50).fill(0xcd));
     await other.write(endOfLast, new Uint8Array(30).fill(0xef));
-    return commit(id, fn);
+    return commit(id, bytes, fn);
   };
   await img.writeAtomic(ranges);
   t.is(raced, 1, 'the write went through the scratch slot');
@@ -314,4 +319,98 @@ test('writeZeroes with allocate (NBD NO_HOLE) reads as zeros and stays allocated
   await snap.close();
   await img.close();
   await pool.close();
+});
+
+test('a volume with an atomic write under way is not removed or shrunk under it; a shrink refuses writes that slip in', async (t) => {
+  const { pool } = await fresh(512);
+  await pool.createVolume('v', 64 * MiB);
+  const img = await pool.openImage('v');
+  // While the write is staged in its scratch slot, its image closed early: removal and shrink
+  // are refused (they would orphan the slot, or drop data the commit then writes past the end).
+  const allocate = pool.allocateScratch.bind(pool);
+  const refusals: string[] = [];
+  pool.allocateScratch = async (id) => {
+    const slot = await allocate(id);
+    await img.close();
+    for (const op of [() => pool.removeVolume('v'), () => pool.resizeVolume('v', 4 * MiB, { allowShrink: true })]) {
+      await op().then(() => refusals.push('done'), (e: Error & { code?: string }) => refusals.push(`${e.code}: ${e.message}`));
+    }
+    return slot;
+  };
+  const data = pattern(31, 40 * MiB);
+  await img.writeAtomic([{ offset: 0, data }]);
+  t.is(refusals.length, 2);
+  for (const r of refusals) t.regex(r, /^EBUSY: .*atomic write under way/);
+  const check = await pool.openImage('v');
+  same(t, await check.read(0, 20 * MiB), data.subarray(0, 20 * MiB), 'the atomic write');
+  same(t, await check.read(20 * MiB, 20 * MiB), data.subarray(20 * MiB), 'the atomic write');
+  await check.close();
+
+  // A shrink whose check for data past the new end is overtaken by an image opened, written
+  // past the end and closed: refused, and the write stays.
+  const usage = pool.cow.usage.bind(pool.cow);
+  let slipped = false;
+  pool.cow.usage = async (start, count) => {
+    const u = await usage(start, count);
+    if (!slipped) {
+      slipped = true;
+      const w = await pool.openImage('v');
+      await w.write(50 * MiB, new Uint8Array(4096).fill(7));
+      await w.close();
+    }
+    return u;
+  };
+  await t.throwsAsync(pool.resizeVolume('v', 48 * MiB), { code: 'EBUSY', message: /meanwhile/ } as never);
+  const after = await pool.openImage('v');
+  same(t, await after.read(50 * MiB, 4096), new Uint8Array(4096).fill(7), 'the write that slipped in');
+  await after.close();
+  await pool.close();
+});
+
+test('a volume left incomplete (an import a crash cut short) is removed when the pool opens', async (t) => {
+  const { pool, store } = await fresh();
+  const vol = await pool.createVolume('half', 4 * MiB, { incomplete: true });
+  t.true(pool.listVolumes()[0]!.incomplete);
+  await t.throwsAsync(pool.createSnapshot('half', 's'), { code: 'EBUSY', message: /being imported/ } as never);
+  const img = await pool.openImage('half');
+  await img.write(0, pattern(41, MiB));
+  await img.flush();
+  await img.close();
+  await pool.createVolume('whole', MiB, { incomplete: true });
+  const w = await pool.openImage('whole');
+  await w.write(0, pattern(42, MiB));
+  await w.close();
+  await pool.markComplete(pool.listVolumes().find((v) => v.name === 'whole')!.id);
+  await pool.flush();
+  // The process dies here: reopen from what the store holds.
+  const again = await Pool.open(await GrassLog.open(store.reopen(), {}));
+  t.deepEqual(again.listVolumes().map((v) => [v.name, v.incomplete]), [['whole', false]]);
+  t.is((await again.cow.usage(BigInt(vol.id) << 40n, 1n << 40n)).mapped, 0n, 'its blocks were freed');
+  await again.close();
+});
+
+test('import and export take regular files, with a clear error for anything else; a failed export leaves the volume closed', async (t) => {
+  const { importImage, exportImage } = await import('./transfer.ts');
+  const { mkdtemp, rm } = await import('node:fs/promises');
+  const { execFileSync } = await import('node:child_process');
+  const { tmpdir } = await import('node:os');
+  const { join } = await import('node:path');
+  const dir = await mkdtemp(join(tmpdir(), 'pasture-transfer-'));
+  try {
+    const { pool } = await fresh();
+    const fifo = join(dir, 'fifo');
+    execFileSync('mkfifo', [fifo]);
+    await t.throwsAsync(importImage(pool, fifo, 'p'), { code: 'EINVAL', message: /is a pipe: import and export take regular files/ } as never);
+    await t.throwsAsync(importImage(pool, '/dev/null', 'n'), { code: 'EINVAL', message: /is a character device/ } as never);
+    await t.throwsAsync(importImage(pool, dir, 'd'), { code: 'EINVAL', message: /is a directory/ } as never);
+    t.deepEqual(pool.listVolumes(), [], 'no volume was made');
+    await pool.createVolume('v', MiB);
+    await t.throwsAsync(exportImage(pool, 'v', '/dev/null'), { code: 'EINVAL', message: /is a character device/ } as never);
+    await t.throwsAsync(exportImage(pool, 'v', join(dir, 'no-such-dir', 'x.raw')), { code: 'ENOENT' } as never);
+    await pool.removeVolume('v'); // refused if a failed export had left it open
+    t.deepEqual(pool.listVolumes(), []);
+    await pool.close();
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
 });

@@ -208,7 +208,8 @@ export class Image {
       // were before staging; writes to them since would be undone. So the commit redoes them
       // from the volume as it is now: after the exchange, that is what the scratch slot holds.
       const partial = partialBlocks(ranges);
-      await this.pool.commitScratch(scratch, async (tx) => {
+      const needed = Math.max(...ranges.map((r) => r.offset + r.data.length));
+      await this.pool.commitScratch(scratch, needed, async (tx) => {
         for (const [a, b] of spans) await tx.exchange(this.base + BigInt(a), sbase + BigInt(a), BigInt(b - a));
         for (const [blk, which] of partial) {
           const block = (await tx.read(sbase + BigInt(blk))) ?? new Uint8Array(BLOCK_BYTES);

@@ -17,7 +17,7 @@
  */
 import { CowStore, type CowTransaction } from '@pasture/cow';
 import type { Grass } from '@pasture/grass';
-import { type Catalog, type Entry, NAME_RE, type SnapshotEntry, type VolumeEntry, decodeCatalog, emptyCatalog, encodeCatalog } from './catalog.ts';
+import { type Catalog, type Entry, NAME_RE, type SnapshotEntry, type VolumeEntry, checkCatalog, decodeCatalog, emptyCatalog, encodeCatalog } from './catalog.ts';
 import { BusyError, ClosedError, ExistsError, InvalidArgumentError, NotFoundError, ReadOnlyError } from './errors.ts';
 import { Image } from './image.ts';
 import { BLOCK_BYTES, MAX_IMAGE_ID, MAX_VOLUME_BYTES, SLOT_BLOCKS, slotBase } from './layout.ts';
@@ -30,6 +30,8 @@ export interface VolumeInfo {
   /** `VOLUME@SNAPSHOT` this was cloned from, until flattened. */
   parent: string | null;
   snapshots: number;
+  /** Being imported: not yet a whole image (see createVolume). */
+  incomplete: boolean;
 }
 
 export interface SnapshotInfo {
@@ -90,6 +92,8 @@ export class Pool {
   private readonly readOnly: boolean;
   private mutex: Promise<unknown> = Promise.resolve();
   private readonly openCount = new Map<number, number>();
+  /** Images opened so far (resizeVolume's check that none was opened meanwhile). */
+  private imageOpens = 0;
   private closed = false;
 
   private constructor(cow: CowStore, catalog: Catalog, readOnly: boolean) {
@@ -110,13 +114,15 @@ export class Pool {
     return new Pool(cow, catalog, false);
   }
 
-  /** Open a pool; reclaims the scratch space of atomic writes a crash interrupted. */
+  /** Open a pool; reclaims the scratch space of atomic writes and the volumes of imports a crash interrupted. */
   static async open(grass: Grass, options: PoolOptions = {}): Promise<Pool> {
     const cow = await CowStore.open(grass, { readOnly: options.readOnly === true, ...(options.cacheBytes ? { cacheBytes: options.cacheBytes } : {}) });
     try {
       const catalog = await decodeCatalog((i) => cow.read(BigInt(i)));
       const pool = new Pool(cow, catalog, options.readOnly === true);
       for (const e of catalog.entries) if (e.kind === 'scratch' && !pool.readOnly) await pool.dropScratch(e.id);
+      for (const e of catalog.entries) if (e.kind === 'volume' && e.incomplete === true && !pool.readOnly) await pool.removeVolume(e.name);
+      // (An incomplete volume has no snapshots: createSnapshot refuses them.)
       return pool;
     } catch (e) {
       await cow.close();
@@ -141,6 +147,7 @@ export class Pool {
       let blocks: Uint8Array[] = [];
       const value = await this.cow.transaction(async (tx) => {
         const v = await fn(draft, tx);
+        checkCatalog(draft);
         blocks = encodeCatalog(draft);
         for (const [i, b] of blocks.entries()) {
           const old = this.catalogBlocks[i];
@@ -195,14 +202,28 @@ export class Pool {
   // Volumes
   // ===========================================================================================
 
-  async createVolume(name: string, size: number): Promise<VolumeInfo> {
+  /**
+   * A new, empty volume. `incomplete`: one being filled (an import) that is not yet a whole
+   * image: the pool removes it when it opens, unless markComplete came first.
+   */
+  async createVolume(name: string, size: number, options: { incomplete?: boolean } = {}): Promise<VolumeInfo> {
     checkName(name, 'volume');
     checkSize(size);
     return this.mutate(async (c) => {
       if (c.entries.some((e) => e.kind === 'volume' && e.name === name)) throw new ExistsError(`a volume named '${name}' exists`);
       const v: VolumeEntry = { kind: 'volume', id: this.newId(c), name, size, created: new Date().toISOString(), parent: null };
+      if (options.incomplete === true) v.incomplete = true;
       c.entries.push(v);
       return this.volumeInfo(c, v);
+    });
+  }
+
+  /** Clear the incomplete mark of volume `id` (createVolume): it is whole now. */
+  async markComplete(id: number): Promise<void> {
+    await this.mutate(async (c) => {
+      const v = c.entries.find((e): e is VolumeEntry => e.kind === 'volume' && e.id === id);
+      if (v === undefined) throw new NotFoundError(`volume ${id} was removed before it was complete`);
+      delete v.incomplete;
     });
   }
 
@@ -214,13 +235,14 @@ export class Pool {
 
   private volumeInfo(c: Catalog, v: VolumeEntry): VolumeInfo {
     const parent = v.parent === null ? null : this.specOf(c, c.entries.find((e) => e.id === v.parent)!);
-    return { name: v.name, id: v.id, size: v.size, created: v.created, parent, snapshots: c.entries.filter((e) => e.kind === 'snapshot' && e.volume === v.id).length };
+    return { name: v.name, id: v.id, size: v.size, created: v.created, parent, snapshots: c.entries.filter((e) => e.kind === 'snapshot' && e.volume === v.id).length, incomplete: v.incomplete === true };
   }
 
   /** Open `VOLUME` (read-write) or `VOLUME@SNAPSHOT` (read-only). Many may be open at once. */
   async openImage(spec: string): Promise<Image> {
     this.checkOpen();
     const e = this.resolve(this.catalog, spec);
+    this.imageOpens++;
     this.openCount.set(e.id, (this.openCount.get(e.id) ?? 0) + 1);
     return new Image(this, e.id, spec, e.kind === 'snapshot' || this.readOnly);
   }
@@ -231,6 +253,7 @@ export class Pool {
       const snaps = c.entries.filter((e) => e.kind === 'snapshot' && e.volume === v.id);
       if (snaps.length > 0) throw new BusyError(`volume '${name}' has ${snaps.length} snapshot(s); remove them first`);
       if ((this.openCount.get(v.id) ?? 0) > 0) throw new BusyError(`volume '${name}' is open`);
+      this.checkNoAtomicWrite(c, v);
       c.entries = c.entries.filter((e) => e.id !== v.id);
       await tx.trim(slotBase(v.id), SLOT_BLOCKS);
     });
@@ -245,24 +268,47 @@ export class Pool {
     });
   }
 
-  /** Grow or shrink. Shrinking past mapped data needs allowShrink (the data past the end is discarded). */
+  /**
+   * Grow, or shrink. Shrinking past mapped data needs allowShrink (the data past the end is
+   * discarded). An open volume can grow but not shrink: its users' writes past the new end
+   * would be lost, or land past it.
+   */
   async resizeVolume(name: string, size: number, options: { allowShrink?: boolean } = {}): Promise<void> {
     checkSize(size);
     this.checkOpen();
     // Look for data past the new end before the transaction (Cow's usage() takes a read lock,
-    // which a transaction holds exclusively); the size is checked again inside.
+    // which a transaction holds exclusively). Nothing can write there in between: the volume
+    // is not open (checked again inside, with the count of opens since, which catches an
+    // image opened, written and closed meanwhile).
     const seen = this.volumeByName(this.catalog, name);
     const seenSize = seen.size;
-    if (size < seenSize && !options.allowShrink) {
-      const past = await this.cow.usage(slotBase(seen.id) + BigInt(size / BLOCK_BYTES), BigInt((seenSize - size) / BLOCK_BYTES));
-      if (past.mapped > 0n) throw new BusyError(`shrinking '${name}' to ${size} bytes would discard ${past.mapped} blocks of data; pass allowShrink (--allow-shrink) to do it anyway`);
+    const opensBefore = this.imageOpens;
+    if (size < seenSize) {
+      this.checkShrinkable(this.catalog, seen);
+      if (!options.allowShrink) {
+        const past = await this.cow.usage(slotBase(seen.id) + BigInt(size / BLOCK_BYTES), BigInt((seenSize - size) / BLOCK_BYTES));
+        if (past.mapped > 0n) throw new BusyError(`shrinking '${name}' to ${size} bytes would discard ${past.mapped} blocks of data; pass allowShrink (--allow-shrink) to do it anyway`);
+      }
     }
     await this.mutate(async (c, tx) => {
       const v = this.volumeByName(c, name);
-      if (v.size !== seenSize && size < v.size && !options.allowShrink) throw new BusyError(`'${name}' was resized meanwhile; try again`);
-      if (size < v.size) await tx.trim(slotBase(v.id) + BigInt(size / BLOCK_BYTES), SLOT_BLOCKS - BigInt(size / BLOCK_BYTES));
+      if (size < v.size) {
+        if (v.id !== seen.id || v.size !== seenSize || this.imageOpens !== opensBefore) throw new BusyError(`'${name}' was resized, replaced or opened meanwhile; try again`);
+        this.checkShrinkable(c, v);
+        await tx.trim(slotBase(v.id) + BigInt(size / BLOCK_BYTES), SLOT_BLOCKS - BigInt(size / BLOCK_BYTES));
+      }
       v.size = size;
     });
+  }
+
+  private checkShrinkable(c: Catalog, v: VolumeEntry): void {
+    if ((this.openCount.get(v.id) ?? 0) > 0) throw new BusyError(`volume '${v.name}' is open: it can grow, but shrinking it would pull data from under its users`);
+    this.checkNoAtomicWrite(c, v);
+  }
+
+  /** An atomic write under way holds a scratch slot for the volume: it may not be removed or shrunk under it. */
+  private checkNoAtomicWrite(c: Catalog, v: VolumeEntry): void {
+    if (c.entries.some((e) => e.kind === 'scratch' && e.volume === v.id)) throw new BusyError(`volume '${v.name}' has an atomic write under way`);
   }
 
   /** A new volume with the contents of `from` (a volume or snapshot): O(log n), blocks shared until written. */
@@ -295,6 +341,7 @@ export class Pool {
     checkName(name, 'snapshot');
     return this.mutate(async (c, tx) => {
       const v = this.volumeByName(c, volume);
+      if (v.incomplete === true) throw new BusyError(`volume '${volume}' is still being imported`);
       if (c.entries.some((e) => e.kind === 'snapshot' && e.volume === v.id && e.name === name)) throw new ExistsError(`snapshot '${volume}@${name}' exists`);
       const s: SnapshotEntry = { kind: 'snapshot', id: this.newId(c), name, volume: v.id, size: v.size, created: new Date().toISOString(), protected: false };
       c.entries.push(s);
@@ -414,9 +461,15 @@ export class Pool {
     });
   }
 
-  /** Run `fn` (the exchanges) and drop the scratch slot, in one transaction. */
-  async commitScratch(id: number, fn: (tx: CowTransaction) => Promise<void>): Promise<void> {
+  /**
+   * Run `fn` (the exchanges) and drop the scratch slot, in one transaction, if the volume still
+   * holds `bytes` (else nothing is changed and the caller drops the slot).
+   */
+  async commitScratch(id: number, bytes: number, fn: (tx: CowTransaction) => Promise<void>): Promise<void> {
     await this.mutate(async (c, tx) => {
+      const s = c.entries.find((e) => e.kind === 'scratch' && e.id === id);
+      const v = s?.kind === 'scratch' ? c.entries.find((e): e is VolumeEntry => e.kind === 'volume' && e.id === s.volume) : undefined;
+      if (v === undefined || v.size < bytes) throw new BusyError(`the volume was removed or shrunk during the atomic write; nothing was written`);
       await fn(tx);
       await tx.trim(slotBase(id), SLOT_BLOCKS);
       c.entries = c.entries.filter((e) => e.id !== id);

@@ -3,9 +3,11 @@
  * import skips all-zero blocks (they are holes in Cow anyway), export writes only the
  * allocated extents into a file truncated to the volume's size, so holes stay holes.
  */
-import { open, stat } from 'node:fs/promises';
+import type { Stats } from 'node:fs';
+import { open, stat, type FileHandle } from 'node:fs/promises';
 import { isZeroBlock } from '@pasture/cow';
 import type { Image } from './image.ts';
+import { InvalidArgumentError } from './errors.ts';
 import { BLOCK_BYTES } from './layout.ts';
 import type { Pool } from './pool.ts';
 
@@ -18,14 +20,32 @@ export interface TransferResult {
   seconds: number;
 }
 
-/** Create volume `name` sized to the file (rounded up to 4 KiB) and copy the file into it. */
+/**
+ * Only regular files: a pipe, socket or device has no size to make the volume with (stat says
+ * 0), and a device would keep its old bytes where the volume has holes. nbdcopy or qemu-img
+ * convert to or from the NBD export does those.
+ */
+function checkRegular(st: Stats, file: string): void {
+  if (st.isFile()) return;
+  const what = st.isBlockDevice() ? 'a block device' : st.isCharacterDevice() ? 'a character device' : st.isFIFO() ? 'a pipe' : st.isDirectory() ? 'a directory' : 'not a regular file';
+  throw new InvalidArgumentError(`${file} is ${what}: import and export take regular files (for devices and pipes, serve the pool and use nbdcopy or qemu-img convert with the NBD export)`);
+}
+
+/**
+ * Create volume `name` sized to the file (rounded up to 4 KiB) and copy the file into it. The
+ * volume is marked incomplete until the copy is flushed: a crash before then leaves nothing
+ * that passes for the whole image (the pool removes it when it opens).
+ */
 export async function importImage(pool: Pool, file: string, name: string, progress?: (done: number, total: number) => void): Promise<TransferResult> {
-  const size = (await stat(file)).size;
+  const st = await stat(file);
+  checkRegular(st, file);
+  const size = st.size;
   const t0 = process.hrtime.bigint();
-  await pool.createVolume(name, Math.ceil(size / BLOCK_BYTES) * BLOCK_BYTES);
+  const vol = await pool.createVolume(name, Math.ceil(size / BLOCK_BYTES) * BLOCK_BYTES, { incomplete: true });
   let dataBytes = 0;
   try {
     dataBytes = await copyInto(pool, name, file, size, progress);
+    await pool.markComplete(vol.id);
   } catch (e) {
     // Half an image must not pass for a whole one: the new volume goes (if the pool still can).
     await pool.removeVolume(name).catch(() => undefined);
@@ -78,11 +98,14 @@ async function copyInto(pool: Pool, name: string, file: string, size: number, pr
 /** Write `spec` (a volume or snapshot) to `file`: data extents only, holes left as holes. */
 export async function exportImage(pool: Pool, spec: string, file: string, progress?: (done: number, total: number) => void): Promise<TransferResult> {
   const t0 = process.hrtime.bigint();
+  const existing = await stat(file).catch(() => undefined);
+  if (existing !== undefined) checkRegular(existing, file);
   const img: Image = await pool.openImage(spec);
   const size = img.size;
-  const fh = await open(file, 'w');
+  let fh: FileHandle | undefined;
   let dataBytes = 0;
   try {
+    fh = await open(file, 'w');
     await fh.truncate(size);
     let pos = 0;
     while (pos < size) {
@@ -105,7 +128,7 @@ export async function exportImage(pool: Pool, spec: string, file: string, progre
     }
     await fh.sync();
   } finally {
-    await fh.close();
+    await fh?.close();
     await img.close();
   }
   return { bytes: size, dataBytes, seconds: Number(process.hrtime.bigint() - t0) / 1e9 };
