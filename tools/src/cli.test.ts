@@ -66,6 +66,38 @@ test('usage errors are one clear line and exit 2; --list-policies lists the poli
   t.regex(nostore.stderr, /holds no Pasture store/);
 });
 
+test('bad arguments are refused before anything is done; --json failures print one JSON object', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'pasture-cli-'));
+  try {
+    const store = join(dir, 'pool');
+    // A geometry Grass cannot run in is refused before a store is made (init could not be run again).
+    const few = await pasture('init', '--store', `file:${store}`, '--segments', '4');
+    t.is(few.code, 2);
+    t.regex(few.stderr, /--segments must be in \[8, /);
+    t.is((await pasture('init', '--store', `file:${store}`, '--segment-bytes', '1M', '--segments', '16')).code, 0, 'the same directory takes a good init');
+    const odd = await pasture('volume', 'create', 'a', '--size', '4096.5', '--store', store);
+    t.is(odd.code, 2);
+    t.regex(odd.stderr, /whole number of bytes/);
+    t.is((await pasture('volume', 'create', 'a', '--size', '1M', '--store', store)).code, 0);
+    t.is((await pasture('volume', 'create', 'b', '--size', '1M', '--store', store)).code, 0);
+    const extra = await pasture('volume', 'remove', 'a', 'b', '--store', store);
+    t.is(extra.code, 2);
+    t.regex(extra.stderr, /unexpected argument: 'b'/);
+    const list = JSON.parse((await pasture('volume', 'list', '--store', store, '--json')).stdout) as { volumes: { name: string }[] };
+    t.deepEqual(list.volumes.map((v) => v.name), ['a', 'b'], 'nothing was removed');
+    // --json: a failure is one JSON object on stdout too.
+    for (const args of [['volume', 'list', '--store', join(dir, 'none')], ['snap', 'list', 'nosuch', '--store', store], ['volume', 'frob', '--store', store]]) {
+      const r = await pasture(...args, '--json');
+      t.not(r.code, 0);
+      const j = JSON.parse(r.stdout) as { error: string; code: string };
+      t.true(typeof j.error === 'string' && j.error.length > 0 && typeof j.code === 'string', r.stdout);
+      t.is(r.stdout.trim().split('\n').length, 1);
+    }
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
 test('sim replays a seed and reports ok in JSON', async (t) => {
   const r = await pasture('sim', 'grass', '--seed', '42', '--crashes', '5', '--json');
   t.is(r.code, 0, r.stderr);

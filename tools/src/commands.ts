@@ -5,7 +5,7 @@ import { serve, parseHostPort, type ServeOptions } from './serve.ts';
 import { mkdir } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import {
-  GrassLog, POLICIES, Rng, fsck, policyByName,
+  GrassLog, MAX_SEGMENT_BYTES, MAX_SEGMENT_COUNT, MIN_SEGMENT_BYTES, MIN_SEGMENT_COUNT, POLICIES, Rng, fsck, policyByName,
 } from '@pasture/grass';
 import type { SegmentStore } from '@pasture/grass';
 import { benchS3 } from './bench-s3.ts';
@@ -61,7 +61,9 @@ function size(v: Parsed[string], what: string, dflt: number): number {
   const m = typeof v === 'string' ? /^(\d+(?:\.\d+)?)([KMGT]i?B?)?$/i.exec(v) : null;
   if (m === null) throw new UsageError(`--${what} takes a size such as 4096, 64K, 8M or 1G, got '${String(v)}'`);
   const mult = { K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 }[(m[2] ?? '').charAt(0).toUpperCase() as 'K'] ?? 1;
-  return Math.round(Number(m[1]) * mult);
+  const n = Number(m[1]) * mult;
+  if (!Number.isSafeInteger(n)) throw new UsageError(`--${what} must come to a whole number of bytes, got '${String(v)}' (${n})`);
+  return n;
 }
 
 /** The store `--store` (and `--cache-dir`) name. */
@@ -112,17 +114,23 @@ function out(json: boolean, obj: unknown, text: () => string): void {
   io.out(json ? JSON.stringify(obj) + '\n' : text());
 }
 
-async function wrap(fn: () => Promise<number>): Promise<number> {
+/**
+ * Run a command: its exit code, or for an error, a message on stderr and 2 (usage) or 1. With
+ * --json the error is also the one JSON object on stdout: {"error", "code"}.
+ */
+async function wrap(argv: string[], fn: () => Promise<number>): Promise<number> {
   try {
     return await fn();
   } catch (e) {
     if (e instanceof HelpShown) return 0;
-    if (e instanceof UsageError) {
-      io.err(`pasture: ${e.message}\n`);
-      return 2;
+    const usage = e instanceof UsageError;
+    const message = e instanceof Error ? e.message : String(e);
+    io.err(`pasture: ${message}\n`);
+    if (argv.includes('--json')) {
+      const code = usage ? 'EUSAGE' : typeof (e as { code?: unknown }).code === 'string' ? (e as { code: string }).code : 'ERROR';
+      io.out(JSON.stringify({ error: usage ? message.split('\n\n')[0] : message, code }) + '\n');
     }
-    io.err(`pasture: ${e instanceof Error ? e.message : String(e)}\n`);
-    return 1;
+    return usage ? 2 : 1;
   }
 }
 
@@ -142,11 +150,18 @@ ${STORE_HELP}
 const init: Command = {
   name: 'init',
   summary: 'create a new pool (file:DIR, or s3://BUCKET/PREFIX with a local cache)',
-  run: (argv) => wrap(async () => {
+  run: (argv) => wrap(argv, async () => {
     const o = parse(argv, { ...STORE_FLAGS, 'segment-bytes': { type: 'string' }, segments: { type: 'string' }, json: { type: 'boolean' } }, initHelp);
     const spec = storeSpec(o);
     const dir = spec.kind === 's3' ? String(o.store) : spec.dir;
-    const store = await createStore(spec, { segmentBytes: size(o['segment-bytes'], 'segment-bytes', 8 << 20), segmentCount: num(o.segments, 'segments', 1024) }, s3Flags(o));
+    maxArgs(o, 0);
+    const segmentBytes = size(o['segment-bytes'], 'segment-bytes', 8 << 20);
+    const segmentCount = num(o.segments, 'segments', 1024);
+    // Grass's limits, checked before anything is created: a store it cannot run in would be
+    // left behind, refused by every command (init too: the directory holds a store).
+    if (segmentCount < MIN_SEGMENT_COUNT || segmentCount > MAX_SEGMENT_COUNT) throw new UsageError(`--segments must be in [${MIN_SEGMENT_COUNT}, ${MAX_SEGMENT_COUNT}], got ${segmentCount}`);
+    if (segmentBytes < MIN_SEGMENT_BYTES || segmentBytes > MAX_SEGMENT_BYTES || segmentBytes % 4096 !== 0) throw new UsageError(`--segment-bytes must be a multiple of 4096 in [128K, 256M], got ${segmentBytes}`);
+    const store = await createStore(spec, { segmentBytes, segmentCount }, s3Flags(o));
     const g = await GrassLog.create(store);
     const st = g.stats();
     const pool = await Pool.create(g);
@@ -171,8 +186,9 @@ ${STORE_HELP}
 const fsckCmd: Command = {
   name: 'fsck',
   summary: 'check a store; non-zero exit if anything is wrong',
-  run: (argv) => wrap(async () => {
+  run: (argv) => wrap(argv, async () => {
     const o = parse(argv, { ...STORE_FLAGS, json: { type: 'boolean' }, data: { type: 'boolean' } }, fsckHelp);
+    maxArgs(o, 0);
     const dir = typeof o.store === 'string' && o.store.startsWith('s3://') ? o.store : storeDir(o);
     const opened = await openSpec(o);
     const bucket = await checkBucket(opened);
@@ -236,8 +252,9 @@ ${STORE_HELP}
 const stats: Command = {
   name: 'stats',
   summary: 'print a store\'s statistics',
-  run: (argv) => wrap(async () => {
+  run: (argv) => wrap(argv, async () => {
     const o = parse(argv, { ...STORE_FLAGS, json: { type: 'boolean' } }, statsHelp);
+    maxArgs(o, 0);
     const lines = (o2: object): string => Object.entries(o2).map(([k, v]) => `${k}: ${Array.isArray(v) ? v.join(' ') : typeof v === 'object' && v !== null ? JSON.stringify(v) : v}`).join('\n') + '\n';
     if (live !== undefined && storeDir(o) === live.dir) {
       const c = live.pool.cow;
@@ -316,7 +333,7 @@ bench grass modes:
 const bench: Command = {
   name: 'bench',
   summary: 'benchmarks: bench grass|cow|human|s3 --help',
-  run: (argv) => wrap(async () => {
+  run: (argv) => wrap(argv, async () => {
     const o = parse(argv, {
       mode: { type: 'string' }, workload: { type: 'string' }, utilization: { type: 'string' }, policy: { type: 'string' },
       'segment-bytes': { type: 'string' }, segments: { type: 'string' }, multiple: { type: 'string' }, seed: { type: 'string' },
@@ -457,7 +474,8 @@ async function benchHuman(o: Parsed): Promise<number> {
   return 0;
 }
 
-const simHelp = `Usage: pnpm pasture sim grass|cow [--seed N] [--crashes M] [--policy NAME] [--json] [--verbose]
+const simHelp = `Usage: pnpm pasture sim grass|cow [--seed N] [--crashes M] [--policy NAME] [--io-error-rate P]
+                            [--background-reaper] [--json] [--verbose]
 
 Run a seeded crash simulator (the ones the tests run) on a fault-injecting store, with
 crashes at random points, reopen and a check against a model. The same seed replays a run
@@ -465,13 +483,16 @@ exactly.
   grass   random batches, flushes, checkpoints and cleaning
   cow     random writes, trims, BLOCK-COPYs and BLOCK-EXCHANGEs over huge sparse ranges in
           transactions; fsck after every step (--background-reaper to reap concurrently)
+--crashes (default 50), --policy (grass's cleaner policy, default cost-benefit),
+--io-error-rate: the chance that each store operation fails with EIO (default 0).
 `;
 
 const sim: Command = {
   name: 'sim',
   summary: 'seeded crash simulators: sim grass|cow --seed N',
-  run: (argv) => wrap(async () => {
+  run: (argv) => wrap(argv, async () => {
     const o = parse(argv, { seed: { type: 'string' }, crashes: { type: 'string' }, policy: { type: 'string' }, json: { type: 'boolean' }, verbose: { type: 'boolean' }, 'io-error-rate': { type: 'string' }, 'background-reaper': { type: 'boolean' } }, simHelp);
+    maxArgs(o, 1);
     const seed = num(o.seed, 'seed', Rng.seedFromEnv());
     const layer = o._[0] ?? 'grass';
     if (layer === 'cow') {
@@ -547,8 +568,9 @@ const serveFlags = {
 const serveCmd: Command = {
   name: 'serve',
   summary: 'serve a pool\'s volumes and snapshots over NBD',
-  run: (argv) => wrap(async () => {
+  run: (argv) => wrap(argv, async () => {
     const o = parse(argv, serveFlags, serveHelp);
+    maxArgs(o, 0);
     return serve(serveOptions(o, storeDir(o), () => openSpec(o)));
   }),
 };
@@ -565,8 +587,9 @@ yet) and serve it over NBD on 127.0.0.1:10809 until Ctrl-C. Takes serve's option
 const demo: Command = {
   name: 'demo',
   summary: 'create a demo pool with a volume (if none) and serve it over NBD',
-  run: (argv) => wrap(async () => {
+  run: (argv) => wrap(argv, async () => {
     const o = parse(argv, { ...serveFlags, dir: { type: 'string' } }, demoHelp);
+    maxArgs(o, 0);
     const dir = resolve(typeof o.dir === 'string' ? o.dir : join('.pasture', 'demo'));
     const spec: StoreSpec = { kind: 'file', dir };
     if (!(await storeExists(spec))) {
@@ -623,6 +646,12 @@ function need(o: Parsed, i: number, what: string, help: string): string {
   return v;
 }
 
+/** Refuse more than `n` positional arguments, before the command does anything. */
+function maxArgs(o: Parsed, n: number): void {
+  const extra = o._.slice(n);
+  if (extra.length > 0) throw new UsageError(`unexpected argument${extra.length > 1 ? 's' : ''}: ${extra.map((a) => `'${a}'`).join(' ')}`);
+}
+
 function table(rows: string[][]): string {
   if (rows.length === 0) return '';
   const w = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
@@ -635,8 +664,8 @@ const volumeHelp = `Usage: pnpm pasture volume <subcommand> --store file:DIR [--
   list                          every volume: size, parent, snapshots
   info NAME[@SNAP]              size, allocated bytes, bytes unique to it
   resize NAME --size SIZE [--allow-shrink]
-                                grow, or shrink (refused if data lies past the new end
-                                unless --allow-shrink)
+                                grow, or shrink (refused while a client has it open, and
+                                if data lies past the new end unless --allow-shrink)
   rename NAME NEWNAME
   copy FROM NEWNAME             a new volume with FROM's contents (FROM: VOLUME or
                                 VOLUME@SNAPSHOT); instant, blocks shared until written
@@ -648,9 +677,10 @@ ${STORE_HELP}
 const volume: Command = {
   name: 'volume',
   summary: 'volumes: create, list, info, resize, rename, copy, remove',
-  run: (argv) => wrap(async () => {
+  run: (argv) => wrap(argv, async () => {
     const o = parse(argv, { ...storeOption, size: { type: 'string' }, 'allow-shrink': { type: 'boolean' } }, volumeHelp);
     const sub = need(o, 0, 'subcommand', volumeHelp);
+    maxArgs(o, ({ list: 1, rename: 3, copy: 3 } as Record<string, number>)[sub] ?? 2);
     const json = !!o.json;
     const readOnly = sub === 'list' || sub === 'info';
     return withPool(o, readOnly, async (pool) => {
@@ -663,7 +693,7 @@ const volume: Command = {
         }
         case 'list': {
           const vs = pool.listVolumes();
-          out(json, { volumes: vs }, () => table([['NAME', 'SIZE', 'PARENT', 'SNAPSHOTS', 'CREATED'], ...vs.map((v) => [v.name, human(v.size), v.parent ?? '-', String(v.snapshots), v.created])]));
+          out(json, { volumes: vs }, () => table([['NAME', 'SIZE', 'PARENT', 'SNAPSHOTS', 'CREATED'], ...vs.map((v) => [v.incomplete ? `${v.name} (importing)` : v.name, human(v.size), v.parent ?? '-', String(v.snapshots), v.created])]));
           return 0;
         }
         case 'info': {
@@ -718,9 +748,10 @@ ${STORE_HELP}
 const snap: Command = {
   name: 'snap',
   summary: 'snapshots: create, list, remove, rollback, protect, unprotect',
-  run: (argv) => wrap(async () => {
+  run: (argv) => wrap(argv, async () => {
     const o = parse(argv, storeOption, snapHelp);
     const sub = need(o, 0, 'subcommand', snapHelp);
+    maxArgs(o, 2);
     const json = !!o.json;
     const arg = need(o, 1, sub === 'list' ? 'VOLUME' : 'VOLUME@SNAP', snapHelp);
     const at = (): [string, string] => {
@@ -774,8 +805,9 @@ ${STORE_HELP}
 const clone: Command = {
   name: 'clone',
   summary: 'clone a snapshot into a new writable volume',
-  run: (argv) => wrap(async () => {
+  run: (argv) => wrap(argv, async () => {
     const o = parse(argv, storeOption, cloneHelp);
+    maxArgs(o, 2);
     const [from, to] = [need(o, 0, 'VOLUME@SNAP', cloneHelp), need(o, 1, 'NEWVOLUME', cloneHelp)];
     return withPool(o, false, async (pool) => {
       const v = await pool.clone(from, to);
@@ -796,8 +828,9 @@ ${STORE_HELP}
 const flatten: Command = {
   name: 'flatten',
   summary: 'detach a clone from its parent snapshot',
-  run: (argv) => wrap(async () => {
+  run: (argv) => wrap(argv, async () => {
     const o = parse(argv, storeOption, flattenHelp);
+    maxArgs(o, 1);
     const name = need(o, 0, 'VOLUME', flattenHelp);
     return withPool(o, false, async (pool) => {
       await pool.flatten(name);
@@ -818,8 +851,9 @@ ${STORE_HELP}
 const diff: Command = {
   name: 'diff',
   summary: 'extents changed between two snapshots, or a snapshot and its volume',
-  run: (argv) => wrap(async () => {
+  run: (argv) => wrap(argv, async () => {
     const o = parse(argv, storeOption, diffHelp);
+    maxArgs(o, 2);
     const from = need(o, 0, 'VOLUME@FROM', diffHelp);
     const to = o._[1] ?? from.split('@')[0]!;
     return withPool(o, true, async (pool) => {
@@ -859,8 +893,9 @@ ${STORE_HELP}
 const importCmd: Command = {
   name: 'import',
   summary: 'copy a raw image file into a new volume (sparse-aware)',
-  run: (argv) => wrap(async () => {
+  run: (argv) => wrap(argv, async () => {
     const o = parse(argv, storeOption, importHelp);
+    maxArgs(o, 2);
     const [file, name] = [need(o, 0, 'FILE', importHelp), need(o, 1, 'VOLUME', importHelp)];
     return withPool(o, false, async (pool) => {
       const r = await importImage(pool, io.resolve(file), name, progressBar(!!o.json, 'import'));
@@ -881,8 +916,9 @@ ${STORE_HELP}
 const exportCmd: Command = {
   name: 'export',
   summary: 'copy a volume or snapshot to a raw image file (sparse-aware)',
-  run: (argv) => wrap(async () => {
+  run: (argv) => wrap(argv, async () => {
     const o = parse(argv, storeOption, exportHelp);
+    maxArgs(o, 2);
     const [spec, file] = [need(o, 0, 'VOLUME[@SNAP]', exportHelp), need(o, 1, 'FILE', exportHelp)];
     return withPool(o, true, async (pool) => {
       const r = await exportImage(pool, spec, io.resolve(file), progressBar(!!o.json, 'export'));

@@ -27,7 +27,7 @@ import {
 } from './errors.ts';
 import {
   CHECKPOINT_CHUNK_BYTES, FLAG_BATCH_END, FOOTER_BYTES, MAP_ENTRY_BYTES, MAP_PAGE_ENTRIES, MAX_GADDR, MAX_GC_STREAMS,
-  MAX_SEGMENT_BYTES, MAX_SEGMENT_COUNT, MAX_STREAMS, MAX_USER_RECORD_BYTES, MIN_SEGMENT_BYTES, NO_SLOT,
+  MAX_SEGMENT_BYTES, MAX_SEGMENT_COUNT, MAX_STREAMS, MAX_USER_RECORD_BYTES, MIN_SEGMENT_BYTES, MIN_SEGMENT_COUNT, NO_SLOT,
   RECORD_HEADER_BYTES, RecordKind, SEGMENT_HEADER_BYTES, STREAM_GC_FIRST, STREAM_META, STREAM_USER,
   SUMMARY_ENTRY_BYTES, viewOf,
 } from './format.ts';
@@ -259,8 +259,13 @@ export class GrassLog implements Grass {
     readonly store: SegmentStore,
     options: GrassOptions,
   ) {
-    assertSafeInt(store.segmentBytes, MIN_SEGMENT_BYTES, MAX_SEGMENT_BYTES, 'segmentBytes');
-    assertSafeInt(store.segmentCount, 8, MAX_SEGMENT_COUNT, 'segmentCount');
+    // A store's geometry is the user's choice: a clear error, not an assertion.
+    if (!Number.isSafeInteger(store.segmentBytes) || store.segmentBytes < MIN_SEGMENT_BYTES || store.segmentBytes > MAX_SEGMENT_BYTES) {
+      throw new InvalidArgumentError(`Grass needs segments of ${MIN_SEGMENT_BYTES} to ${MAX_SEGMENT_BYTES} bytes; ${store.describe()} has ${store.segmentBytes}`);
+    }
+    if (!Number.isSafeInteger(store.segmentCount) || store.segmentCount < MIN_SEGMENT_COUNT || store.segmentCount > MAX_SEGMENT_COUNT) {
+      throw new InvalidArgumentError(`Grass needs ${MIN_SEGMENT_COUNT} to ${MAX_SEGMENT_COUNT} segments; ${store.describe()} has ${store.segmentCount}`);
+    }
     this.policy = options.policy ?? costBenefit;
     assertSafeInt(this.policy.gcStreams, 1, MAX_GC_STREAMS, 'policy.gcStreams');
     this.segmentBytes = store.segmentBytes;

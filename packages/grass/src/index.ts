@@ -4,7 +4,7 @@ export { MemorySegmentStore } from './stores/memory.ts';
 export { FileSegmentStore, takeLock, syncDir, pidAlive } from './stores/file.ts';
 export { LocalReads, SYNC_READ_BYTES_MAX } from './stores/local-reads.ts';
 export { checkRange } from './segment-store.ts';
-export { SUPERBLOCK_BYTES, MIN_SEGMENT_BYTES, MAX_SEGMENT_BYTES, MAX_SEGMENT_COUNT } from './format.ts';
+export { SUPERBLOCK_BYTES, MIN_SEGMENT_BYTES, MAX_SEGMENT_BYTES, MAX_SEGMENT_COUNT, MIN_SEGMENT_COUNT } from './format.ts';
 export { FaultySegmentStore, CrashedError, InjectedError, type FaultOptions } from './stores/faulty.ts';
 export { POLICIES, policyByName, greedy, costBenefit, sepbit, type CleanerPolicy, type CleanerContext, type RecordInfo, type SegmentInfo } from './policies.ts';
 export type { GrassStats, RecoveryReport, StreamRecovery } from './stats.ts';

@@ -414,3 +414,23 @@ test('import and export take regular files, with a clear error for anything else
     await rm(dir, { recursive: true, force: true });
   }
 });
+
+test('an open image\'s stat follows a rename, and says volume in a read-only pool', async (t) => {
+  const { pool, store } = await fresh();
+  await pool.createVolume('old', MiB);
+  await pool.createSnapshot('old', 's');
+  const img = await pool.openImage('old');
+  const snap = await pool.openImage('old@s');
+  await pool.renameVolume('old', 'new');
+  await pool.renameVolume('new', 'new'); // already so named: nothing to do
+  t.like(img.stat(), { name: 'new', spec: 'new', kind: 'volume' });
+  t.like(snap.stat(), { name: 'new', spec: 'new@s', kind: 'snapshot', readOnly: true });
+  await img.close();
+  await snap.close();
+  await pool.flush();
+  const ro = await Pool.open(await GrassLog.open(store.reopen(), { readOnly: true }), { readOnly: true });
+  const r = await ro.openImage('new');
+  t.like(r.stat(), { kind: 'volume', readOnly: true });
+  await r.close();
+  await ro.close();
+});

@@ -55,7 +55,8 @@ export class Image {
 
   stat(): ImageStat {
     this.checkOpen();
-    return { name: this.spec.split('@')[0]!, spec: this.spec, kind: this.readOnly ? 'snapshot' : 'volume', size: this.size, readOnly: this.readOnly };
+    const { kind, spec } = this.pool.imageNames(this.id);
+    return { name: spec.split('@')[0]!, spec, kind, size: this.size, readOnly: this.readOnly };
   }
 
 

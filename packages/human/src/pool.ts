@@ -263,6 +263,7 @@ export class Pool {
     checkName(to, 'volume');
     await this.mutate(async (c) => {
       const v = this.volumeByName(c, name);
+      if (name === to) return; // already so named
       if (c.entries.some((e) => e.kind === 'volume' && e.name === to)) throw new ExistsError(`a volume named '${to}' exists`);
       v.name = to;
     });
@@ -490,6 +491,13 @@ export class Pool {
   private setCatalog(c: Catalog): void {
     this.catalog = c;
     this.byId = new Map(c.entries.map((e) => [e.id, e]));
+  }
+
+  /** An open image's kind and its spec now (a rename shows here at once). */
+  imageNames(id: number): { kind: 'volume' | 'snapshot'; spec: string } {
+    const e = this.byId.get(id);
+    if (e === undefined || e.kind === 'scratch') throw new NotFoundError(`image ${id} no longer exists`);
+    return { kind: e.kind, spec: this.specOf(this.catalog, e) };
   }
 
   imageSize(id: number): number {
