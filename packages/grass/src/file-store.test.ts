@@ -57,6 +57,28 @@ test('a lock left by a dead process is taken over; a bad manifest is a clear err
   });
 });
 
+test('processes racing to take over a stale lock: one at a time holds it', async (t) => {
+  const { execFile } = await import('node:child_process');
+  const { writeFile } = await import('node:fs/promises');
+  const { hostname } = await import('node:os');
+  const { fileURLToPath } = await import('node:url');
+  const fixture = fileURLToPath(new URL('./fixtures/take-lock.ts', import.meta.url));
+  await withTempDir(async (dir) => {
+    const lock = join(dir, 'lock');
+    for (let trial = 0; trial < 4; trial++) {
+      await writeFile(lock, JSON.stringify({ pid: 2 ** 22 + 4321, host: hostname(), since: 'long ago' }));
+      const startAt = Date.now() + 3000; // all four try at once, once started
+      const runs = await Promise.all(Array.from({ length: 4 }, () => new Promise<{ taken: boolean; from?: number; to?: number; error?: string }>((resolve, reject) => {
+        execFile(process.execPath, ['--import', 'tsx', fixture, lock, '400', String(startAt)], { timeout: 60_000 }, (err, stdout) => (err ? reject(err) : resolve(JSON.parse(stdout))));
+      })));
+      const held = runs.filter((r) => r.taken).sort((a, b) => a.from! - b.from!);
+      t.true(held.length >= 1, `trial ${trial}: someone took it`);
+      for (let i = 1; i < held.length; i++) t.true(held[i]!.from! >= held[i - 1]!.to!, `trial ${trial}: two processes held the lock at once`);
+      for (const r of runs.filter((x) => !x.taken)) t.regex(r.error!, /in use by process \d+/);
+    }
+  });
+});
+
 test('small reads are synchronous until one is slow (a page-cache miss), then go through the thread pool for a while', async (t) => {
   await withTempDir(async (dir) => {
     const store = await FileSegmentStore.create(dir, { segmentBytes: 1 << 20, segmentCount: 8 });

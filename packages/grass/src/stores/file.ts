@@ -10,7 +10,9 @@
  * positioned write plus fdatasync of `superblock`. Files are created once, at `create`, and
  * the directory is fsynced then, so later syncs need no directory sync.
  */
-import { open, mkdir, readFile, writeFile, unlink, rename, readdir } from 'node:fs/promises';
+import { open, mkdir, readFile, writeFile, unlink, rename, readdir, link } from 'node:fs/promises';
+import { randomBytes } from 'node:crypto';
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { FileHandle } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
@@ -29,7 +31,8 @@ const StoreManifest = z.object({
 });
 type StoreManifest = z.infer<typeof StoreManifest>;
 
-const LockFile = z.object({ pid: z.number().int(), host: z.string(), since: z.string() });
+/** `token`: unique to one takeLock call, so that it knows its own lock from another of this process's. */
+const LockFile = z.object({ pid: z.number().int(), host: z.string(), since: z.string(), token: z.string().optional() });
 
 export interface FileStoreOptions {
   segmentBytes: number;
@@ -216,37 +219,96 @@ export function pidAlive(pid: number): boolean {
 /**
  * Take the store's lock file, or explain who holds it. A lock left by a dead process on this
  * host is stale and is taken over; a lock from another host is never broken automatically.
+ *
+ * The lock appears whole or not at all: its contents go to a temporary file that is then
+ * hard-linked into place (link fails if the name exists), so no one reads a half-written
+ * lock. Taking over a stale lock is check-then-replace, so takeovers are serialized by a
+ * second such file (`LOCK.takeover`): with it held, the lock is read again and replaced only
+ * if it still names the same dead holder. (Without that, two processes that both found the
+ * lock stale could each remove the other's fresh lock, and both hold the store.)
  */
 export async function takeLock(lockPath: string): Promise<void> {
-  const me = { pid: process.pid, host: hostname(), since: new Date().toISOString() };
-  for (let attempt = 0; attempt < 3; attempt++) {
-    try {
-      const h = await open(lockPath, 'wx');
-      await h.writeFile(JSON.stringify(me) + '\n');
-      await h.sync();
-      await h.close();
-      return;
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
-    }
-    let holder: z.infer<typeof LockFile> | undefined;
-    try {
-      const parsed = LockFile.safeParse(JSON.parse(await readFile(lockPath, 'utf8')));
-      holder = parsed.success ? parsed.data : undefined;
-    } catch {
-      holder = undefined;
-    }
+  const me = { pid: process.pid, host: hostname(), since: new Date().toISOString(), token: randomBytes(8).toString('hex') };
+  const text = JSON.stringify(me) + '\n';
+  for (let attempt = 0; attempt < 50; attempt++) {
+    if (await createWhole(lockPath, text)) return;
+    const holder = await readLock(lockPath);
+    if (holder === 'gone') continue;
     if (holder !== undefined && holder.host === me.host && holder.pid !== process.pid && !pidAlive(holder.pid)) {
-      await unlink(lockPath).catch(() => undefined);
-      continue;
+      await takeOverStale(lockPath, holder, text);
+      continue; // taken (the next createWhole fails, and readLock names this process), or lost to another
     }
     if (holder === undefined) {
       throw new StoreLockedError(`store is locked by ${lockPath}, whose contents are unreadable; remove it if no process uses the store`);
     }
+    if (holder.token === me.token) return; // its own, from takeOverStale
     const who = holder.pid === process.pid && holder.host === me.host ? 'this process' : `process ${holder.pid} on ${holder.host}`;
     throw new StoreLockedError(`store is in use by ${who} since ${holder.since} (lock file ${lockPath})`);
   }
   throw new StoreLockedError(`could not take the lock ${lockPath}`);
+}
+
+type LockHolder = z.infer<typeof LockFile>;
+
+/** The lock's holder; undefined if unreadable; 'gone' if there is no lock file. */
+async function readLock(lockPath: string): Promise<LockHolder | undefined | 'gone'> {
+  let raw: string;
+  try {
+    raw = await readFile(lockPath, 'utf8');
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return 'gone';
+    return undefined;
+  }
+  try {
+    const parsed = LockFile.safeParse(JSON.parse(raw));
+    return parsed.success ? parsed.data : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Create `path` holding `text`, durably, if it does not exist: true if this call created it. */
+async function createWhole(path: string, text: string): Promise<boolean> {
+  const tmp = `${path}.${process.pid}.${randomBytes(6).toString('hex')}.tmp`;
+  const h = await open(tmp, 'wx');
+  try {
+    await h.writeFile(text);
+    await h.sync();
+  } finally {
+    await h.close();
+  }
+  try {
+    await link(tmp, path);
+    return true;
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'EEXIST') return false;
+    throw e;
+  } finally {
+    await unlink(tmp).catch(() => undefined);
+  }
+}
+
+/** Replace the lock of dead holder `stale` with ours, if it still is that lock (see takeLock). */
+async function takeOverStale(lockPath: string, stale: LockHolder, text: string): Promise<void> {
+  const guard = `${lockPath}.takeover`;
+  if (!(await createWhole(guard, text))) {
+    // Another takeover is under way, or its process died holding the guard.
+    const g = await readLock(guard);
+    if (g !== 'gone' && (g === undefined || (g.host === hostname() && !pidAlive(g.pid)))) {
+      const again = await readLock(guard);
+      if (again !== 'gone' && JSON.stringify(again) === JSON.stringify(g)) await unlink(guard).catch(() => undefined);
+    }
+    await sleep(10 + Math.random() * 40);
+    return;
+  }
+  try {
+    const now = await readLock(lockPath);
+    if (now !== 'gone' && JSON.stringify(now) !== JSON.stringify(stale)) return;
+    if (now !== 'gone') await unlink(lockPath);
+    await createWhole(lockPath, text); // false: someone took it in between, fairly
+  } finally {
+    await unlink(guard).catch(() => undefined);
+  }
 }
 
 /** List the entries of a store directory (for fsck and tests). */
