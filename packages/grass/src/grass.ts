@@ -164,6 +164,13 @@ class OpenSegment {
   }
 }
 
+/** What a batch needs of the log (checkBatch). */
+interface BatchNeed {
+  bytes: number;
+  newPages: number;
+  trimOnly: boolean;
+}
+
 interface Deferred {
   promise: Promise<void>;
   resolve: () => void;
@@ -327,13 +334,29 @@ export class GrassLog implements Grass {
    * slot table and the directory), and that a reopen after a crash can start a fresh segment
    * for every stream while the old tails stay sealed in place.
    */
-  private reserveSegments(): number {
-    const pages = Math.max(1, this.map?.pageCount ?? 1);
-    const checkpointBytes = pages * (MAP_PAGE_ENTRIES * MAP_ENTRY_BYTES + RECORD_HEADER_BYTES + SUMMARY_ENTRY_BYTES + 28) + this.segmentCount * 28 + 4096;
-    const checkpointSegments = Math.ceil(checkpointBytes / (this.segmentBytes - SEGMENT_HEADER_BYTES - FOOTER_BYTES - 1024)) + 1;
+  private reserveSegments(newPages = 0): number {
+    const pages = Math.max(1, (this.map?.pageCount ?? 1) + newPages);
+    const checkpointSegments = this.checkpointSegments(pages, pages) + 1;
     const gcStreams = this.policy?.gcStreams ?? 1;
     const streams = STREAM_GC_FIRST + gcStreams;
     return streams + gcStreams + checkpointSegments + 1;
+  }
+
+  /**
+   * A checkpoint's bytes in the log at most, with `dirtyPages` map pages to write and a
+   * directory of `directoryPages` entries: the pages, the body (slot table and directory) in
+   * chunks, and the root.
+   */
+  private checkpointSegments(dirtyPages: number, directoryPages: number): number {
+    const record = (payload: number): number => RECORD_HEADER_BYTES + payload + SUMMARY_ENTRY_BYTES;
+    const pageBytes = MAP_PAGE_ENTRIES * MAP_ENTRY_BYTES;
+    const body = 4096 + this.segmentCount * 28 + directoryPages * 28;
+    const chunks = Math.ceil(body / CHECKPOINT_CHUNK_BYTES);
+    const root = 4096 + chunks * 24;
+    const bytes = dirtyPages * record(pageBytes) + body + chunks * record(0) + record(root);
+    // A segment may end with up to one record's worth of room unused, where the next did not fit.
+    const largest = record(Math.max(dirtyPages > 0 ? pageBytes : 0, Math.min(body, CHECKPOINT_CHUNK_BYTES), root));
+    return Math.ceil(bytes / (this.usableBytes - largest));
   }
 
   /** Background cleaning starts at this many free segments (the reserve grows with the map). */
@@ -514,24 +537,36 @@ export class GrassLog implements Grass {
   }
 
   async batch(ops: readonly BatchOp[]): Promise<void> {
-    const bytes = this.checkBatch(ops);
+    const need = this.checkBatch(ops);
     if (ops.length === 0) return;
-    await this.admit(bytes);
+    // The ops are checked now and applied after the wait: a caller that changed them
+    // meanwhile would bypass the checks, so the wait is on a copy.
+    const frozen = ops.map((op) => (op.op === 'put' ? { op: 'put' as const, gaddr: op.gaddr, data: op.data.slice() } : { ...op }));
+    await this.admit(need);
     this.checkWritable();
-    this.applyChecked(ops);
+    this.applyChecked(frozen);
   }
 
-  /** Check a batch's arguments and limits (InvalidArgumentError); its bytes in the log. */
-  private checkBatch(ops: readonly BatchOp[]): number {
+  /**
+   * Check a batch's arguments and limits (InvalidArgumentError). Its needs: its bytes in the
+   * log, the map pages it creates (each makes every checkpoint larger, so the reserve grows),
+   * and whether it only trims.
+   */
+  private checkBatch(ops: readonly BatchOp[]): BatchNeed {
     this.checkWritable();
     if (ops.length > MAX_BATCH_OPS) throw new InvalidArgumentError(`batch of ${ops.length} ops exceeds the limit of ${MAX_BATCH_OPS}`);
     let bytes = 0;
+    let trimOnly = true;
+    let newPages: Set<number> | undefined;
     for (const op of ops) {
       checkAddress(op.gaddr);
       if (op.op === 'put') {
         if (!(op.data instanceof Uint8Array)) throw new InvalidArgumentError('put data must be a Uint8Array');
         if (op.data.length > MAX_USER_RECORD_BYTES) throw new InvalidArgumentError(`record of ${op.data.length} bytes exceeds the limit of ${MAX_USER_RECORD_BYTES}`);
         bytes += RECORD_HEADER_BYTES + op.data.length + SUMMARY_ENTRY_BYTES;
+        trimOnly = false;
+        const pn = Math.floor(op.gaddr / MAP_PAGE_ENTRIES);
+        if (this.map.page(pn) === undefined) (newPages ??= new Set()).add(pn);
       } else if (op.op === 'trim') {
         bytes += RECORD_HEADER_BYTES + SUMMARY_ENTRY_BYTES;
       } else {
@@ -539,7 +574,7 @@ export class GrassLog implements Grass {
       }
     }
     if (bytes > MAX_BATCH_BYTES) throw new InvalidArgumentError(`batch of ${bytes} bytes exceeds the limit of ${MAX_BATCH_BYTES}`);
-    return bytes;
+    return { bytes, newPages: newPages?.size ?? 0, trimOnly };
   }
 
   /** Apply a checked batch for which there is room. */
@@ -554,11 +589,12 @@ export class GrassLog implements Grass {
     }
   }
 
-  /** Wait until a batch of `bytes` can be appended to the user stream without eating the reserve. */
-  private async admit(bytes: number): Promise<void> {
+  /** Wait until a batch can be appended to the user stream without eating the reserve. */
+  private async admit(need: BatchNeed): Promise<void> {
+    const { bytes } = need;
     for (let attempt = 0; ; attempt++) {
       this.checkWritable();
-      if (this.roomNow(bytes)) return;
+      if (this.roomNow(need)) return;
       const newSegments = this.newSegmentsFor(bytes);
       const sealBacklog = this.sealingPerStream[STREAM_USER]! >= MAX_SEALING_PER_STREAM;
       if (sealBacklog) {
@@ -573,22 +609,32 @@ export class GrassLog implements Grass {
         );
       }
       this.counters.foregroundCleans++;
-      await this.cleanUntil(this.reserveSegments() + newSegments + 1, true);
+      await this.cleanUntil(this.reserveSegments(need.newPages) + newSegments + 1, true);
     }
   }
 
-  /** Whether a batch of `bytes` fits in the user stream now, without eating the reserve. */
-  private roomNow(bytes: number): boolean {
-    const newSegments = this.newSegmentsFor(bytes);
-    if (newSegments === 0) return true;
-    return this.freeSlots.length - newSegments >= this.reserveSegments() && this.sealingPerStream[STREAM_USER]! < MAX_SEALING_PER_STREAM;
+  /**
+   * Whether a batch fits in the user stream now without eating the reserve, counting the
+   * reserve's growth for the map pages it creates. A batch that only trims may use the
+   * reserve's last segment: it frees space, and a full store must still take it.
+   */
+  private roomNow(need: BatchNeed): boolean {
+    const newSegments = this.newSegmentsFor(need.bytes);
+    if (newSegments === 0 && need.newPages === 0) return true;
+    const reserve = this.reserveSegments(need.newPages) - (need.trimOnly ? 1 : 0);
+    return this.freeSlots.length - newSegments >= reserve && this.sealingPerStream[STREAM_USER]! < MAX_SEALING_PER_STREAM;
   }
 
-  /** Segments the user stream must open to take a batch of `bytes`. */
+  /**
+   * Segments the user stream must open to take a batch of `bytes`: a segment may end with up
+   * to one record's worth of room unused, where the next record did not fit.
+   */
   private newSegmentsFor(bytes: number): number {
     const user = this.streams[STREAM_USER]!;
     const room = this.segmentBytes - FOOTER_BYTES - user.writeOff - user.entryCount * SUMMARY_ENTRY_BYTES;
-    return room >= bytes ? 0 : Math.ceil((bytes - Math.max(0, room)) / (this.usableBytes - 1024)) + 1;
+    if (room >= bytes) return 0;
+    const perSegment = this.usableBytes - (RECORD_HEADER_BYTES + MAX_USER_RECORD_BYTES + SUMMARY_ENTRY_BYTES);
+    return Math.ceil((bytes - Math.max(0, room - (RECORD_HEADER_BYTES + MAX_USER_RECORD_BYTES + SUMMARY_ENTRY_BYTES))) / perSegment) + 1;
   }
 
   private applyBatch(ops: readonly BatchOp[]): void {
@@ -949,6 +995,31 @@ export class GrassLog implements Grass {
 
   private async writeCheckpoint(): Promise<void> {
     this.checkWritable();
+    // Room first, before anything changes: a checkpoint that stopped half way through its
+    // snapshot would leave map pages marked clean that it never wrote.
+    let dirtyPages = 0;
+    for (const pn of this.map.pageNumbers()) if (this.map.page(pn)!.dirty) dirtyPages++;
+    // The meta stream's open segment counts as one of them: a checkpoint starts in it.
+    const needed = this.checkpointSegments(dirtyPages, Math.max(this.directory.size, this.map.pageCount));
+    if (this.freeSlots.length < needed) {
+      this.counters.noSpaceErrors++;
+      throw new NoSpaceError(`a checkpoint needs up to ${needed} free segments and ${this.freeSlots.length} are free in ${this.store.describe()}`);
+    }
+    try {
+      return await this.writeCheckpointNow();
+    } catch (e) {
+      // Past the check, a failure in the synchronous snapshot leaves state half changed: this
+      // instance stops, and a reopen recovers from the last durable checkpoint and the log.
+      if (!(e instanceof StoreFailedError) && this.failed === undefined && !this.checkpointWritten) this.fail(e);
+      throw e;
+    }
+  }
+
+  /** Set once writeCheckpointNow's snapshot is complete (its records appended). */
+  private checkpointWritten = false;
+
+  private async writeCheckpointNow(): Promise<void> {
+    this.checkpointWritten = false;
     // --- The snapshot, taken synchronously: this is instant T. ---
     this.trace?.(`checkpoint snapshot`);
     this.snapshotGen++;
@@ -1006,6 +1077,7 @@ export class GrassLog implements Grass {
     released.push(...this.currentCheckpointRefs);
     const refs = [...chunks, root];
     this.logBytesSinceCheckpoint = 0;
+    this.checkpointWritten = true;
 
     // --- Make it durable, then point a superblock at it. ---
     const sb: Superblock = { generation, segmentBytes: this.segmentBytes, segmentCount: this.segmentCount, root };
