@@ -183,7 +183,14 @@ export class FileSegmentStore implements SegmentStore {
   async writeSuperblock(slot: 0 | 1, data: Uint8Array): Promise<void> {
     this.live();
     if (data.length !== SUPERBLOCK_BYTES) throw new RangeError('superblock must be SUPERBLOCK_BYTES long');
-    await this.superblock.write(data, 0, SUPERBLOCK_BYTES, slot * SUPERBLOCK_BYTES);
+    // Whole or an error: a short write taken for done would leave recovery on the older
+    // superblock while the caller frees what only the newer one still needed.
+    let done = 0;
+    while (done < SUPERBLOCK_BYTES) {
+      const { bytesWritten } = await this.superblock.write(data, done, SUPERBLOCK_BYTES - done, slot * SUPERBLOCK_BYTES + done);
+      if (bytesWritten <= 0) throw new Error(`short write to ${this.dir}/superblock at ${slot * SUPERBLOCK_BYTES + done}`);
+      done += bytesWritten;
+    }
     await this.superblock.datasync();
   }
 
