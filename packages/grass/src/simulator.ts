@@ -27,6 +27,12 @@ export interface SimParams {
   segmentCount: number;
   /** Distinct addresses used. */
   addresses: number;
+  /**
+   * Address i (1-based) is 1 + (i - 1) x addressStride: a stride spreads the addresses over
+   * many map pages (1024 addresses each), so checkpoints write many pages and batches create
+   * them, which admission must count.
+   */
+  addressStride: number;
   policy: string;
   /** Probability per mutating store call of an injected EIO (the instance then fails, like a crash). */
   ioErrorRate: number;
@@ -89,8 +95,15 @@ interface ModelBatch {
   ops: { gaddr: number; tag: number | undefined }[];
 }
 
+/**
+ * The parameters for a seed: the geometry and the address layout vary with it (dense, or
+ * spread over up to 25 map pages; 40 to 96 segments), so a soak over seeds covers them.
+ */
 export function defaultSimParams(seed: number): SimParams {
-  return { seed, crashes: 50, stepsPerCrash: 60, segmentBytes: 128 * 1024, segmentCount: 48, addresses: 400, policy: 'cost-benefit', ioErrorRate: 0 };
+  const pick = new Rng(seed ^ 0x5eed);
+  const addressStride = [1, 1, 7, 64][pick.int(4)]!;
+  const segmentCount = [48, 48, 64, 96][pick.int(4)]!;
+  return { seed, crashes: 50, stepsPerCrash: 60, segmentBytes: 128 * 1024, segmentCount, addresses: 400, addressStride, policy: 'cost-benefit', ioErrorRate: 0 };
 }
 
 export async function runSimulation(params: SimParams, log: (line: string) => void = () => undefined): Promise<SimResult> {
@@ -110,6 +123,9 @@ export async function runSimulation(params: SimParams, log: (line: string) => vo
   const options = { policy, backgroundCleaner: true, cleanerBatchSegments: 1 + rng.int(4), ...(process.env.PASTURE_TRACE ? { trace: (e: string) => log(`  trace: ${e}`) } : {}) };
   let faulty = new FaultySegmentStore(inner, { seed: rng.u32(), crashAtOp: 0 });
   let g = await GrassLog.create(faulty, options);
+  const stride = params.addressStride ?? 1;
+  const addressOf = (i: number): number => 1 + (i - 1) * stride;
+  const anyAddress = (): number => addressOf(1 + rng.int(params.addresses));
   const fail = (why: string): SimResult => {
     result.ok = false;
     result.failure = `seed ${params.seed}: ${why}`;
@@ -128,11 +144,11 @@ export async function runSimulation(params: SimParams, log: (line: string) => vo
       const r = rng.float();
       try {
         if (r < 0.55) {
-          const n = 1 + rng.int(rng.chance(0.2) ? 40 : 6);
+          const n = 1 + rng.int(rng.chance(0.03) ? 300 : rng.chance(0.2) ? 40 : 6);
           const ops: BatchOp[] = [];
           const mb: ModelBatch = { ops: [] };
           for (let i = 0; i < n; i++) {
-            const gaddr = 1 + rng.int(params.addresses);
+            const gaddr = anyAddress();
             if (rng.chance(0.15)) {
               ops.push({ op: 'trim', gaddr });
               mb.ops.push({ gaddr, tag: undefined });
@@ -141,6 +157,28 @@ export async function runSimulation(params: SimParams, log: (line: string) => vo
               ops.push({ op: 'put', gaddr, data: payloadFor(tag) });
               mb.ops.push({ gaddr, tag });
             }
+          }
+          // tryBatch: done at once, or refused with nothing done.
+          if (rng.chance(0.2)) {
+            let done: boolean;
+            try {
+              done = g.tryBatch(ops);
+            } catch (e) {
+              if (!isFault(e) && !faulty.isCrashed && g.failure === undefined) throw e;
+              dead = true;
+              break;
+            }
+            if (!done) {
+              result.noSpace++;
+              continue;
+            }
+            history.push(mb);
+            for (const op of mb.ops) {
+              if (op.tag === undefined) state.delete(op.gaddr);
+              else state.set(op.gaddr, op.tag);
+            }
+            result.batches++;
+            continue;
           }
           // The batch is appended synchronously when admitted; count it as issued now, and
           // committed once it resolves.
@@ -178,8 +216,19 @@ export async function runSimulation(params: SimParams, log: (line: string) => vo
           background.push(g.checkpoint().catch(() => undefined));
         } else if (r < 0.72) {
           background.push(g.cleanRound().catch(() => undefined));
+        } else if (r < 0.8) {
+          // A run of consecutive addresses in one readMany (adjacent records become one store read).
+          const first = 1 + rng.int(params.addresses);
+          const run = Array.from({ length: Math.min(1 + rng.int(64), params.addresses - first + 1) }, (_, i) => addressOf(first + i));
+          const got = await g.readMany(run);
+          for (const [i, gaddr] of run.entries()) {
+            const tag = state.get(gaddr);
+            const want = tag === undefined ? undefined : payloadFor(tag);
+            if (!sameBytes(got[i], want)) return fail(`cycle ${cycle} step ${step}: readMany of ${gaddr} returned ${got[i]?.length ?? 'nothing'} bytes, model has tag ${tag}`);
+            result.readsChecked++;
+          }
         } else {
-          const gaddr = 1 + rng.int(params.addresses);
+          const gaddr = anyAddress();
           const got = await g.read(gaddr);
           const tag = state.get(gaddr);
           const want = tag === undefined ? undefined : payloadFor(tag);
@@ -213,7 +262,8 @@ export async function runSimulation(params: SimParams, log: (line: string) => vo
       return fail(`cycle ${cycle}: reopen failed: ${(e as Error).stack}`);
     }
     const observed = new Map<number, Uint8Array | undefined>();
-    for (let a = 1; a <= params.addresses; a++) {
+    for (let i = 1; i <= params.addresses; i++) {
+      const a = addressOf(i);
       try {
         observed.set(a, await g.read(a));
       } catch (e) {
