@@ -226,3 +226,23 @@ test('a checkpoint refused for lack of room changes nothing: what was flushed su
   await g.checkpoint();
   await survivesReopen(t, store, g, want);
 });
+
+test('the smallest store Grass runs in takes writes in its open segment', async (t) => {
+  for (const segmentBytes of [128 * 1024, 1 << 20]) {
+    const store = new MemorySegmentStore(segmentBytes, 8);
+    const g = await GrassLog.create(store);
+    let n = 0;
+    try {
+      for (; n < 10_000; n++) await g.put(n + 1, block(n)); // the first creates the map's first page
+    } catch (e) {
+      t.true(e instanceof NoSpaceError, String(e));
+    }
+    t.true(n >= segmentBytes / 8192, `${segmentBytes}-byte segments: ${n} puts before ENOSPC`);
+    await g.flush();
+    await g.checkpoint();
+    await g.close();
+    const again = await GrassLog.open(store.reopen());
+    t.deepEqual(await again.read(1), block(0));
+    await again.close();
+  }
+});

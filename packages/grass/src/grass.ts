@@ -539,6 +539,10 @@ export class GrassLog implements Grass {
   async batch(ops: readonly BatchOp[]): Promise<void> {
     const need = this.checkBatch(ops);
     if (ops.length === 0) return;
+    if (this.roomNow(need)) {
+      this.applyChecked(ops); // admit() would not wait
+      return;
+    }
     // The ops are checked now and applied after the wait: a caller that changed them
     // meanwhile would bypass the checks, so the wait is on a copy.
     const frozen = ops.map((op) => (op.op === 'put' ? { op: 'put' as const, gaddr: op.gaddr, data: op.data.slice() } : { ...op }));
@@ -620,8 +624,10 @@ export class GrassLog implements Grass {
    */
   private roomNow(need: BatchNeed): boolean {
     const newSegments = this.newSegmentsFor(need.bytes);
-    if (newSegments === 0 && need.newPages === 0) return true;
-    const reserve = this.reserveSegments(need.newPages) - (need.trimOnly ? 1 : 0);
+    const grown = need.newPages === 0 ? this.reserveSegments() : this.reserveSegments(need.newPages);
+    // A batch that fits in the open segment and leaves the reserve as it was takes nothing from it.
+    if (newSegments === 0 && (need.newPages === 0 || grown === this.reserveSegments())) return true;
+    const reserve = grown - (need.trimOnly ? 1 : 0);
     return this.freeSlots.length - newSegments >= reserve && this.sealingPerStream[STREAM_USER]! < MAX_SEALING_PER_STREAM;
   }
 
