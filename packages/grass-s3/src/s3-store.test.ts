@@ -952,6 +952,24 @@ test('a journal another writer replaced: refused if it holds uploads its writer 
   await b.close();
   await t.throwsAsync(S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: cacheA, ...quick }), { instanceOf: StoreLockedError, message: /1 segments that never reached/ });
 
+  // The same for a segment a publication listed while it was open (as its prefix), then
+  // filled, sealed and uploaded, with no publication after.
+  const nameP = newBucketName();
+  const cacheP = await tempDir();
+  const p = await S3SegmentStore.create({ bucket: bucketOptions(nameP), cacheDir: cacheP, ...GEOMETRY, createBucket: true, ...quick, uploadIdleMs: 0 });
+  const whole = randomBytes(GEOMETRY.segmentBytes);
+  await p.write(1, 0, whole.subarray(0, GEOMETRY.segmentBytes / 2));
+  await p.sync();
+  await p.drain(); // published: slot 1 as its first half
+  await p.write(1, GEOMETRY.segmentBytes / 2, whole.subarray(GEOMETRY.segmentBytes / 2));
+  await p.seal(1);
+  for (let i = 0; i < 200 && p.stats().uploadBacklogBytes > 0; i++) await sleep(25);
+  t.true((await p.journalFiles()).some((f) => f.startsWith('1.') && f.endsWith('.cached')));
+  await p.simulateCrash();
+  const q = await S3SegmentStore.open({ bucket: bucketOptions(nameP), cacheDir: await tempDir(), ...quick });
+  await q.close();
+  await t.throwsAsync(S3SegmentStore.open({ bucket: bucketOptions(nameP), cacheDir: cacheP, ...quick }), { instanceOf: StoreLockedError, message: /1 segments that never reached/ });
+
   // Fetched copies of segments that the writer after it released: nothing unsent.
   const name2 = newBucketName();
   const s1 = await S3SegmentStore.create({ bucket: bucketOptions(name2), cacheDir: await tempDir(), ...GEOMETRY, createBucket: true, ...quick });

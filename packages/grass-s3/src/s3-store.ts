@@ -153,11 +153,13 @@ const CacheManifest = z.object({
    */
   claims: z.array(z.string()).optional(),
   /**
-   * Rewritten after each publication: segments of this directory's epoch with a lower
-   * incarnation were created before that publication (it lists them, or they were released
-   * before it); one with this incarnation or higher was never published.
+   * Rewritten after each publication, with publishedPartial: a segment of this directory's
+   * epoch with a lower incarnation was created before that publication (it lists it, or it was
+   * released before), and unless in publishedPartial (listed only as the prefix written so far,
+   * being open) was published whole. One with this incarnation or higher was never published.
    */
   publishedIncarnation: z.number().int().min(0).optional(),
+  publishedPartial: z.array(z.number().int().min(0)).optional(),
 });
 export type CacheManifest = z.infer<typeof CacheManifest>;
 
@@ -527,6 +529,7 @@ export class S3SegmentStore implements SegmentStore {
       const cm: CacheManifest = {
         kind: 'pasture-grass-s3-cache', formatVersion: MANIFEST_FORMAT_VERSION, storeId: latest.storeId, bucket: bucket.name, prefix: bucket.prefix,
         segmentBytes: store.segmentBytes, segmentCount: store.segmentCount, epoch: claim.epoch,
+        publishedIncarnation: 0, // none of this epoch's segments is published yet
       };
       const opts = options.bucket instanceof Bucket ? undefined : options.bucket;
       if (opts?.endpoint !== undefined) cm.endpoint = opts.endpoint;
@@ -560,7 +563,10 @@ export class S3SegmentStore implements SegmentStore {
         // A `.cached` file is unsent if its writer created it after its last publication (see
         // publishedIncarnation) and the manifest does not list it. Others may be copies of
         // segments that were published and then released by the writer that took over.
-        const ownUpload = p.state === 'cached' && epochOfKey(p.key) === local.epoch && incarnationOfKey(p.key)! >= (local.publishedIncarnation ?? 0);
+        // (Directories from before publishedIncarnation: `.cached` files are not counted, as before.)
+        const inc = incarnationOfKey(p.key)!;
+        const ownUpload = p.state === 'cached' && local.publishedIncarnation !== undefined && epochOfKey(p.key) === local.epoch &&
+          (inc >= local.publishedIncarnation || (local.publishedPartial ?? []).includes(inc));
         if (p.state !== 'open' && p.state !== 'sealed' && !ownUpload) continue;
         const e = listedKeys.get(p.key);
         const size = (await stat(join(segDir, f.name)).catch(() => ({ size: Infinity }))).size;
@@ -1556,7 +1562,10 @@ export class S3SegmentStore implements SegmentStore {
     await this.checkHead(m.seq);
     this.lastManifest = m;
     this.counters.publications++;
-    await this.notePublished(incarnationAtSnap);
+    // A segment of this epoch that was open is listed only as its prefix so far: its later
+    // bytes may reach S3 with its upload, and no publication after.
+    const partial = entries.filter((e) => !e.sealed && epochOfKey(e.key) === this.epoch).map((e) => incarnationOfKey(e.key)!).sort((a, b) => a - b);
+    await this.notePublished(incarnationAtSnap, partial);
     const listed = new Set(entries.filter((e) => e.sealed).map((e) => e.key));
     for (const seg of segs) if (listed.has(seg.key)) seg.published = true;
     const now = Date.now();
@@ -1571,11 +1580,12 @@ export class S3SegmentStore implements SegmentStore {
    * for an open of this directory after another writer has used the store. Best effort: without
    * it, that open counts more of this directory's copies as never published, and refuses.
    */
-  private async notePublished(incarnation: number): Promise<void> {
+  private async notePublished(incarnation: number, partial: number[]): Promise<void> {
     const cm = this.cacheManifest;
     // A store that stopped meanwhile (a close that gave up) leaves the directory alone.
-    if (cm === undefined || cm.publishedIncarnation === incarnation || this.stopping) return;
-    const next = { ...cm, publishedIncarnation: incarnation };
+    if (cm === undefined || this.stopping) return;
+    if (cm.publishedIncarnation === incarnation && JSON.stringify(cm.publishedPartial ?? []) === JSON.stringify(partial)) return;
+    const next = { ...cm, publishedIncarnation: incarnation, publishedPartial: partial };
     try {
       await writeFileDurably(join(this.dir, 'store.json'), JSON.stringify(next, null, 2) + '\n');
       this.cacheManifest = next;
