@@ -121,7 +121,7 @@ export class Pool {
       const catalog = await decodeCatalog((i) => cow.read(BigInt(i)));
       const pool = new Pool(cow, catalog, options.readOnly === true);
       for (const e of catalog.entries) if (e.kind === 'scratch' && !pool.readOnly) await pool.dropScratch(e.id);
-      for (const e of catalog.entries) if (e.kind === 'volume' && e.incomplete === true && !pool.readOnly) await pool.removeVolume(e.name);
+      for (const e of catalog.entries) if (e.kind === 'volume' && e.incomplete === true && !pool.readOnly) await pool.removeIncomplete(e.id);
       // (An incomplete volume has no snapshots: createSnapshot refuses them.)
       return pool;
     } catch (e) {
@@ -218,6 +218,23 @@ export class Pool {
     });
   }
 
+  /**
+   * Remove volume `id` if it is still incomplete (an import that failed, or that a crash cut
+   * short); by id, so that a volume renamed meanwhile and another now under its old name are
+   * told apart. False if there is no such incomplete volume.
+   */
+  async removeIncomplete(id: number): Promise<boolean> {
+    return this.mutate(async (c, tx) => {
+      const v = c.entries.find((e): e is VolumeEntry => e.kind === 'volume' && e.id === id);
+      if (v === undefined || v.incomplete !== true) return false;
+      if ((this.openCount.get(v.id) ?? 0) > 0) throw new BusyError(`volume '${v.name}' is open`);
+      this.checkNoAtomicWrite(c, v);
+      c.entries = c.entries.filter((e) => e.id !== v.id);
+      await tx.trim(slotBase(v.id), SLOT_BLOCKS);
+      return true;
+    });
+  }
+
   /** Clear the incomplete mark of volume `id` (createVolume): it is whole now. */
   async markComplete(id: number): Promise<void> {
     await this.mutate(async (c) => {
@@ -264,6 +281,7 @@ export class Pool {
     await this.mutate(async (c) => {
       const v = this.volumeByName(c, name);
       if (name === to) return; // already so named
+      if (v.incomplete === true) throw new BusyError(`volume '${name}' is still being imported`);
       if (c.entries.some((e) => e.kind === 'volume' && e.name === to)) throw new ExistsError(`a volume named '${to}' exists`);
       v.name = to;
     });

@@ -47,8 +47,9 @@ export async function importImage(pool: Pool, file: string, name: string, progre
     dataBytes = await copyInto(pool, name, file, size, progress);
     await pool.markComplete(vol.id);
   } catch (e) {
-    // Half an image must not pass for a whole one: the new volume goes (if the pool still can).
-    await pool.removeVolume(name).catch(() => undefined);
+    // Half an image must not pass for a whole one: the new volume goes (if the pool still can;
+    // else the next open removes it, as it is still marked incomplete).
+    await pool.removeIncomplete(vol.id).catch(() => undefined);
     throw e;
   }
   return { bytes: size, dataBytes, seconds: Number(process.hrtime.bigint() - t0) / 1e9 };
