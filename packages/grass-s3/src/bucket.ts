@@ -234,8 +234,9 @@ export class Bucket {
       const parts: { PartNumber: number; ETag: string }[] = [];
       const count = Math.ceil(body.length / PART_BYTES);
       let next = 0;
+      let failed = false;
       const worker = async (): Promise<void> => {
-        while (next < count) {
+        while (next < count && !failed) {
           const i = next++;
           const chunk = body.subarray(i * PART_BYTES, Math.min(body.length, (i + 1) * PART_BYTES));
           this.counters.puts++;
@@ -245,12 +246,19 @@ export class Bucket {
           this.counters.bytesUp += chunk.length;
         }
       };
-      await Promise.all([worker(), worker()]);
+      // Both workers settle before any abort: a part still in flight when the upload is
+      // aborted may land after it, and keep its bytes stored (AWS documents this).
+      const settled = await Promise.allSettled([worker().catch((e: unknown) => ((failed = true), Promise.reject(e))), worker().catch((e: unknown) => ((failed = true), Promise.reject(e)))]);
+      const failure = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      if (failure !== undefined) throw failure.reason;
       this.counters.puts++;
       // radosgw answers with an empty ETag here; nothing below relies on it.
       await this.call(`CompleteMultipartUpload ${Key}`, this.client.send(new CompleteMultipartUploadCommand({ Bucket: this.name, Key, UploadId, MultipartUpload: { Parts: parts } })));
     } catch (e) {
-      await this.client.send(new AbortMultipartUploadCommand({ Bucket: this.name, Key, UploadId })).catch(() => undefined);
+      // An upload left incomplete keeps its parts stored (and billed) until aborted: an abort
+      // that fails (after the client's retries) is reported with the upload id.
+      const aborted = await this.client.send(new AbortMultipartUploadCommand({ Bucket: this.name, Key, UploadId })).then(() => true, () => false);
+      if (!aborted && e instanceof Error) e.message += ` (and its multipart upload ${UploadId} could not be aborted: its parts stay stored until it is; an AbortIncompleteMultipartUpload lifecycle rule on the bucket ends such uploads)`;
       throw e;
     }
   }
@@ -307,6 +315,15 @@ export class Bucket {
         ...(range !== undefined ? { Range: `bytes=${range.offset}-${range.offset + range.length - 1}` } : {}),
       })));
       if (r.Body === undefined) throw new Error(`S3 returned no body for ${this.key(rel)}`);
+      // A server that ignored the Range header would send the object from its start: refused
+      // before any byte reaches the sink, which would take them for the range's.
+      if (range !== undefined) {
+        const want = `bytes ${range.offset}-${range.offset + range.length - 1}/`;
+        if (r.ContentRange === undefined || !r.ContentRange.startsWith(want)) {
+          (r.Body as { destroy?: () => void }).destroy?.();
+          throw new Error(`S3 answered a ranged GET of ${this.key(rel)} with ${r.ContentRange === undefined ? 'no Content-Range' : `Content-Range '${r.ContentRange}'`}, not '${want}…'`);
+        }
+      }
       for await (const chunk of r.Body as AsyncIterable<Uint8Array>) {
         if (range !== undefined && chunk.length > range.length - at) throw new Error(`S3 sent more than the ${range.length} bytes asked for of ${this.key(rel)}`);
         this.counters.bytesDown += chunk.length;

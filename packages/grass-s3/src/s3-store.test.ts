@@ -406,6 +406,26 @@ test('large segments go up as multipart uploads and read back whole', async (t) 
   const range = await bucket.get('seg/00000001-00000001', { offset: (16 << 20) - 10, length: 20 });
   t.deepEqual(Buffer.from(range!), body.subarray((16 << 20) - 10, (16 << 20) + 10));
   bucket.destroy();
+
+  // A part that fails: the upload is aborted once both parts in flight have settled, and no
+  // incomplete upload is left holding parts.
+  const failPart2 = (h: HttpHandler): HttpHandler => ({
+    handle: async (req, options) => {
+      if ((req.query as Record<string, string> | undefined)?.['partNumber'] === '2') {
+        await sleep(200); // part 1, in flight beside it, lands first
+        throw Object.assign(new Error('socket hang up'), { code: 'ECONNRESET' });
+      }
+      return h.handle(req, options);
+    },
+    destroy: () => h.destroy?.(),
+  });
+  const flaky = new Bucket(bucketOptions(name, undefined, { wrapHandler: failPart2, maxAttempts: 1 }));
+  await t.throwsAsync(flaky.put('seg/00000001-00000002', body), { message: /UploadPart 2/ });
+  const { ListMultipartUploadsCommand } = await import('@aws-sdk/client-s3');
+  const left = await flaky.client.send(new ListMultipartUploadsCommand({ Bucket: name }));
+  t.deepEqual((left.Uploads ?? []).map((u) => u.Key), [], 'no incomplete multipart upload is left');
+  t.is(await flaky.get('seg/00000001-00000002'), undefined);
+  flaky.destroy();
 });
 
 /**
@@ -1021,6 +1041,54 @@ test('after an upload lands, its journal file is left alone by a store that stop
   t.regex(st.lastError ?? '', /is in S3, but its journal file could not be renamed/);
   t.deepEqual(Buffer.from(await b.read(2, 0, GEOMETRY.segmentBytes)), data);
   await b.close();
+});
+
+test('a bucket lock deleted under its holder (a late delete from the writer before) is put back at the next publication', async (t) => {
+  const name = newBucketName();
+  const a = await S3SegmentStore.create({ bucket: bucketOptions(name), cacheDir: await tempDir(), ...GEOMETRY, createBucket: true, ...quick });
+  await a.write(1, 0, new Uint8Array(4096).fill(1));
+  await a.sync();
+  const b = await S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: await tempDir(), ...quick, takeover: true });
+  // A's release of its lock read the lock as its own, then its DELETE arrived after B's takeover.
+  const bucket = new Bucket(bucketOptions(name));
+  await bucket.delete(['lock']);
+  await b.write(2, 0, new Uint8Array(4096).fill(2));
+  await b.drain();
+  t.is(b.stats().lockRestores, 1);
+  const third = await t.throwsAsync(S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: await tempDir(), ...quick }), { instanceOf: StoreLockedError });
+  t.regex(third!.message, /is in use by process/);
+  t.deepEqual(Buffer.from(await b.read(2, 0, 4096)), Buffer.alloc(4096, 2), 'B was not fenced');
+  await b.close();
+  await a.close();
+  bucket.destroy();
+});
+
+test('a ranged GET answered without its Content-Range (as by a server that ignores Range) fails, naming the reply', async (t) => {
+  const name = newBucketName();
+  const s1 = await S3SegmentStore.create({ bucket: bucketOptions(name), cacheDir: await tempDir(), ...GEOMETRY, createBucket: true, ...quick });
+  const life = Buffer.alloc(GEOMETRY.segmentBytes);
+  for (let i = 0; i < life.length; i++) life[i] = (i >> 10) & 255;
+  await s1.write(3, 0, life);
+  await s1.seal(3);
+  await s1.close();
+  // The real server's replies, without their Content-Range: a server that ignored Range would
+  // send the object from its start, with none (this test keeps the right bytes: the store must
+  // refuse a reply it cannot vouch for, whatever its body).
+  const noRange = (h: HttpHandler): HttpHandler => ({
+    handle: async (req, options) => {
+      const r = await h.handle(req, options);
+      delete (r.response as { headers: Record<string, string> }).headers['content-range'];
+      return r;
+    },
+    destroy: () => h.destroy?.(),
+  });
+  const s2 = await S3SegmentStore.open({ bucket: bucketOptions(name, undefined, { wrapHandler: noRange }), cacheDir: await tempDir(), ...quick, fetchBytes: 64 * 1024, readaheadBytes: 0 });
+  await t.throwsAsync(s2.read(3, 128 * 1024, 4096), { message: /ranged GET .* with no Content-Range/ });
+  await s2.close();
+  // Read properly, the data is there.
+  const s3 = await S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: await tempDir(), ...quick });
+  t.deepEqual(Buffer.from(await s3.read(3, 128 * 1024, 4096)), life.subarray(128 * 1024, 128 * 1024 + 4096));
+  await s3.close();
 });
 
 test('a size that overflowed is refused before anything is opened', async (t) => {

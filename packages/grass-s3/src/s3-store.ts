@@ -124,6 +124,8 @@ export interface S3StoreStats extends BucketCounters {
   partialUploads: number;
   /** Manifests published (one conditional PUT each). */
   publications: number;
+  /** Times this writer found its bucket lock gone after a publication, and put it back. */
+  lockRestores: number;
   lastPublishedSeq: number;
   pendingDeletes: number;
   epoch: number;
@@ -343,7 +345,7 @@ export class S3SegmentStore implements SegmentStore {
 
   private cachedBytes = 0;
   private useClock = 0;
-  private readonly counters = { cacheHits: 0, cacheMisses: 0, uploadRetries: 0, publications: 0, segmentUploads: 0, partialUploads: 0, prefetches: 0 };
+  private readonly counters = { cacheHits: 0, cacheMisses: 0, uploadRetries: 0, publications: 0, segmentUploads: 0, partialUploads: 0, prefetches: 0, lockRestores: 0 };
   private lastError: string | undefined;
 
   private readonly cacheBytes: number;
@@ -1560,6 +1562,7 @@ export class S3SegmentStore implements SegmentStore {
     // A writer that was paused past a takeover may find its number free again (old manifests
     // are deleted): any manifest after ours means someone else owns the store.
     await this.checkHead(m.seq);
+    if (await restoreBucketLock(this.bucket, this.writer).catch(() => false)) this.counters.lockRestores++;
     this.lastManifest = m;
     this.counters.publications++;
     // A segment of this epoch that was open is listed only as its prefix so far: its later
@@ -1707,7 +1710,7 @@ export class S3SegmentStore implements SegmentStore {
       uploadBacklogSegments: Math.round(this.backlogBytes / this.segmentBytes), uploadBacklogBytes: this.backlogBytes,
       uploadBacklogLimitBytes: this.maxBacklog,
       uploadRetries: this.counters.uploadRetries, segmentUploads: this.counters.segmentUploads, partialUploads: this.counters.partialUploads,
-      publications: this.counters.publications, lastPublishedSeq: this.lastManifest.seq,
+      publications: this.counters.publications, lockRestores: this.counters.lockRestores, lastPublishedSeq: this.lastManifest.seq,
       pendingDeletes: this.retired.length, epoch: this.epoch, lastError: this.lastError, closePublished: this.closePublished,
     };
   }
@@ -1799,6 +1802,19 @@ async function takeBucketLock(bucket: Bucket, writer: Writer, takeover: boolean)
     throw new StoreLockedError(`${bucket.describe()} is in use by ${who}; if that writer is gone for good, open with takeover (pasture: --takeover)`);
   }
   throw new StoreLockedError(`${bucket.describe()}: could not take the store's lock`);
+}
+
+/**
+ * Put this writer's lock back if it is gone. Taking and releasing the lock read it, then
+ * delete it without a condition (S3 servers differ on conditional deletes), so a delete
+ * that was slow, or that a paused process sent late, can remove the next writer's lock;
+ * without this, a plain open (no takeover) would then be let in, and fence the live
+ * writer. Checked after each publication: the lock is missing for at most that long.
+ */
+async function restoreBucketLock(bucket: Bucket, writer: Writer): Promise<boolean> {
+  if ((await bucket.get(LOCK_KEY)) !== undefined) return false;
+  const me: LockRecord = { host: writer.host, pid: writer.pid, since: writer.since, writer: writer.id };
+  return bucket.putIfAbsent(LOCK_KEY, new TextEncoder().encode(JSON.stringify(me) + '\n'));
 }
 
 async function releaseBucketLock(bucket: Bucket, writer: Writer): Promise<void> {
