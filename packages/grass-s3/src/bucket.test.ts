@@ -87,3 +87,36 @@ test('upload bodies are hashed into the signature only over plain HTTP to anothe
     }
   }
 });
+
+test('a reply whose body breaks off, and a bucket that cannot be made: errors name the call, the key and the endpoint', async (t) => {
+  // A server that answers every GET with 200 and 1000 bytes promised, sends 100, then hangs
+  // up; and answers HEAD (of the bucket) with a 500.
+  const sockets = new Set<Socket>();
+  const server: Server = createServer((s) => {
+    sockets.add(s);
+    s.on('error', () => undefined);
+    s.on('close', () => sockets.delete(s));
+    s.once('data', (d) => {
+      if (d.toString('latin1').startsWith('HEAD')) {
+        s.end('HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n');
+        return;
+      }
+      s.write('HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: 1000\r\n\r\n');
+      s.write(Buffer.alloc(100, 7));
+      setTimeout(() => s.destroy(), 50);
+    });
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  const endpoint = `http://127.0.0.1:${(server.address() as { port: number }).port}`;
+  const bucket = new Bucket({ bucket: 'broken', prefix: 'p', endpoint, region: 'us-east-1', accessKeyId: 'a', secretAccessKey: 'b', requestTimeoutMs: 2000, maxAttempts: 1 });
+  try {
+    const got = await t.throwsAsync(bucket.get('seg/2'));
+    t.regex(got!.message, /^S3 GET p\/seg\/2 at http:\/\/127\.0\.0\.1:\d+: the reply's body failed after 100 bytes: /);
+    const made = await t.throwsAsync(bucket.ensureBucket());
+    t.regex(made!.message, /^S3 HEAD bucket broken at http:\/\/127\.0\.0\.1:\d+ \(HTTP 500\)/);
+  } finally {
+    bucket.client.destroy();
+    for (const s of sockets) s.destroy();
+    await new Promise<void>((r) => server.close(() => r()));
+  }
+});

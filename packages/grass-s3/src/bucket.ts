@@ -210,10 +210,10 @@ export class Bucket {
   /** Create the bucket if it does not exist (tests and `pasture init`). */
   async ensureBucket(): Promise<void> {
     try {
-      await this.client.send(new HeadBucketCommand({ Bucket: this.name }));
+      await this.call(`HEAD bucket ${this.name}`, this.client.send(new HeadBucketCommand({ Bucket: this.name })));
     } catch (e) {
       if (!isNotFound(e)) throw e;
-      await this.client.send(new CreateBucketCommand({ Bucket: this.name }));
+      await this.call(`CreateBucket ${this.name}`, this.client.send(new CreateBucketCommand({ Bucket: this.name })));
     }
   }
 
@@ -324,7 +324,22 @@ export class Bucket {
           throw new Error(`S3 answered a ranged GET of ${this.key(rel)} with ${r.ContentRange === undefined ? 'no Content-Range' : `Content-Range '${r.ContentRange}'`}, not '${want}…'`);
         }
       }
-      for await (const chunk of r.Body as AsyncIterable<Uint8Array>) {
+      const body = (r.Body as AsyncIterable<Uint8Array>)[Symbol.asyncIterator]();
+      for (;;) {
+        let next: IteratorResult<Uint8Array>;
+        try {
+          next = await body.next();
+        } catch (e) {
+          // The body's own failures (a dropped connection, a silent socket) say which GET
+          // they end; the sink's are its own.
+          this.counters.failures++;
+          if (e instanceof Error && !e.message.startsWith('S3 ')) {
+            e.message = `S3 GET ${this.key(rel)} at ${this.endpoint ?? 'the default AWS endpoint'}: the reply's body failed after ${at} bytes: ${e.message || e.name}`;
+          }
+          throw e;
+        }
+        if (next.done === true) break;
+        const chunk = next.value;
         if (range !== undefined && chunk.length > range.length - at) throw new Error(`S3 sent more than the ${range.length} bytes asked for of ${this.key(rel)}`);
         this.counters.bytesDown += chunk.length;
         const p = sink(chunk, at);
