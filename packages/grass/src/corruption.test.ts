@@ -8,7 +8,17 @@ import { MemorySegmentStore } from './stores/memory.ts';
 import { FaultySegmentStore } from './stores/faulty.ts';
 import { CorruptionError } from './errors.ts';
 import { fsck } from './fsck.ts';
-import { RECORD_HEADER_BYTES, SUPERBLOCK_BYTES } from './format.ts';
+import { FOOTER_BYTES, MAP_ENTRY_BYTES, RECORD_HEADER_BYTES, SUMMARY_ENTRY_BYTES, SUPERBLOCK_BYTES } from './format.ts';
+import { decodeFooter, decodeSummaryEntry, encodeFooter, encodeRecord, encodeSummaryEntry, peekRecordHeader, segmentSeed, summaryOffset, type SegmentFooter } from './records.ts';
+import { crc32c } from './crc32c.ts';
+
+/** Rewrite the checksum of the record at `offset` of `seg` after its payload was changed. */
+function resealRecord(seg: Uint8Array, offset: number, seed: number): void {
+  const view = new DataView(seg.buffer, seg.byteOffset, seg.byteLength);
+  const h = peekRecordHeader(view, offset, seg.length)!;
+  const payload = seg.slice(offset + RECORD_HEADER_BYTES, offset + RECORD_HEADER_BYTES + h.length);
+  encodeRecord(seg, view, offset, seed, h, payload);
+}
 
 const SEG = 128 * 1024;
 
@@ -159,4 +169,55 @@ test('readMany reads a run of adjacent records in one store read, and still find
   t.deepEqual(await g3.readMany([8, 9, 11, 12]), [block(8), block(9), block(11), block(12)]);
   await t.throwsAsync(g3.readMany([0]), { code: 'EINVAL' });
   await g3.close();
+});
+
+/**
+ * A store with records in sealed segments that only replay can find (a crash before any
+ * checkpoint covered them), and the raw segment holding record 1, with its footer decoded.
+ */
+async function sealedUncheckpointed(): Promise<{ store: MemorySegmentStore; slot: number; seg: Uint8Array; footer: SegmentFooter }> {
+  const store = new MemorySegmentStore(SEG, 32);
+  const faulty = new FaultySegmentStore(store, { seed: 1, crashAtOp: 0 });
+  const g = await GrassLog.create(faulty, { backgroundCleaner: false });
+  for (let i = 1; i <= 100; i++) await g.put(i, block(i));
+  await g.flush();
+  const slot = g.inspect().map.get(1)!.slot;
+  await faulty.crash();
+  store.reopen();
+  const seg = store.rawSegment(slot);
+  const footer = decodeFooter(seg, SEG)!;
+  return { store, slot, seg, footer };
+}
+
+test('a sealed segment whose footer names an impossible successor, or whose summary overruns its data, fails the open; it is never replayed as far as it goes', async (t) => {
+  // The footer names its own segment as the next (a loop): before, replay went round it
+  // segmentCount times and stopped quietly, and the records after it were lost.
+  const loop = await sealedUncheckpointed();
+  encodeFooter(loop.seg, { ...loop.footer, nextSlot: loop.slot, nextSeq: loop.footer.seq });
+  await t.throwsAsync(GrassLog.open(loop.store), { instanceOf: CorruptionError, message: /names slot \d+ seq \d+ as the next, which cannot follow it/ });
+  // A summary entry that claims more than a record can hold, its checksums made good.
+  const over = await sealedUncheckpointed();
+  const view = new DataView(over.seg.buffer, over.seg.byteOffset, over.seg.byteLength);
+  const sumAt = summaryOffset(SEG, over.footer.entries);
+  const last = decodeSummaryEntry(view, sumAt + (over.footer.entries - 1) * SUMMARY_ENTRY_BYTES);
+  encodeSummaryEntry(view, sumAt + (over.footer.entries - 1) * SUMMARY_ENTRY_BYTES, { ...last, length: 65535 });
+  encodeFooter(over.seg, { ...over.footer, summaryCrc: crc32c(over.seg.subarray(sumAt, SEG - FOOTER_BYTES), segmentSeed(over.footer.seq, over.slot)) });
+  await t.throwsAsync(GrassLog.open(over.store), { instanceOf: CorruptionError, message: /summary entry \d+ is a record of kind 1 and 65535 bytes/ });
+});
+
+test('a checkpoint whose map names places outside the store fails the open with a CorruptionError', async (t) => {
+  const { store, g } = await filled();
+  await g.checkpoint();
+  await g.close();
+  store.reopen();
+  // Point address 5 past the last segment, in the map page the checkpoint wrote, checksum made good.
+  const probe = await GrassLog.open(store, { readOnly: true, backgroundCleaner: false });
+  const dir = probe.inspect().directory.get(0)!;
+  await probe.close();
+  store.reopen();
+  const seg = store.rawSegment(dir.slot);
+  const view = new DataView(seg.buffer, seg.byteOffset, seg.byteLength);
+  view.setUint32(dir.offset + RECORD_HEADER_BYTES + 5 * MAP_ENTRY_BYTES, 5000, true);
+  resealRecord(seg, dir.offset, segmentSeed(dir.seq, dir.slot));
+  await t.throwsAsync(GrassLog.open(store, { backgroundCleaner: false }), { instanceOf: CorruptionError, message: /address 5 is mapped to .* slot 5000/ });
 });

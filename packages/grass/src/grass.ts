@@ -1425,6 +1425,7 @@ export class GrassLog implements Grass {
   }
 
   private async readMetaRecord(ref: RecordRef, kind: RecordKind, key: number | undefined, what: string): Promise<Uint8Array> {
+    this.checkRef(ref, what);
     const bytes = await this.store.read(ref.slot, ref.offset, RECORD_HEADER_BYTES + ref.length);
     const view = viewOf(bytes);
     const h = peekRecordHeader(view, 0, bytes.length);
@@ -1434,6 +1435,13 @@ export class GrassLog implements Grass {
     }
     if (!recordChecksumOk(bytes, view, 0, ref.length, segmentSeed(ref.seq, ref.slot))) throw new CorruptionError(where, `${what}: checksum mismatch`);
     return bytes.subarray(RECORD_HEADER_BYTES);
+  }
+
+  /** A reference read from storage names a record inside some segment (else CorruptionError). */
+  private checkRef(ref: { slot: number; offset: number; length: number }, what: string): void {
+    if (!(ref.slot < this.segmentCount) || ref.offset < SEGMENT_HEADER_BYTES || ref.offset + RECORD_HEADER_BYTES + ref.length > this.segmentBytes - FOOTER_BYTES) {
+      throw new CorruptionError({ segment: ref.slot, offset: ref.offset }, `${what}: names ${ref.length} bytes at slot ${ref.slot} offset ${ref.offset}, outside the store's ${this.segmentCount} segments of ${this.segmentBytes} bytes`);
+    }
   }
 
   private async loadCheckpoint(sb: Superblock): Promise<CheckpointBody> {
@@ -1452,10 +1460,24 @@ export class GrassLog implements Grass {
     if (o !== body.length || crc32c(body) !== root.bodyCrc) throw new CorruptionError({ segment: sb.root.slot, offset: sb.root.offset }, 'checkpoint body checksum mismatch');
     const decoded = decodeCheckpointBody(body);
     if (typeof decoded === 'string') throw new CorruptionError({ segment: sb.root.slot, offset: sb.root.offset }, decoded);
-    if (decoded.slots.length !== this.segmentCount) throw new CorruptionError({ segment: sb.root.slot, offset: sb.root.offset }, 'checkpoint slot table does not match the store');
+    const at = { segment: sb.root.slot, offset: sb.root.offset };
+    if (decoded.slots.length !== this.segmentCount) throw new CorruptionError(at, 'checkpoint slot table does not match the store');
+    for (const h of decoded.heads) {
+      if (h.slot !== NO_SLOT && (!(h.slot < this.segmentCount) || h.offset > this.segmentBytes)) throw new CorruptionError(at, `checkpoint names a stream head at slot ${h.slot} offset ${h.offset}, outside the store`);
+    }
+    const pageBytes = MAP_PAGE_ENTRIES * MAP_ENTRY_BYTES;
     for (const d of decoded.directory) {
+      if (d.length !== pageBytes || this.directory.has(d.pageNo)) throw new CorruptionError(at, `checkpoint directory: map page ${d.pageNo} is ${d.length} bytes${this.directory.has(d.pageNo) ? ', and listed twice' : ''}`);
       const bytes = await this.readMetaRecord(d, RecordKind.MapPage, d.pageNo, `map page ${d.pageNo}`);
-      this.map.installPage(d.pageNo, MapPage.decode(bytes));
+      const page = MapPage.decode(bytes);
+      for (let i = 0; i < MAP_PAGE_ENTRIES; i++) {
+        const slot = page.slot[i]!;
+        if (slot === NO_SLOT) continue;
+        if (!(slot < this.segmentCount) || page.length[i]! > MAX_USER_RECORD_BYTES || page.offset[i]! + RECORD_HEADER_BYTES + page.length[i]! > this.segmentBytes - FOOTER_BYTES) {
+          throw new CorruptionError({ segment: d.slot, offset: d.offset }, `map page ${d.pageNo}: address ${d.pageNo * MAP_PAGE_ENTRIES + i} is mapped to ${page.length[i]} bytes at slot ${slot} offset ${page.offset[i]}, outside the store`);
+        }
+      }
+      this.map.installPage(d.pageNo, page);
       this.directory.set(d.pageNo, d);
     }
     this.currentCheckpointRefs = [...root.chunks, sb.root];
@@ -1526,10 +1548,25 @@ export class GrassLog implements Grass {
       const sumStart = footer === undefined ? 0 : summaryOffset(this.segmentBytes, footer.entries);
       if (footer !== undefined && footer.seq === seq && footer.slot === slot &&
           crc32c(bytes.subarray(sumStart, this.segmentBytes - FOOTER_BYTES), seed) === footer.summaryCrc) {
-        // Sealed: its summary is authoritative (the seal protocol synced the data first).
+        // Sealed: its summary is authoritative (the seal protocol synced the data first). Its
+        // checksum holds, so what it says must also be possible, or this is corruption that
+        // the checksum cannot see (a footer written by something else): refuse, never guess.
         let off = SEGMENT_HEADER_BYTES;
+        const entries: RecordHeader[] = [];
         for (let i = 0; i < footer.entries; i++) {
           const e = decodeSummaryEntry(view, sumStart + i * SUMMARY_ENTRY_BYTES);
+          const userKind = e.kind === RecordKind.Put || e.kind === RecordKind.Trim || e.kind === RecordKind.Relocate;
+          if (!(userKind || (e.kind >= RecordKind.MapPage && e.kind <= RecordKind.CheckpointRoot)) || (userKind && e.length > MAX_USER_RECORD_BYTES)) {
+            throw new CorruptionError({ segment: slot, offset: sumStart + i * SUMMARY_ENTRY_BYTES }, `segment ${slot}: summary entry ${i} is a record of kind ${e.kind} and ${e.length} bytes`);
+          }
+          entries.push(e);
+          off += RECORD_HEADER_BYTES + e.length;
+        }
+        if (off !== footer.dataEnd || off > sumStart) {
+          throw new CorruptionError({ segment: slot, offset: this.segmentBytes - FOOTER_BYTES }, `segment ${slot}: its summary's records end at ${off}, its footer says ${footer.dataEnd} (summary at ${sumStart})`);
+        }
+        off = SEGMENT_HEADER_BYTES;
+        for (const e of entries) {
           if (off >= from) take(e, slot, off);
           off += RECORD_HEADER_BYTES + e.length;
         }
@@ -1538,6 +1575,9 @@ export class GrassLog implements Grass {
         if (footer.nextSlot === NO_SLOT) {
           r.end = `segment ${slot}: sealed with no successor`;
           break;
+        }
+        if (!(footer.nextSlot < this.segmentCount) || !(footer.nextSeq > seq)) {
+          throw new CorruptionError({ segment: slot, offset: this.segmentBytes - FOOTER_BYTES }, `segment ${slot} (seq ${seq}): its footer names slot ${footer.nextSlot} seq ${footer.nextSeq} as the next, which cannot follow it`);
         }
         slot = footer.nextSlot;
         seq = footer.nextSeq;
