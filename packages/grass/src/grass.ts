@@ -562,6 +562,7 @@ export class GrassLog implements Grass {
     let bytes = 0;
     let trimOnly = true;
     let newPages: Set<number> | undefined;
+    let lastPage = -1; // runs of adjacent addresses share a page: one lookup per run
     for (const op of ops) {
       checkAddress(op.gaddr);
       if (op.op === 'put') {
@@ -570,7 +571,8 @@ export class GrassLog implements Grass {
         bytes += RECORD_HEADER_BYTES + op.data.length + SUMMARY_ENTRY_BYTES;
         trimOnly = false;
         const pn = Math.floor(op.gaddr / MAP_PAGE_ENTRIES);
-        if (this.map.page(pn) === undefined) (newPages ??= new Set()).add(pn);
+        if (pn !== lastPage && this.map.page(pn) === undefined) (newPages ??= new Set()).add(pn);
+        lastPage = pn;
       } else if (op.op === 'trim') {
         bytes += RECORD_HEADER_BYTES + SUMMARY_ENTRY_BYTES;
       } else {
@@ -624,9 +626,10 @@ export class GrassLog implements Grass {
    */
   private roomNow(need: BatchNeed): boolean {
     const newSegments = this.newSegmentsFor(need.bytes);
-    const grown = need.newPages === 0 ? this.reserveSegments() : this.reserveSegments(need.newPages);
+    const base = this.reserveSegments();
+    const grown = need.newPages === 0 ? base : this.reserveSegments(need.newPages);
     // A batch that fits in the open segment and leaves the reserve as it was takes nothing from it.
-    if (newSegments === 0 && (need.newPages === 0 || grown === this.reserveSegments())) return true;
+    if (newSegments === 0 && grown === base) return true;
     const reserve = grown - (need.trimOnly ? 1 : 0);
     return this.freeSlots.length - newSegments >= reserve && this.sealingPerStream[STREAM_USER]! < MAX_SEALING_PER_STREAM;
   }
