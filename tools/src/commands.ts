@@ -160,9 +160,9 @@ const init: Command = {
     // Grass's limits, checked before anything is created: a store it cannot run in would be
     // left behind, refused by every command (init too: the directory holds a store).
     // Grass runs in MIN_SEGMENT_COUNT segments, but most of those are its reserve: a pool needs
-    // twice that to hold more than one segment of data.
-    const minSegments = 2 * MIN_SEGMENT_COUNT;
-    if (segmentCount < minSegments || segmentCount > MAX_SEGMENT_COUNT) throw new UsageError(`--segments must be in [${minSegments}, ${MAX_SEGMENT_COUNT}] (Grass keeps about 8 in reserve), got ${segmentCount}`);
+    // a few more to hold some data.
+    const minSegments = MIN_SEGMENT_COUNT + 4;
+    if (segmentCount < minSegments || segmentCount > MAX_SEGMENT_COUNT) throw new UsageError(`--segments must be in [${minSegments}, ${MAX_SEGMENT_COUNT}] (Grass keeps about 10 in reserve), got ${segmentCount}`);
     if (segmentBytes < MIN_SEGMENT_BYTES || segmentBytes > MAX_SEGMENT_BYTES || segmentBytes % 4096 !== 0) throw new UsageError(`--segment-bytes must be a multiple of 4096 in [128K, 256M], got ${segmentBytes}`);
     const store = await createStore(spec, { segmentBytes, segmentCount }, s3Flags(o));
     const g = await GrassLog.create(store);

@@ -14,11 +14,19 @@ test('set, get, delete and counts', (t) => {
   m.set(2 ** 40, 3, 0, 1);
   t.is(m.size, 2);
   t.is(m.pageCount, 2);
+  t.is(m.payloadBytes, 11, 'the overwrite replaced 4096 bytes with 10');
   t.true(m.delete(5));
   t.false(m.delete(5));
   t.is(m.get(5), undefined);
   t.is(m.slotOf(6), NO_SLOT);
   t.is(m.size, 1);
+  t.is(m.payloadBytes, 1);
+  const p = new MapPage();
+  p.slot[3] = 1;
+  p.length[3] = 700;
+  p.mapped = 1;
+  m.installPage(7, p);
+  t.is(m.payloadBytes, 701, 'an installed page counts its records');
 });
 
 test('a page round-trips through its checkpoint encoding', (t) => {

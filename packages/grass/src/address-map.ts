@@ -74,10 +74,16 @@ export interface Location {
 export class AddressMap {
   private readonly pages = new Map<number, MapPage>();
   private count = 0;
+  private lengths = 0;
 
   /** Number of mapped addresses. */
   get size(): number {
     return this.count;
+  }
+
+  /** Payload bytes of the records mapped (their headers not included). */
+  get payloadBytes(): number {
+    return this.lengths;
   }
 
   get pageCount(): number {
@@ -126,6 +132,7 @@ export class AddressMap {
     let had = false;
     if (old !== NO_SLOT) {
       had = true;
+      this.lengths -= p.length[i]!;
       if (prev !== undefined) {
         prev.slot = old;
         prev.offset = p.offset[i]!;
@@ -138,6 +145,7 @@ export class AddressMap {
     p.slot[i] = slot;
     p.offset[i] = offset;
     p.length[i] = length;
+    this.lengths += length;
     p.dirty = true;
     return had;
   }
@@ -155,6 +163,7 @@ export class AddressMap {
       prev.offset = p.offset[i]!;
       prev.length = p.length[i]!;
     }
+    this.lengths -= p.length[i]!;
     p.slot[i] = NO_SLOT;
     p.offset[i] = 0;
     p.length[i] = 0;
@@ -212,6 +221,7 @@ export class AddressMap {
     assert(!this.pages.has(pageNo), `map page ${pageNo} installed twice`);
     this.pages.set(pageNo, page);
     this.count += page.mapped;
+    for (let i = 0; i < MAP_PAGE_ENTRIES; i++) if (page.slot[i] !== NO_SLOT) this.lengths += page.length[i]!;
   }
 
   markDirty(pageNo: number): void {

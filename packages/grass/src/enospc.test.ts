@@ -4,6 +4,7 @@ import { GrassLog } from './grass.ts';
 import { MemorySegmentStore } from './stores/memory.ts';
 import { NoSpaceError } from './errors.ts';
 import { fsck } from './fsck.ts';
+import { MIN_SEGMENT_COUNT } from './format.ts';
 import { greedy } from './policies.ts';
 
 function block(tag: number): Uint8Array {
@@ -229,7 +230,7 @@ test('a checkpoint refused for lack of room changes nothing: what was flushed su
 
 test('the smallest store Grass runs in takes writes in its open segment', async (t) => {
   for (const segmentBytes of [128 * 1024, 1 << 20]) {
-    const store = new MemorySegmentStore(segmentBytes, 8);
+    const store = new MemorySegmentStore(segmentBytes, MIN_SEGMENT_COUNT);
     const g = await GrassLog.create(store);
     let n = 0;
     try {

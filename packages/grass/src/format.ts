@@ -125,8 +125,12 @@ export const MIN_SEGMENT_BYTES = 128 * 1024;
 export const MAX_SEGMENT_BYTES = 256 * 1024 * 1024;
 /** Slots are u32 with NO_SLOT reserved; a million segments keeps the checkpoint slot table under 32 MiB. */
 export const MAX_SEGMENT_COUNT = 1 << 20;
-/** Fewest segments Grass runs in: its open streams, the cleaner's reserve and a checkpoint's. */
-export const MIN_SEGMENT_COUNT = 8;
+/**
+ * Fewest segments Grass runs in: its open streams, the cleaner's reserve, room for two
+ * checkpoints (one just written whose predecessor's pages are not yet cleaned away, and the
+ * one a reopen after a crash writes), and a little for data.
+ */
+export const MIN_SEGMENT_COUNT = 12;
 
 assert(SEGMENT_HEADER_BYTES + RECORD_HEADER_BYTES + MAX_META_RECORD_BYTES + SUMMARY_ENTRY_BYTES + FOOTER_BYTES <= MIN_SEGMENT_BYTES);
 assert(MAP_PAGE_ENTRIES * MAP_ENTRY_BYTES <= MAX_META_RECORD_BYTES);

@@ -97,6 +97,13 @@ export interface GrassOptions {
   checkpointIntervalBytes?: number;
   /** Run the cleaner in the background (default true). Tests may drive it by hand. */
   backgroundCleaner?: boolean;
+  /**
+   * Share of the room outside the reserve that live records may fill (default 0.9); past it,
+   * batches that add bytes fail with NoSpaceError. The rest stays garbage the cleaner can
+   * always find, so cleaning a nearly full store stays cheap, and the half-full segments that
+   * each reopen after a crash leaves behind are won back.
+   */
+  maxLiveShare?: number;
   /** Open without writing anything: for fsck and inspection. */
   readOnly?: boolean;
   /** Called for each problem recovery finds (LevelDB's corruption reporter). */
@@ -113,6 +120,8 @@ const COALESCED_READ_BYTES_MAX = 1024 * 1024;
 /** Largest batch: bounds memory and keeps one batch far smaller than the free-space reserve. */
 export const MAX_BATCH_OPS = 65536;
 export const MAX_BATCH_BYTES = 64 * 1024 * 1024;
+/** Default GrassOptions.maxLiveShare. */
+export const DEFAULT_MAX_LIVE_SHARE = 0.9;
 /** Background cleaning leaves segments fuller than this alone (foreground cleaning does not). */
 const BACKGROUND_MAX_UTILIZATION = 0.95;
 /** Segments kept per stream beyond the open one while seals are in flight. */
@@ -166,6 +175,7 @@ class OpenSegment {
 
 /** What a batch needs of the log (checkBatch). */
 interface BatchNeed {
+  ops: readonly BatchOp[];
   bytes: number;
   newPages: number;
   trimOnly: boolean;
@@ -294,6 +304,8 @@ export class GrassLog implements Grass {
     this.cleanStartSlack = options.cleanStartSlackSegments ?? Math.max(4, onePercent);
     this.cleanTargetSlack = Math.max(1, options.cleanBatchFreeSegments ?? Math.max(4, onePercent));
     this.cleanerBatch = options.cleanerBatchSegments ?? 8;
+    this.maxLiveShare = options.maxLiveShare ?? DEFAULT_MAX_LIVE_SHARE;
+    if (!(this.maxLiveShare > 0 && this.maxLiveShare <= 1)) throw new InvalidArgumentError(`maxLiveShare must be in (0, 1], not ${options.maxLiveShare}`);
     const capacity = this.segmentBytes * n;
     this.checkpointInterval = options.checkpointIntervalBytes ?? Math.min(1 << 30, Math.max(64 << 20, Math.floor(capacity / 8)));
     this.background = options.backgroundCleaner ?? true;
@@ -302,6 +314,7 @@ export class GrassLog implements Grass {
   }
 
   private readonly trace: ((event: string) => void) | undefined;
+  private readonly maxLiveShare: number;
 
   // =====================================================================================
   // Opening and creating
@@ -317,7 +330,7 @@ export class GrassLog implements Grass {
     for (let s = g.segmentCount - 1; s >= 0; s--) g.freeSlots.push(s);
     g.ensureStreams();
     await g.checkpoint();
-    g.recovery = { checkpointGeneration: g.generation, streams: [], problems: [], replayedRecords: 0, droppedRecords: 0, droppedBytes: 0, millis: 0 };
+    g.recovery = { checkpointGeneration: g.generation, streams: [], problems: [], replayedRecords: 0, droppedRecords: 0, droppedBytes: 0, abandonedCheckpointSegments: 0, freedAtOpen: 0, millis: 0 };
     return g;
   }
 
@@ -336,7 +349,7 @@ export class GrassLog implements Grass {
    */
   private reserveSegments(newPages = 0): number {
     const pages = Math.max(1, (this.map?.pageCount ?? 1) + newPages);
-    const checkpointSegments = this.checkpointSegments(pages, pages) + 1;
+    const checkpointSegments = 2 * (this.checkpointSegments(pages, pages) + 1);
     const gcStreams = this.policy?.gcStreams ?? 1;
     const streams = STREAM_GC_FIRST + gcStreams;
     return streams + gcStreams + checkpointSegments + 1;
@@ -546,7 +559,7 @@ export class GrassLog implements Grass {
     // The ops are checked now and applied after the wait: a caller that changed them
     // meanwhile would bypass the checks, so the wait is on a copy.
     const frozen = ops.map((op) => (op.op === 'put' ? { op: 'put' as const, gaddr: op.gaddr, data: op.data.slice() } : { ...op }));
-    await this.admit(need);
+    await this.admit({ ...need, ops: frozen });
     this.checkWritable();
     this.applyChecked(frozen);
   }
@@ -580,7 +593,7 @@ export class GrassLog implements Grass {
       }
     }
     if (bytes > MAX_BATCH_BYTES) throw new InvalidArgumentError(`batch of ${bytes} bytes exceeds the limit of ${MAX_BATCH_BYTES}`);
-    return { bytes, newPages: newPages?.size ?? 0, trimOnly };
+    return { ops, bytes, newPages: newPages?.size ?? 0, trimOnly };
   }
 
   /** Apply a checked batch for which there is room. */
@@ -601,6 +614,14 @@ export class GrassLog implements Grass {
     for (let attempt = 0; ; attempt++) {
       this.checkWritable();
       if (this.roomNow(need)) return;
+      if (!this.liveRoomFor(need)) {
+        // Cleaning cannot help: the records are live.
+        this.counters.noSpaceErrors++;
+        throw new NoSpaceError(
+          `store is full: live records take ${this.liveBytes()} bytes, and a batch may not take them past ${Math.floor(this.liveLimit(need.newPages))} ` +
+            `(${this.maxLiveShare} of the ${this.segmentCount - this.reserveSegments(need.newPages)} segments outside the reserve). Trim data to free space.`,
+        );
+      }
       const newSegments = this.newSegmentsFor(bytes);
       const sealBacklog = this.sealingPerStream[STREAM_USER]! >= MAX_SEALING_PER_STREAM;
       if (sealBacklog) {
@@ -625,6 +646,7 @@ export class GrassLog implements Grass {
    * reserve's last segment: it frees space, and a full store must still take it.
    */
   private roomNow(need: BatchNeed): boolean {
+    if (!this.liveRoomFor(need)) return false;
     const newSegments = this.newSegmentsFor(need.bytes);
     const base = this.reserveSegments();
     const grown = need.newPages === 0 ? base : this.reserveSegments(need.newPages);
@@ -632,6 +654,40 @@ export class GrassLog implements Grass {
     if (newSegments === 0 && grown === base) return true;
     const reserve = grown - (need.trimOnly ? 1 : 0);
     return this.freeSlots.length - newSegments >= reserve && this.sealingPerStream[STREAM_USER]! < MAX_SEALING_PER_STREAM;
+  }
+
+  /**
+   * Bytes the live records take in the log: user records with their summary entries, and the
+   * current checkpoint's map pages.
+   */
+  private liveBytes(): number {
+    const pageRecord = RECORD_HEADER_BYTES + MAP_PAGE_ENTRIES * MAP_ENTRY_BYTES + SUMMARY_ENTRY_BYTES;
+    return this.map.size * (RECORD_HEADER_BYTES + SUMMARY_ENTRY_BYTES) + this.map.payloadBytes + this.directory.size * pageRecord;
+  }
+
+  private liveLimit(newPages: number): number {
+    return (this.segmentCount - this.reserveSegments(newPages)) * this.usableBytes * this.maxLiveShare;
+  }
+
+  /**
+   * Whether a batch keeps the live records within GrassOptions.maxLiveShare. A batch that
+   * adds no bytes (it overwrites with records no larger, or trims) always may: a full store
+   * must still take the writes that free its space.
+   */
+  private liveRoomFor(need: BatchNeed): boolean {
+    const live = this.liveBytes();
+    const limit = this.liveLimit(need.newPages);
+    if (need.trimOnly || live + need.bytes <= limit) return true;
+    // Near the limit: count what the batch replaces (each address once, as the map has it now).
+    let growth = need.bytes;
+    const seen = new Set<number>();
+    for (const op of need.ops) {
+      if (seen.has(op.gaddr)) continue;
+      seen.add(op.gaddr);
+      const old = this.map.get(op.gaddr);
+      if (old !== undefined) growth -= RECORD_HEADER_BYTES + old.length + SUMMARY_ENTRY_BYTES;
+    }
+    return growth <= 0 || live + growth <= limit;
   }
 
   /**
@@ -1006,10 +1062,7 @@ export class GrassLog implements Grass {
     this.checkWritable();
     // Room first, before anything changes: a checkpoint that stopped half way through its
     // snapshot would leave map pages marked clean that it never wrote.
-    let dirtyPages = 0;
-    for (const pn of this.map.pageNumbers()) if (this.map.page(pn)!.dirty) dirtyPages++;
-    // The meta stream's open segment counts as one of them: a checkpoint starts in it.
-    const needed = this.checkpointSegments(dirtyPages, Math.max(this.directory.size, this.map.pageCount));
+    const needed = this.checkpointNeed();
     if (this.freeSlots.length < needed) {
       this.counters.noSpaceErrors++;
       throw new NoSpaceError(`a checkpoint needs up to ${needed} free segments and ${this.freeSlots.length} are free in ${this.store.describe()}`);
@@ -1022,6 +1075,13 @@ export class GrassLog implements Grass {
       if (!(e instanceof StoreFailedError) && this.failed === undefined && !this.checkpointWritten) this.fail(e);
       throw e;
     }
+  }
+
+  /** Free segments the next checkpoint needs at most (the meta stream's open segment counts as one). */
+  private checkpointNeed(): number {
+    let dirtyPages = 0;
+    for (const pn of this.map.pageNumbers()) if (this.map.page(pn)!.dirty) dirtyPages++;
+    return this.checkpointSegments(dirtyPages, Math.max(this.directory.size, this.map.pageCount));
   }
 
   /** Set once writeCheckpointNow's snapshot is complete (its records appended). */
@@ -1137,8 +1197,12 @@ export class GrassLog implements Grass {
     };
   }
 
-  /** Clean until `target` segments are free, or no progress is possible. Single-flight. */
-  cleanUntil(target: number, foreground: boolean): Promise<void> {
+  /**
+   * Clean until `target` segments are free, or no progress is possible. Single-flight.
+   * `emptiestFirst` takes victims by utilization alone (as F2FS's foreground cleaning does):
+   * for when room is needed now, not at the best long-run cost.
+   */
+  cleanUntil(target: number, foreground: boolean, emptiestFirst = false): Promise<void> {
     if (this.cleanerRunning !== undefined) {
       return this.cleanerRunning.then(() => (this.freeSlots.length < target && foreground ? this.cleanUntil(target, true) : undefined));
     }
@@ -1149,7 +1213,7 @@ export class GrassLog implements Grass {
       // Each useful round gains at least a segment: more rounds than that would mean cycling.
       const maxRounds = 4 * Math.max(1, target - freeAtStart) + 8;
       while (this.freeSlots.length < target && this.failed === undefined && !this.closed && rounds < maxRounds) {
-        const { freed, candidates } = await this.cleanRound(foreground);
+        const { freed, candidates } = await this.cleanRound(foreground, emptiestFirst);
         rounds++;
         if (candidates === 0) {
           // Segments sealed since the last checkpoint cannot be cleaned yet: a checkpoint makes them eligible.
@@ -1172,12 +1236,14 @@ export class GrassLog implements Grass {
     return tracked;
   }
 
-  /** One cleaning round: up to cleanerBatch victims, then one sync (and a checkpoint if needed). Returns segments freed. */
   /**
-   * One cleaning round. In the background only segments at most BACKGROUND_MAX_UTILIZATION
-   * full are taken: emptying a nearly full segment costs a segment's copy to gain a sliver.
+   * One cleaning round: up to cleanerBatch victims, then one sync (and a checkpoint if
+   * needed); returns the segments freed. In the background only segments at most
+   * BACKGROUND_MAX_UTILIZATION full are taken: emptying a nearly full segment costs a
+   * segment's copy to gain a sliver. Victims by the policy's score, or (`emptiestFirst`) by
+   * utilization alone.
    */
-  async cleanRound(foreground = true): Promise<{ freed: number; candidates: number }> {
+  async cleanRound(foreground = true, emptiestFirst = false): Promise<{ freed: number; candidates: number }> {
     this.checkWritable();
     const now = this.userClock;
     const candidates: { slot: number; score: number }[] = [];
@@ -1187,7 +1253,7 @@ export class GrassLog implements Grass {
       if ((this.slotFlags[s]! & SLOT_FLAG_DAMAGED) !== 0) continue;
       const info = this.segmentInfo(s);
       if (info.liveBytes >= this.usableBytes * (foreground ? 1 : BACKGROUND_MAX_UTILIZATION) - RECORD_HEADER_BYTES) continue; // little or nothing to gain
-      candidates.push({ slot: s, score: info.liveBytes === 0 ? Infinity : this.policy.score(info, now) });
+      candidates.push({ slot: s, score: info.liveBytes === 0 ? Infinity : emptiestFirst ? -info.liveBytes : this.policy.score(info, now) });
     }
     if (candidates.length === 0) return { freed: 0, candidates: 0 };
     candidates.sort((a, b) => b.score - a.score);
@@ -1386,12 +1452,23 @@ export class GrassLog implements Grass {
     }
     // Sealed segments with nothing live are free: at once if the checkpoint already covered
     // them; after the post-recovery checkpoint if replay read them (their trims still count).
+    // The metadata stream holds nothing replay applies, only checkpoints; past the durable
+    // one's records those are a checkpoint the crash cut short, free at once. A reopen needs
+    // their room: its own checkpoint may write every map page, and the reserve that covered
+    // the interrupted checkpoint does not cover two.
+    let abandoned = 0;
     if (!this.readOnly) {
       for (let s = 0; s < this.segmentCount; s++) {
         if (this.slotState[s] !== SLOT_SEALED || this.dataLive[s]! > 0 || this.metaLive[s]! > 0) continue;
         if (tails.some((t) => t?.slot === s)) continue;
-        if (visited.has(s)) this.pendingFree[s] = 2;
-        else this.slotState[s] = SLOT_FREE;
+        if (!visited.has(s)) {
+          this.slotState[s] = SLOT_FREE;
+        } else if (this.slotStream[s] === STREAM_META) {
+          this.slotState[s] = SLOT_FREE;
+          abandoned++;
+        } else {
+          this.pendingFree[s] = 2;
+        }
       }
     }
     for (let s = this.segmentCount - 1; s >= 0; s--) if (this.slotState[s] === SLOT_FREE) this.freeSlots.push(s);
@@ -1401,6 +1478,8 @@ export class GrassLog implements Grass {
       replayedRecords: replayed,
       droppedRecords: streamReports.reduce((a, r) => a + r.droppedRecords, 0),
       droppedBytes: streamReports.reduce((a, r) => a + r.droppedBytes, 0),
+      abandonedCheckpointSegments: abandoned,
+      freedAtOpen: 0,
       millis: 0,
     };
     if (this.readOnly) {
@@ -1422,8 +1501,17 @@ export class GrassLog implements Grass {
     }
     this.ensureStreams();
     await this.checkpoint();
+    // Each crash leaves the tails sealed where they ended, half full, and the open segments
+    // above took fresh ones: crashes in a row, each before the cleaner caught up, would eat the
+    // reserve until a reopen found no room for its checkpoint. So the reserve comes back
+    // before the store is handed out (maxLiveShare keeps garbage there to win it from).
+    if (this.freeSlots.length < this.reserveSegments()) {
+      const before = this.freeSlots.length;
+      await this.cleanUntil(this.reserveSegments(), true, true);
+      this.recovery.freedAtOpen = this.freeSlots.length - before;
+    }
     this.recovery.millis = Date.now() - started;
-    // Crashes leave sealed tails behind: let the cleaner catch up before users need the space.
+    // Let the cleaner go on to its usual level before users need the space.
     if (this.background && this.freeSlots.length <= this.cleanStart) this.cleanUntil(this.cleanTarget, false).catch(() => undefined);
   }
 
@@ -1666,6 +1754,7 @@ export class GrassLog implements Grass {
       reserveSegments: this.reserveSegments(),
       liveRecords: this.map.size,
       liveBytes: this.liveDataBytes(),
+      liveLimitBytes: Math.max(0, Math.floor(this.liveLimit(0))),
       userRecords: c.userRecords,
       userBytes: c.userBytes,
       userPayloadBytes: c.userPayloadBytes,

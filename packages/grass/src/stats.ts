@@ -13,6 +13,12 @@ export interface GrassStats {
   liveRecords: number;
   /** Bytes of live data records, headers included. */
   liveBytes: number;
+  /**
+   * Log bytes live records (with their summary entries, and the checkpoint's map pages) may
+   * take before batches that add bytes get NoSpaceError: maxLiveShare of the segments outside
+   * the reserve.
+   */
+  liveLimitBytes: number;
   userRecords: number;
   /** Bytes users appended: record headers and payloads, trims included. */
   userBytes: number;
@@ -65,6 +71,10 @@ export interface RecoveryReport {
   replayedRecords: number;
   droppedRecords: number;
   droppedBytes: number;
+  /** Sealed segments of a checkpoint the crash cut short, free at once. */
+  abandonedCheckpointSegments: number;
+  /** Segments the open cleaned free to bring the reserve back (crashes had eaten into it). */
+  freedAtOpen: number;
   millis: number;
 }
 
