@@ -59,14 +59,18 @@ test('a lock left by a dead process is taken over; a bad manifest is a clear err
 
 test('processes racing to take over a stale lock: one at a time holds it', async (t) => {
   const { execFile } = await import('node:child_process');
-  const { writeFile } = await import('node:fs/promises');
+  const { readdir, writeFile } = await import('node:fs/promises');
   const { hostname } = await import('node:os');
   const { fileURLToPath } = await import('node:url');
   const fixture = fileURLToPath(new URL('./fixtures/take-lock.ts', import.meta.url));
   await withTempDir(async (dir) => {
     const lock = join(dir, 'lock');
-    for (let trial = 0; trial < 4; trial++) {
-      await writeFile(lock, JSON.stringify({ pid: 2 ** 22 + 4321, host: hostname(), since: 'long ago' }));
+    const dead = (pid: number, token: string): string => JSON.stringify({ pid, host: hostname(), since: 'long ago', token });
+    for (let trial = 0; trial < 6; trial++) {
+      await writeFile(lock, dead(2 ** 22 + 4321, 'stale'));
+      // Later trials: a takeover died holding its guard, and then one that broke that guard died too.
+      if (trial >= 2) await writeFile(`${lock}.takeover-stale`, dead(2 ** 22 + 4322, 'died-taking-over'));
+      if (trial >= 4) await writeFile(`${lock}.takeover-stale.takeover-died-taking-over`, dead(2 ** 22 + 4323, 'died-too'));
       const startAt = Date.now() + 3000; // all four try at once, once started
       const runs = await Promise.all(Array.from({ length: 4 }, () => new Promise<{ taken: boolean; from?: number; to?: number; error?: string }>((resolve, reject) => {
         execFile(process.execPath, ['--import', 'tsx', fixture, lock, '400', String(startAt)], { timeout: 60_000 }, (err, stdout) => (err ? reject(err) : resolve(JSON.parse(stdout))));
@@ -75,6 +79,7 @@ test('processes racing to take over a stale lock: one at a time holds it', async
       t.true(held.length >= 1, `trial ${trial}: someone took it`);
       for (let i = 1; i < held.length; i++) t.true(held[i]!.from! >= held[i - 1]!.to!, `trial ${trial}: two processes held the lock at once`);
       for (const r of runs.filter((x) => !x.taken)) t.regex(r.error!, /in use by process \d+/);
+      t.deepEqual((await readdir(dir)).filter((n) => n.includes('takeover')), [], `trial ${trial}: the guards are cleaned up`);
     }
   });
 });

@@ -15,7 +15,7 @@ import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { FileHandle } from 'node:fs/promises';
 import { hostname } from 'node:os';
-import { join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import { z } from 'zod';
 import { checkRange, type SegmentStore } from '../segment-store.ts';
 import { LocalReads } from './local-reads.ts';
@@ -229,30 +229,93 @@ export function pidAlive(pid: number): boolean {
  *
  * The lock appears whole or not at all: its contents go to a temporary file that is then
  * hard-linked into place (link fails if the name exists), so no one reads a half-written
- * lock. Taking over a stale lock is check-then-replace, so takeovers are serialized by a
- * second such file (`LOCK.takeover`): with it held, the lock is read again and replaced only
- * if it still names the same dead holder. (Without that, two processes that both found the
- * lock stale could each remove the other's fresh lock, and both hold the store.)
+ * lock. Taking over a stale lock is check-then-replace, so the processes that found the same
+ * stale holder are serialized by a guard named after it (see replaceStale).
  */
 export async function takeLock(lockPath: string): Promise<void> {
   const me = { pid: process.pid, host: hostname(), since: new Date().toISOString(), token: randomBytes(8).toString('hex') };
   const text = JSON.stringify(me) + '\n';
   for (let attempt = 0; attempt < 50; attempt++) {
-    if (await createWhole(lockPath, text)) return;
+    if (await createWhole(lockPath, text)) return await removeTakeoverGuards(lockPath);
     const holder = await readLock(lockPath);
     if (holder === 'gone') continue;
-    if (holder !== undefined && holder.host === me.host && holder.pid !== process.pid && !pidAlive(holder.pid)) {
-      await takeOverStale(lockPath, holder, text);
+    if (holder !== undefined && isStale(holder)) {
+      await replaceStale(lockPath, holder, text, 0);
       continue; // taken (the next createWhole fails, and readLock names this process), or lost to another
     }
     if (holder === undefined) {
       throw new StoreLockedError(`store is locked by ${lockPath}, whose contents are unreadable; remove it if no process uses the store`);
     }
-    if (holder.token === me.token) return; // its own, from takeOverStale
+    if (holder.token === me.token) return await removeTakeoverGuards(lockPath); // its own, from replaceStale
     const who = holder.pid === process.pid && holder.host === me.host ? 'this process' : `process ${holder.pid} on ${holder.host}`;
     throw new StoreLockedError(`store is in use by ${who} since ${holder.since} (lock file ${lockPath})`);
   }
   throw new StoreLockedError(`could not take the lock ${lockPath}`);
+}
+
+/** Held by a process of this host that is gone (never this process: its own locks are live). */
+function isStale(h: LockHolder): boolean {
+  return h.host === hostname() && h.pid !== process.pid && !pidAlive(h.pid);
+}
+
+/** Takeovers that died in a row, each holding the guard of the one before, before giving up. */
+const MAX_TAKEOVER_DEPTH = 4;
+
+/**
+ * Replace `path`, which names the dead holder `stale`, with `text`, if it still names it.
+ *
+ * The processes that found this same stale holder are serialized by a guard file named after
+ * it (`<path>.takeover-<its token>`): with the guard held, `path` is read again and replaced
+ * only if unchanged. Whoever replaces it changes it, so a second holder of the guard (after
+ * the first released it) finds it changed and leaves it alone. A guard left by a process that
+ * died holding it is itself a stale lock, replaced the same way one level down: its breakers
+ * are serialized by its own guard, so no one removes a guard another just took (which a plain
+ * read-then-unlink of the guard did, letting two processes take the store).
+ */
+async function replaceStale(path: string, stale: LockHolder, text: string, depth: number): Promise<void> {
+  if (depth > MAX_TAKEOVER_DEPTH) throw new StoreLockedError(`could not take over ${path}: ${depth} takeovers of it died in a row`);
+  const guard = `${path}.takeover-${holderId(stale)}`;
+  if (!(await createWhole(guard, text))) {
+    const g = await readLock(guard);
+    if (g === 'gone' || g === undefined || !isStale(g)) {
+      // Another takeover is under way (or just ended): let it finish.
+      await sleep(10 + Math.random() * 40);
+      return;
+    }
+    await replaceStale(guard, g, text, depth + 1);
+    if ((await readFile(guard, 'utf8').catch(() => '')) !== text) {
+      await sleep(10 + Math.random() * 40); // another breaker got the guard
+      return;
+    }
+  }
+  try {
+    const now = await readLock(path);
+    if (now !== 'gone' && JSON.stringify(now) !== JSON.stringify(stale)) return;
+    if (now !== 'gone') await unlink(path);
+    await createWhole(path, text); // false: someone took it in between, fairly
+  } finally {
+    await unlink(guard).catch(() => undefined);
+  }
+}
+
+/** A name for one lock holder: its token, or (a lock written before tokens) pid and time. */
+function holderId(h: LockHolder): string {
+  return h.token ?? `${h.pid}-${h.since.replace(/[^0-9A-Za-z]/g, '')}`;
+}
+
+/**
+ * Remove the takeover guards that crashed takeovers left behind (and the single
+ * `<lock>.takeover` of earlier versions). With the lock held they are all obsolete: a process
+ * still holding one finds the lock changed and leaves it alone.
+ */
+async function removeTakeoverGuards(lockPath: string): Promise<void> {
+  const dir = dirname(lockPath);
+  const base = basename(lockPath);
+  // Guards only: the temporary files createWhole links into place (`<guard>.<pid>.<random>.tmp`)
+  // belong to calls in progress.
+  const guard = new RegExp(`^${base.replace(/[^0-9A-Za-z]/g, '\\$&')}(\\.takeover|(\\.takeover-[0-9A-Za-z-]+)+)$`);
+  const names = await readdir(dir).catch(() => [] as string[]);
+  for (const n of names) if (guard.test(n)) await unlink(join(dir, n)).catch(() => undefined);
 }
 
 type LockHolder = z.infer<typeof LockFile>;
@@ -292,29 +355,6 @@ async function createWhole(path: string, text: string): Promise<boolean> {
     throw e;
   } finally {
     await unlink(tmp).catch(() => undefined);
-  }
-}
-
-/** Replace the lock of dead holder `stale` with ours, if it still is that lock (see takeLock). */
-async function takeOverStale(lockPath: string, stale: LockHolder, text: string): Promise<void> {
-  const guard = `${lockPath}.takeover`;
-  if (!(await createWhole(guard, text))) {
-    // Another takeover is under way, or its process died holding the guard.
-    const g = await readLock(guard);
-    if (g !== 'gone' && (g === undefined || (g.host === hostname() && !pidAlive(g.pid)))) {
-      const again = await readLock(guard);
-      if (again !== 'gone' && JSON.stringify(again) === JSON.stringify(g)) await unlink(guard).catch(() => undefined);
-    }
-    await sleep(10 + Math.random() * 40);
-    return;
-  }
-  try {
-    const now = await readLock(lockPath);
-    if (now !== 'gone' && JSON.stringify(now) !== JSON.stringify(stale)) return;
-    if (now !== 'gone') await unlink(lockPath);
-    await createWhole(lockPath, text); // false: someone took it in between, fairly
-  } finally {
-    await unlink(guard).catch(() => undefined);
   }
 }
 
