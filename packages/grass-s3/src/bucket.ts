@@ -13,7 +13,7 @@
 import {
   S3Client, PutObjectCommand, GetObjectCommand, DeleteObjectsCommand, ListObjectsV2Command,
   CreateMultipartUploadCommand, UploadPartCommand, CompleteMultipartUploadCommand, AbortMultipartUploadCommand,
-  DeleteObjectCommand, HeadBucketCommand, CreateBucketCommand,
+  DeleteObjectCommand, HeadBucketCommand, CreateBucketCommand, ListMultipartUploadsCommand,
 } from '@aws-sdk/client-s3';
 import type { S3ClientConfig } from '@aws-sdk/client-s3';
 import { NodeHttpHandler } from '@smithy/node-http-handler';
@@ -258,7 +258,7 @@ export class Bucket {
       // An upload left incomplete keeps its parts stored (and billed) until aborted: an abort
       // that fails (after the client's retries) is reported with the upload id.
       const aborted = await this.client.send(new AbortMultipartUploadCommand({ Bucket: this.name, Key, UploadId })).then(() => true, () => false);
-      if (!aborted && e instanceof Error) e.message += ` (and its multipart upload ${UploadId} could not be aborted: its parts stay stored until it is; an AbortIncompleteMultipartUpload lifecycle rule on the bucket ends such uploads)`;
+      if (!aborted && e instanceof Error) e.message += ` (and its multipart upload ${UploadId} could not be aborted: its parts stay stored until it is; the next writer's sweep, or an AbortIncompleteMultipartUpload lifecycle rule on the bucket, ends such uploads)`;
       throw e;
     }
   }
@@ -368,6 +368,34 @@ export class Bucket {
       token = r.IsTruncated === true ? r.NextContinuationToken : undefined;
     } while (token !== undefined);
     return out;
+  }
+
+  /** Multipart uploads under `relPrefix` not yet completed or aborted (a crash leaves them). */
+  async listUploads(relPrefix: string): Promise<{ key: string; uploadId: string; initiated: Date | undefined }[]> {
+    const out: { key: string; uploadId: string; initiated: Date | undefined }[] = [];
+    const full = this.key(relPrefix);
+    const strip = this.prefix === '' ? 0 : this.prefix.length + 1;
+    let keyMarker: string | undefined;
+    let uploadIdMarker: string | undefined;
+    do {
+      this.counters.lists++;
+      const r = await this.call(`ListMultipartUploads ${full}`, this.client.send(new ListMultipartUploadsCommand({ Bucket: this.name, Prefix: full, KeyMarker: keyMarker, UploadIdMarker: uploadIdMarker })));
+      for (const u of r.Uploads ?? []) {
+        if (u.Key !== undefined && u.UploadId !== undefined) out.push({ key: u.Key.slice(strip), uploadId: u.UploadId, initiated: u.Initiated });
+      }
+      const more = r.IsTruncated === true && (r.NextKeyMarker !== undefined || r.NextUploadIdMarker !== undefined);
+      keyMarker = more ? r.NextKeyMarker : undefined;
+      uploadIdMarker = more ? r.NextUploadIdMarker : undefined;
+      if (more && keyMarker === undefined && uploadIdMarker === undefined) break;
+    } while (keyMarker !== undefined || uploadIdMarker !== undefined);
+    return out;
+  }
+
+  /** End a multipart upload: its parts are deleted. */
+  async abortUpload(rel: string, uploadId: string): Promise<void> {
+    const Key = this.key(rel);
+    this.counters.deletes++;
+    await this.call(`AbortMultipartUpload ${Key} (upload ${uploadId})`, this.client.send(new AbortMultipartUploadCommand({ Bucket: this.name, Key, UploadId: uploadId })));
   }
 
   async delete(rels: string[]): Promise<void> {

@@ -379,12 +379,28 @@ test('the cleaner on S3: released segments are deleted after the next publicatio
   t.true([...listed].every((k) => objects.includes(k)), 'every object the manifest lists is in the bucket');
 
   await bucket.put('seg/00000000-0000beef', new Uint8Array(10));
+  // Multipart uploads a crash left incomplete, with a part each: one of an old epoch, and one
+  // of this writer's epoch (which may be its own, in flight).
+  const { CreateMultipartUploadCommand, UploadPartCommand, ListMultipartUploadsCommand, AbortMultipartUploadCommand } = await import('@aws-sdk/client-s3');
+  const incomplete = async (key: string): Promise<string> => {
+    const { UploadId } = await bucket.client.send(new CreateMultipartUploadCommand({ Bucket: name, Key: `pool/a/${key}` }));
+    await bucket.client.send(new UploadPartCommand({ Bucket: name, Key: `pool/a/${key}`, UploadId, PartNumber: 1, Body: new Uint8Array(5 << 20) }));
+    return UploadId!;
+  };
+  const oldUpload = await incomplete('seg/00000000-0000cafe');
+  const ours = `seg/${store.stats().epoch.toString(16).padStart(8, '0')}-7fffffff`;
+  const ourUpload = await incomplete(ours);
   // The grace period is 0 here, but sweep knows the server's time only to the second (its
   // Date header), and rounds down: a second later the orphan is past it.
   await sleep(1100);
   const swept = await store.sweep();
   t.true(swept.includes('seg/00000000-0000beef'), 'an orphan of an old epoch is swept');
   t.false(swept.some((k) => listed.has(k)), 'nothing the manifest lists is swept');
+  t.true(swept.includes(`seg/00000000-0000cafe (upload ${oldUpload})`), 'an incomplete upload of an old epoch is aborted');
+  t.is(store.stats().uploadsAborted, 1);
+  const uploads = (await bucket.client.send(new ListMultipartUploadsCommand({ Bucket: name }))).Uploads ?? [];
+  t.deepEqual(uploads.map((u) => [u.Key, u.UploadId]), [[`pool/a/${ours}`, ourUpload]], 'this epoch\'s upload is left alone');
+  await bucket.client.send(new AbortMultipartUploadCommand({ Bucket: name, Key: `pool/a/${ours}`, UploadId: ourUpload }));
   await g.close();
   bucket.destroy();
 

@@ -126,6 +126,8 @@ export interface S3StoreStats extends BucketCounters {
   publications: number;
   /** Times this writer found its bucket lock gone after a publication, and put it back. */
   lockRestores: number;
+  /** Incomplete multipart uploads of earlier writers that sweep() aborted. */
+  uploadsAborted: number;
   lastPublishedSeq: number;
   pendingDeletes: number;
   epoch: number;
@@ -345,7 +347,7 @@ export class S3SegmentStore implements SegmentStore {
 
   private cachedBytes = 0;
   private useClock = 0;
-  private readonly counters = { cacheHits: 0, cacheMisses: 0, uploadRetries: 0, publications: 0, segmentUploads: 0, partialUploads: 0, prefetches: 0, lockRestores: 0 };
+  private readonly counters = { cacheHits: 0, cacheMisses: 0, uploadRetries: 0, publications: 0, segmentUploads: 0, partialUploads: 0, prefetches: 0, lockRestores: 0, uploadsAborted: 0 };
   private lastError: string | undefined;
 
   private readonly cacheBytes: number;
@@ -1642,7 +1644,10 @@ export class S3SegmentStore implements SegmentStore {
   /**
    * Delete objects no manifest or live writer needs: segment objects of earlier epochs that the
    * newest manifest does not list and this writer does not hold, older than the grace period.
-   * Returns the keys deleted.
+   * Abort the multipart uploads of earlier epochs that a crash left incomplete, started before
+   * the grace period (an earlier epoch's writer is fenced: its uploads can never complete into
+   * anything a manifest lists, and their parts stay stored until aborted). Returns the keys
+   * deleted, then `KEY (upload ID)` for each upload aborted.
    */
   async sweep(): Promise<string[]> {
     this.live();
@@ -1673,7 +1678,16 @@ export class S3SegmentStore implements SegmentStore {
       if (seq !== undefined && seq < this.lastManifest.seq - this.keepManifests && !this.retired.some((r) => r.key === o.key)) doomed.push(o.key);
     }
     if (doomed.length > 0) await this.bucket.delete(doomed);
-    return doomed;
+    const aborted: string[] = [];
+    for (const u of await this.bucket.listUploads(SEGMENT_DIR)) {
+      const epoch = epochOfKey(u.key);
+      if (epoch === undefined || epoch >= this.epoch) continue;
+      if (u.initiated === undefined || u.initiated.getTime() > cutoff) continue;
+      await this.bucket.abortUpload(u.key, u.uploadId);
+      aborted.push(`${u.key} (upload ${u.uploadId})`);
+    }
+    this.counters.uploadsAborted += aborted.length;
+    return [...doomed, ...aborted];
   }
 
   /**
@@ -1710,7 +1724,7 @@ export class S3SegmentStore implements SegmentStore {
       uploadBacklogSegments: Math.round(this.backlogBytes / this.segmentBytes), uploadBacklogBytes: this.backlogBytes,
       uploadBacklogLimitBytes: this.maxBacklog,
       uploadRetries: this.counters.uploadRetries, segmentUploads: this.counters.segmentUploads, partialUploads: this.counters.partialUploads,
-      publications: this.counters.publications, lockRestores: this.counters.lockRestores, lastPublishedSeq: this.lastManifest.seq,
+      publications: this.counters.publications, lockRestores: this.counters.lockRestores, uploadsAborted: this.counters.uploadsAborted, lastPublishedSeq: this.lastManifest.seq,
       pendingDeletes: this.retired.length, epoch: this.epoch, lastError: this.lastError, closePublished: this.closePublished,
     };
   }
