@@ -14,6 +14,8 @@ import { ReplyWriter } from './replies.ts';
 import type { StatsRecorder } from './stats.ts';
 import { Transmission } from './transmission.ts';
 
+/** A client still haggling when the server closes gets this long to take its NBD_REP_ERR_SHUTDOWN and abort. */
+const SHUTDOWN_HANDSHAKE_GRACE_MS = 1000;
 /** A client must finish the handshake (TLS included) within this long; then it is cut off. */
 export const HANDSHAKE_TIMEOUT_MS = 30_000;
 /** After the server ends a connection, the client has this long to close its side before the socket is destroyed. */
@@ -36,6 +38,7 @@ export class Connection {
   private phase: 'handshake' | 'transmission' = 'handshake';
   private transmission: Transmission | undefined;
   private timedOut = false;
+  private stopping = false;
   private readonly name: string;
 
   constructor(private readonly socket: Socket, private readonly o: ConnectionOptions) {
@@ -49,11 +52,16 @@ export class Connection {
 
   /**
    * Graceful: stop reading; requests already read finish and are answered; then close. A
-   * connection still in its handshake has nothing in flight and is closed at once.
+   * connection still in its handshake answers its next options NBD_REP_ERR_SHUTDOWN (the
+   * client then aborts) and is closed after SHUTDOWN_HANDSHAKE_GRACE_MS in any case.
    */
   stop(): void {
-    if (this.phase === 'handshake') this.destroy();
-    else if (this.transmission !== undefined) this.transmission.stop(new ConnectionAbortedError('the server is closing'));
+    this.stopping = true;
+    if (this.phase === 'handshake') {
+      setTimeout(() => {
+        if (this.phase === 'handshake') this.destroy();
+      }, SHUTDOWN_HANDSHAKE_GRACE_MS).unref();
+    } else if (this.transmission !== undefined) this.transmission.stop(new ConnectionAbortedError('the server is closing'));
     else this.link.reader.abort(new ConnectionAbortedError('the server is closing'));
   }
 
@@ -83,6 +91,7 @@ export class Connection {
         startTls: (ack) => this.startTls(ack),
         maxRequestBytes: o.maxRequestBytes,
         log: (line) => this.log(line),
+        shuttingDown: () => this.stopping,
       });
       clearTimeout(timer);
       if (result.kind === 'ended') {
@@ -93,6 +102,8 @@ export class Connection {
         o.stats.transmissions++;
         const t = new Transmission({ link: this.link, negotiated: result.negotiated, maxRequestBytes: o.maxRequestBytes, maxInflightBytes: o.maxInflightBytes, stats: o.stats, log: (l) => this.log(l) });
         this.transmission = t;
+        // The server began closing while the option that started transmission was answered.
+        if (this.stopping) t.stop(new ConnectionAbortedError('the server is closing'));
         try {
           this.log(await t.run());
         } catch (e) {

@@ -312,12 +312,17 @@ test('a bad option magic, a truncated option, and STARTTLS without TLS configure
   t.true(s.logs.some((l) => l.includes('bad option magic')));
 });
 
-test('closing the server answers nothing more and hangs up on clients still haggling', async (t) => {
+test('a closing server answers options NBD_REP_ERR_SHUTDOWN; a client that aborts is let go, an idle one hung up on', async (t) => {
   const s = await fixture();
-  const c = await raw(s);
-  await c.option(P.NBD_OPT_LIST);
+  const polite = await raw(s);
+  const idle = await raw(s);
+  await polite.option(P.NBD_OPT_LIST);
   const closing = s.server.close({ graceful: true });
-  t.true(await c.closed());
+  t.deepEqual((await polite.option(P.NBD_OPT_LIST)).map((x) => x.type), [P.NBD_REP_ERR_SHUTDOWN]);
+  t.deepEqual((await polite.option(P.NBD_OPT_GO, infoRequest('disk', []))).map((x) => x.type), [P.NBD_REP_ERR_SHUTDOWN], 'no new transmission starts');
+  t.deepEqual((await polite.option(P.NBD_OPT_ABORT)).map((x) => x.type), [P.NBD_REP_ACK]);
+  t.true(await polite.closed());
+  t.true(await idle.closed(3000), 'a client that sends nothing is hung up on');
   await closing;
   t.is(s.server.stats().connections, 0);
 });

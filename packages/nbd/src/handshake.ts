@@ -47,6 +47,7 @@ import {
   NBD_REP_ACK,
   NBD_REP_ERR_INVALID,
   NBD_REP_ERR_POLICY,
+  NBD_REP_ERR_SHUTDOWN,
   NBD_REP_ERR_TLS_REQD,
   NBD_REP_ERR_TOO_BIG,
   NBD_REP_ERR_UNKNOWN,
@@ -111,6 +112,8 @@ export interface HandshakeContext {
   startTls(ack: Buffer): Promise<void>;
   maxRequestBytes: number;
   log(line: string): void;
+  /** True once the server is closing: options other than NBD_OPT_ABORT are then refused with NBD_REP_ERR_SHUTDOWN. */
+  shuttingDown?: () => boolean;
 }
 
 export type HandshakeResult = { kind: 'transmission'; negotiated: Negotiated } | { kind: 'ended'; reason: string };
@@ -251,6 +254,14 @@ export async function negotiate(ctx: HandshakeContext): Promise<HandshakeResult>
       await reply.send(NBD_REP_ACK);
       return { kind: 'ended', reason: 'client sent NBD_OPT_ABORT' };
     }
+    if (ctx.shuttingDown?.() === true) {
+      // The spec: a server shutting down SHOULD error further options with ERR_SHUTDOWN, and
+      // the client MUST then disconnect softly (NBD_OPT_ABORT, answered above).
+      if (option === NBD_OPT_EXPORT_NAME) return { kind: 'ended', reason: 'NBD_OPT_EXPORT_NAME while the server is closing' };
+      await link.reader.skip(length);
+      await reply.error(NBD_REP_ERR_SHUTDOWN, 'the server is shutting down');
+      continue;
+    }
     if (!KNOWN_OPTIONS.has(option) || length > MAX_OPTION_DATA_BYTES) {
       if (option === NBD_OPT_EXPORT_NAME) throw new NbdProtocolError(`NBD_OPT_EXPORT_NAME with ${length} bytes of data`);
       await link.reader.skip(length);
@@ -261,6 +272,7 @@ export async function negotiate(ctx: HandshakeContext): Promise<HandshakeResult>
       continue;
     }
     const data = await link.reader.read(length);
+
 
     if (forced && option !== NBD_OPT_STARTTLS) {
       // FORCEDTLS: EXPORT_NAME cannot be refused politely, so the session ends.
