@@ -30,10 +30,12 @@ import {
   type Superblock,
   decodeGrave,
   decodeRefcounts,
+  checkSuperblockCounters,
   decodeSuperblock,
   emptySuperblock,
   encodeSuperblock,
   childrenIn,
+  highWaterLimit,
   spanOf,
 } from './format.ts';
 import { RwLock } from './rwlock.ts';
@@ -166,7 +168,7 @@ export class CowStore implements Cow {
     this.grave = grave;
     this.options = options;
     this.cache = new NodeCache(options.cacheBytes ?? 64 * 1024 * 1024);
-    this.allocator = new Allocator(sb.nextGaddr, (p) => this.loadRefcounts(p));
+    this.allocator = new Allocator(sb.nextGaddr, highWaterLimitOf(grass), (p) => this.loadRefcounts(p));
   }
 
   /** Format an empty Cow space on a Grass store that has none, durably. */
@@ -186,6 +188,14 @@ export class CowStore implements Cow {
     const rec = await grass.read(SUPERBLOCK_GADDR);
     if (rec === undefined) throw new NotACowStoreError('this Grass store holds no Cow space (create one first)');
     const sb = decodeSuperblock(rec);
+    // Before anything sized by it: a high water past what the store could ever hold is not
+    // one the allocator wrote (it stops at this limit), and taken as it is would make the
+    // allocator's and fsck's work follow the claim rather than the store.
+    const limit = highWaterLimitOf(grass);
+    if (sb.nextGaddr > limit) {
+      const { segmentBytes, segmentCount } = grass.stats();
+      throw new CowCorruptionError(`Cow superblock has allocator high water ${sb.nextGaddr}, past ${limit}: its Grass store (${segmentCount} segments of ${segmentBytes} bytes) cannot hold records for more addresses`);
+    }
     const grave: number[] = [];
     for (let i = 0; i * GRAVE_PAGE_ENTRIES < sb.graveCount; i++) {
       const g = GRAVE_BASE_GADDR + i;
@@ -427,6 +437,7 @@ export class CowStore implements Cow {
     let sb: Superblock | undefined;
     if (grown !== 0) {
       sb = { ...this.sb, dataBytes: this.sb.dataBytes + grown, generation: this.sb.generation + 1 };
+      checkSuperblockCounters(sb);
       ops.push({ op: 'put', gaddr: SUPERBLOCK_GADDR, data: encodeSuperblock(sb) });
     }
     if (!this.grass.tryBatch(ops)) return this.grass.roomFor(ops);
@@ -757,4 +768,9 @@ export class CowStore implements Cow {
   private checkOpen(): void {
     if (this.closed) throw new CowClosedError('the Cow store is closed');
   }
+}
+
+function highWaterLimitOf(grass: Grass): number {
+  const { segmentBytes, segmentCount } = grass.stats();
+  return highWaterLimit(segmentBytes, segmentCount);
 }

@@ -4,6 +4,7 @@
  * already checked its CRC-32C and that it belongs to this address; the decoders here check
  * structure and bounds and throw CowCorruptionError rather than return a wrong tree.
  */
+import { MIN_RECORD_LOG_BYTES } from '@pasture/grass';
 import { assert } from './assert.ts';
 import { compressMeta, decompressMeta } from './codec.ts';
 import { CowCorruptionError } from './errors.ts';
@@ -77,6 +78,23 @@ assert(NODE_BYTES_MAX <= 4096 && META_HEADER_BYTES + RC_BODY_BYTES <= 4096 && ME
 assert(ALLOC_LIMIT_GADDR <= RC_BASE_GADDR);
 assert(RC_BASE_GADDR + ALLOC_LIMIT_GADDR / RC_PAGE_ENTRIES <= GRAVE_BASE_GADDR);
 assert(GRAVE_BASE_GADDR + GRAVE_PAGES_MAX < 2 ** 48);
+
+
+/**
+ * The highest allocator high water a Cow space on a Grass store of `segmentCount` segments of
+ * `segmentBytes` can have. Every address in use holds a Grass record, so at most
+ * capacity / MIN_RECORD_LOG_BYTES of them are in use at once, and the allocator never raises
+ * the high water past this bound: there it looks through every refcount page for a free
+ * address instead (allocator.ts). A superblock that claims more is corrupt. This is what
+ * keeps a claimed high water from costing more than the store could hold (the allocator's
+ * hints, fsck's walk of the refcount pages). The refcount pages cannot bound it: freeing the
+ * top addresses drops their pages and leaves the high water where it was, so a store may
+ * rightly claim a high water far above its last refcount page.
+ */
+export function highWaterLimit(segmentBytes: number, segmentCount: number): number {
+  assert(Number.isSafeInteger(segmentBytes * segmentCount) && segmentBytes > 0 && segmentCount > 0, `store geometry ${segmentCount} x ${segmentBytes} bytes`);
+  return Math.min(ALLOC_LIMIT_GADDR, FIRST_ALLOC_GADDR + Math.floor((segmentBytes * segmentCount) / MIN_RECORD_LOG_BYTES));
+}
 
 export function isAllocGaddr(g: number): boolean {
   return Number.isSafeInteger(g) && g >= FIRST_ALLOC_GADDR && g < ALLOC_LIMIT_GADDR;
@@ -373,6 +391,28 @@ export function encodeSuperblock(sb: Superblock): Uint8Array {
 }
 
 export const SUPERBLOCK_RECORD_BYTES = META_HEADER_BYTES + SUPERBLOCK_BODY_BYTES;
+
+/**
+ * Check the counters of a superblock about to be written: a commit adds and subtracts record
+ * sizes to the counters it read from storage, so counters that were wrong when read can leave
+ * the range a u64 field holds (a count below zero, a byte count past 2^53). That is
+ * corruption of the stored superblock, not a bug here, so it is CowCorruptionError (nothing
+ * written) rather than the assertion in encodeSuperblock.
+ */
+export function checkSuperblockCounters(sb: Superblock): void {
+  const counters: [string, number][] = [
+    ['data record count', sb.dataRecords],
+    ['data byte count', sb.dataBytes],
+    ['metadata record count', sb.metaRecords],
+    ['metadata byte count', sb.metaBytes],
+    ['generation', sb.generation],
+  ];
+  for (const [what, x] of counters) {
+    if (!Number.isSafeInteger(x) || x < 0) {
+      throw new CowCorruptionError(`the Cow superblock's ${what} (address ${SUPERBLOCK_GADDR}) would become ${x}, out of range: the counters stored there disagree with the records`);
+    }
+  }
+}
 
 export function decodeSuperblock(record: Uint8Array): Superblock {
   const body = unwrapMeta(record, MetaKind.Superblock, SUPERBLOCK_GADDR, SUPERBLOCK_BODY_BYTES);

@@ -9,6 +9,11 @@
  * - missing: a reference to an address Grass has no record for.
  * - structure: node heights, kinds (an address used both as node and data), decode errors.
  * - counters: the superblock's record and byte counts against what Grass holds.
+ *
+ * Its work follows what exists, not the allocator's high water: a refcount page Grass has no
+ * record of counts nothing, so it is not walked address by address; the references into it
+ * are checked from the other side, and Grass's record count catches records that nothing
+ * accounts for there (or anywhere else fsck does not look).
  */
 import type { CowStore } from './cow.ts';
 import { decodeBlock } from './codec.ts';
@@ -125,22 +130,25 @@ export async function fsckCow(cow: CowStore, options: CowFsckOptions = {}): Prom
     }
   }
 
-  // Every allocatable address: refcount against references, and Grass record against both.
+  // Every allocatable address with a refcount page: refcount against references, and Grass
+  // record against both.
   let dataBytes = 0;
   let metaRecords = 0;
   let metaBytes = 0;
+  /** Data records Grass holds at addresses Cow uses (metadata ones: metaRecords); see the end. */
+  let dataFound = 0;
+  const pageExists = (p: number): boolean => grass.size(RC_BASE_GADDR + p) !== undefined;
   for (let p = 0; p * RC_PAGE_ENTRIES < sb.nextGaddr; p++) {
+    const rcSize = grass.size(RC_BASE_GADDR + p);
+    if (rcSize === undefined) continue;
+    metaRecords++;
+    metaBytes += rcSize;
     let page: Uint32Array;
     try {
       page = await cow.loadRefcounts(p);
     } catch (e) {
       problem('structure', `refcount page ${p}: ${(e as Error).message}`);
       continue;
-    }
-    const rcSize = grass.size(RC_BASE_GADDR + p);
-    if (rcSize !== undefined) {
-      metaRecords++;
-      metaBytes += rcSize;
     }
     for (let i = 0; i < RC_PAGE_ENTRIES; i++) {
       const g = p * RC_PAGE_ENTRIES + i;
@@ -153,8 +161,10 @@ export async function fsckCow(cow: CowStore, options: CowFsckOptions = {}): Prom
       const size = grass.size(g);
       const k = kind.get(g);
       if (size !== undefined) {
-        if (k === 'data') dataBytes += size;
-        else {
+        if (k === 'data') {
+          dataFound++;
+          dataBytes += size;
+        } else {
           metaRecords++;
           metaBytes += size;
         }
@@ -165,6 +175,23 @@ export async function fsckCow(cow: CowStore, options: CowFsckOptions = {}): Prom
         else problem('refcountMismatches', `address ${g} has ${want} references but refcount ${have}`);
       }
       if (size !== undefined && want === 0 && have === 0) problem('leaks', `Grass holds a record at ${g} that nothing references (refcount 0)`);
+    }
+  }
+  // References the walk above did not see: into refcount pages that do not exist (count 0),
+  // or to addresses the allocator never handed out.
+  for (const [g, want] of refs) {
+    const allocated = g >= FIRST_ALLOC_GADDR && g < sb.nextGaddr;
+    if (allocated && pageExists(Math.floor(g / RC_PAGE_ENTRIES))) continue;
+    if (allocated) problem('doubleReferences', `address ${g} has ${want} references but refcount 0 (refcount page ${Math.floor(g / RC_PAGE_ENTRIES)} does not exist)`);
+    else problem('structure', `address ${g} is referenced but lies at or above the allocator high water ${sb.nextGaddr}`);
+    const size = grass.size(g);
+    if (size === undefined) continue;
+    if (kind.get(g) === 'data') {
+      dataFound++;
+      dataBytes += size;
+    } else {
+      metaRecords++;
+      metaBytes += size;
     }
   }
   for (let i = 0; i * GRAVE_PAGE_ENTRIES < sb.graveCount; i++) {
@@ -188,5 +215,9 @@ export async function fsckCow(cow: CowStore, options: CowFsckOptions = {}): Prom
   for (const [what, claimed, found] of checks) {
     if (claimed !== found) problem('counters', `superblock counts ${claimed} ${what}, found ${found}`);
   }
+  // Records found above, against all Grass holds: the rest lie where no walk looks (free
+  // addresses without a refcount page, above the high water, past the graveyard).
+  const unaccounted = grass.stats().liveRecords - (metaRecords + dataFound);
+  if (unaccounted !== 0) problem('leaks', `Grass holds ${unaccounted} records that fsck did not find at an address Cow uses (found ${metaRecords + dataFound})`);
   return report;
 }

@@ -37,6 +37,7 @@ import {
   RC_BASE_GADDR,
   RC_PAGE_ENTRIES,
   REFCOUNT_MAX,
+  checkSuperblockCounters,
   childrenIn,
   SUPERBLOCK_GADDR,
   type Superblock,
@@ -207,8 +208,16 @@ export class Txn implements CowTransaction, AllocView {
 
   private async alloc(): Promise<number> {
     const g = await this.store.allocator.alloc(this);
-    const page = await this.writablePage(Math.floor(g / RC_PAGE_ENTRIES));
-    assert(page[g % RC_PAGE_ENTRIES] === 0, `allocated address ${g} is in use`);
+    const p = Math.floor(g / RC_PAGE_ENTRIES);
+    const page = await this.writablePage(p);
+    const count = page[g % RC_PAGE_ENTRIES]!;
+    if (count !== 0) {
+      // The allocator reuses only addresses it found free, so a count here is on an address
+      // at or above the committed high water, where nothing was ever allocated: the stored
+      // refcount page (or the high water) is wrong.
+      assert(g >= this.store.allocator.highWater, `allocated address ${g} is in use`);
+      throw new CowCorruptionError(`refcount page ${p} (address ${RC_BASE_GADDR + p}) counts ${count} references to address ${g}, at or above the allocator high water ${this.store.allocator.highWater}`);
+    }
     page[g % RC_PAGE_ENTRIES] = 1;
     return g;
   }
@@ -231,7 +240,8 @@ export class Txn implements CowTransaction, AllocView {
         mine = (await this.store.loadNode(g, h)).clone();
         this.nodes.set(g, mine);
       }
-      assert(mine.height === h);
+      // Another parent reached it at another height (and counted once): stored nodes are wrong.
+      if (mine.height !== h) throw new CowCorruptionError(`node ${g} is referenced as a node of height ${h}, and elsewhere as one of height ${mine.height}, with refcount 1`);
       return { g, node: mine };
     }
     // Shared: copy it; the copy references every child too, and the original loses our reference.
@@ -557,15 +567,20 @@ export class Txn implements CowTransaction, AllocView {
       ops.push({ op: 'trim', gaddr: g });
     };
 
+    // A record this transaction still uses whose refcount fell to zero (die() forgets the
+    // ones it knows of) had more references than its stored count said, such as an address
+    // in use both as a node and as data.
+    const freedInUse = (g: number, as: string): CowCorruptionError =>
+      new CowCorruptionError(`address ${g} is still in use as ${as} but its refcount fell to zero in this transaction: its stored refcount is lower than its references`);
     const written = new Map<number, CowNode>();
     for (const [g, node] of this.nodes) {
-      assert(!this.freed.has(g));
+      if (this.freed.has(g)) throw freedInUse(g, 'a node');
       if (!node.dirty) continue;
       put(g, node.encode(), 'meta');
       written.set(g, node);
     }
     for (const [g, rec] of this.dataPuts) {
-      assert(!this.freed.has(g));
+      if (this.freed.has(g)) throw freedInUse(g, 'data');
       put(g, rec, 'data');
     }
     for (const [g, kind] of this.freed) drop(g, kind);
@@ -591,6 +606,7 @@ export class Txn implements CowTransaction, AllocView {
     // an unshared block that compresses to the same size is one Grass put and nothing else.
     if (!sameSuperblock(sb, this.store.sb)) {
       sb.generation++;
+      checkSuperblockCounters(sb);
       put(SUPERBLOCK_GADDR, encodeSuperblock(sb), 'meta'); // fixed size: no change to the counters
     }
     if (ops.length > MAX_BATCH_OPS || bytes > MAX_BATCH_BYTES) {

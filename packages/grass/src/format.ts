@@ -62,6 +62,8 @@ export const MAX_GADDR = 2 ** 48 - 1;
 
 // --- Summary entry, one per record, written when the segment is sealed. -------------------
 export const SUMMARY_ENTRY_BYTES = 16;
+/** Fewest log bytes one record takes, whatever its payload: its header and summary entry. */
+export const MIN_RECORD_LOG_BYTES = RECORD_HEADER_BYTES + SUMMARY_ENTRY_BYTES;
 export const SE_KEY = 0; //    u64
 export const SE_LENGTH = 8; // u16 payload bytes
 export const SE_KIND = 10; //  u8

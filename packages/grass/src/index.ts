@@ -11,5 +11,5 @@ export type { GrassStats, RecoveryReport, StreamRecovery } from './stats.ts';
 export * from './errors.ts';
 export { Rng } from './rng.ts';
 export { crc32c, crc32cImplementation } from './crc32c.ts';
-export { MAX_USER_RECORD_BYTES, MAX_GADDR } from './format.ts';
+export { MAX_USER_RECORD_BYTES, MAX_GADDR, MIN_RECORD_LOG_BYTES } from './format.ts';
 export { fsck, type FsckReport } from './fsck.ts';
