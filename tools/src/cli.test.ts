@@ -73,8 +73,8 @@ test('bad arguments are refused before anything is done; --json failures print o
     // A geometry Grass cannot run in is refused before a store is made (init could not be run again).
     const few = await pasture('init', '--store', `file:${store}`, '--segments', '4');
     t.is(few.code, 2);
-    t.regex(few.stderr, /--segments must be in \[16, /);
-    t.is((await pasture('init', '--store', `file:${store}`, '--segment-bytes', '1M', '--segments', '16')).code, 0, 'the same directory takes a good init');
+    t.regex(few.stderr, /--segments must be in \[32, /);
+    t.is((await pasture('init', '--store', `file:${store}`, '--segment-bytes', '1M', '--segments', '32')).code, 0, 'the same directory takes a good init');
     const odd = await pasture('volume', 'create', 'a', '--size', '4096.5', '--store', store);
     t.is(odd.code, 2);
     t.regex(odd.stderr, /whole number of bytes/);

@@ -159,10 +159,10 @@ const init: Command = {
     const segmentCount = num(o.segments, 'segments', 1024);
     // Grass's limits, checked before anything is created: a store it cannot run in would be
     // left behind, refused by every command (init too: the directory holds a store).
-    // Grass runs in MIN_SEGMENT_COUNT segments, but most of those are its reserve: a pool needs
-    // a few more to hold some data.
-    const minSegments = MIN_SEGMENT_COUNT + 4;
-    if (segmentCount < minSegments || segmentCount > MAX_SEGMENT_COUNT) throw new UsageError(`--segments must be in [${minSegments}, ${MAX_SEGMENT_COUNT}] (Grass keeps about 10 in reserve), got ${segmentCount}`);
+    // Grass opens MIN_SEGMENT_COUNT segments, but holds data only outside its reserve and
+    // working room (about 16 segments with a small map): a pool needs twice that.
+    const minSegments = 4 * MIN_SEGMENT_COUNT;
+    if (segmentCount < minSegments || segmentCount > MAX_SEGMENT_COUNT) throw new UsageError(`--segments must be in [${minSegments}, ${MAX_SEGMENT_COUNT}] (Grass keeps about 16 for its reserve and working room), got ${segmentCount}`);
     if (segmentBytes < MIN_SEGMENT_BYTES || segmentBytes > MAX_SEGMENT_BYTES || segmentBytes % 4096 !== 0) throw new UsageError(`--segment-bytes must be a multiple of 4096 in [128K, 256M], got ${segmentBytes}`);
     const store = await createStore(spec, { segmentBytes, segmentCount }, s3Flags(o));
     const g = await GrassLog.create(store);

@@ -224,12 +224,16 @@ export class Bucket {
     this.counters.bytesUp += body.length;
   }
 
+  /** Multipart uploads this client has started and not yet completed or aborted. */
+  readonly uploadsInFlight = new Set<string>();
+
   /** A large object in PART_BYTES parts, uploaded two at a time. */
   private async putMultipart(rel: string, body: Uint8Array): Promise<void> {
     const Key = this.key(rel);
     this.counters.puts++;
     const { UploadId } = await this.call(`CreateMultipartUpload ${Key}`, this.client.send(new CreateMultipartUploadCommand({ Bucket: this.name, Key })));
     if (UploadId === undefined) throw new Error(`S3 returned no UploadId for ${Key}`);
+    this.uploadsInFlight.add(UploadId);
     try {
       const parts: { PartNumber: number; ETag: string }[] = [];
       const count = Math.ceil(body.length / PART_BYTES);
@@ -260,6 +264,8 @@ export class Bucket {
       const aborted = await this.client.send(new AbortMultipartUploadCommand({ Bucket: this.name, Key, UploadId })).then(() => true, () => false);
       if (!aborted && e instanceof Error) e.message += ` (and its multipart upload ${UploadId} could not be aborted: its parts stay stored until it is; the next writer's sweep, or an AbortIncompleteMultipartUpload lifecycle rule on the bucket, ends such uploads)`;
       throw e;
+    } finally {
+      this.uploadsInFlight.delete(UploadId);
     }
   }
 
@@ -391,11 +397,15 @@ export class Bucket {
     return out;
   }
 
-  /** End a multipart upload: its parts are deleted. */
+  /** End a multipart upload: its parts are deleted. One already ended (NoSuchUpload) is not an error. */
   async abortUpload(rel: string, uploadId: string): Promise<void> {
     const Key = this.key(rel);
     this.counters.deletes++;
-    await this.call(`AbortMultipartUpload ${Key} (upload ${uploadId})`, this.client.send(new AbortMultipartUploadCommand({ Bucket: this.name, Key, UploadId: uploadId })));
+    try {
+      await this.call(`AbortMultipartUpload ${Key} (upload ${uploadId})`, this.client.send(new AbortMultipartUploadCommand({ Bucket: this.name, Key, UploadId: uploadId })));
+    } catch (e) {
+      if ((e as { name?: string }).name !== 'NoSuchUpload' && !/NoSuchUpload/.test(String((e as Error).message))) throw e;
+    }
   }
 
   async delete(rels: string[]): Promise<void> {

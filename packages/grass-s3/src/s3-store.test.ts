@@ -401,6 +401,7 @@ test('the cleaner on S3: released segments are deleted after the next publicatio
   const uploads = (await bucket.client.send(new ListMultipartUploadsCommand({ Bucket: name }))).Uploads ?? [];
   t.deepEqual(uploads.map((u) => [u.Key, u.UploadId]), [[`pool/a/${ours}`, ourUpload]], 'this epoch\'s upload is left alone');
   await bucket.client.send(new AbortMultipartUploadCommand({ Bucket: name, Key: `pool/a/${ours}`, UploadId: ourUpload }));
+  await t.notThrowsAsync(bucket.abortUpload('seg/00000000-0000cafe', oldUpload), 'aborting an upload that already ended is not an error');
   await g.close();
   bucket.destroy();
 

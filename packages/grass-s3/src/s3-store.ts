@@ -1678,15 +1678,24 @@ export class S3SegmentStore implements SegmentStore {
       if (seq !== undefined && seq < this.lastManifest.seq - this.keepManifests && !this.retired.some((r) => r.key === o.key)) doomed.push(o.key);
     }
     if (doomed.length > 0) await this.bucket.delete(doomed);
+    // Incomplete multipart uploads. This writer uploads keys of earlier epochs too (the sealed
+    // segments its journal kept from before a restart), so what it holds, and its own uploads
+    // in flight, are left alone like the objects above. One failed abort does not stop the rest.
     const aborted: string[] = [];
+    let failure: unknown;
     for (const u of await this.bucket.listUploads(SEGMENT_DIR)) {
       const epoch = epochOfKey(u.key);
-      if (epoch === undefined || epoch >= this.epoch) continue;
+      if (epoch === undefined || epoch >= this.epoch || keep.has(u.key) || this.bucket.uploadsInFlight.has(u.uploadId)) continue;
       if (u.initiated === undefined || u.initiated.getTime() > cutoff) continue;
-      await this.bucket.abortUpload(u.key, u.uploadId);
-      aborted.push(`${u.key} (upload ${u.uploadId})`);
+      try {
+        await this.bucket.abortUpload(u.key, u.uploadId);
+        aborted.push(`${u.key} (upload ${u.uploadId})`);
+      } catch (e) {
+        failure ??= e;
+      }
     }
     this.counters.uploadsAborted += aborted.length;
+    if (failure !== undefined) throw failure;
     return [...doomed, ...aborted];
   }
 

@@ -34,7 +34,8 @@ test('fill to ENOSPC, keep every acknowledged record, free space, write again', 
   await g.flush();
   // Free half the records: the cleaner reclaims space and writes succeed again.
   for (let i = 1; i <= written; i += 2) await g.trim(i);
-  for (let i = 1; i <= written; i += 4) await g.put(i, block(i + 1));
+  // Three rounds of rewrites: more than the free segments hold, so the cleaner must run.
+  for (let round = 0; round < 3; round++) for (let i = 1; i <= written; i += 4) await g.put(i, block(i + 1));
   await g.flush();
   const expect = (i: number): Uint8Array | undefined => (i % 4 === 1 ? block(i + 1) : i % 2 === 1 ? undefined : block(i));
   for (let i = 1; i <= written; i++) t.deepEqual(await g.read(i), expect(i), `record ${i}`);
@@ -49,9 +50,10 @@ test('fill to ENOSPC, keep every acknowledged record, free space, write again', 
 });
 
 test('the cleaner keeps up on a nearly full store (overwrite loop at 70% of raw capacity)', async (t) => {
-  const store = new MemorySegmentStore(128 * 1024, 48);
+  // 96 segments: in fewer, the reserve and the working room leave less than 70% for data.
+  const store = new MemorySegmentStore(128 * 1024, 96);
   const g = await GrassLog.create(store, { policy: greedy });
-  const usable = 48 * 128 * 1024;
+  const usable = 96 * 128 * 1024;
   const n = Math.floor((usable * 0.7) / (4096 + 36));
   for (let i = 1; i <= n; i++) await g.put(i, block(i));
   let x = 12345;
@@ -228,9 +230,19 @@ test('a checkpoint refused for lack of room changes nothing: what was flushed su
   await survivesReopen(t, store, g, want);
 });
 
-test('the smallest store Grass runs in takes writes in its open segment', async (t) => {
+test('the smallest store Grass opens holds no data and says so; a store with room for data takes it', async (t) => {
   for (const segmentBytes of [128 * 1024, 1 << 20]) {
-    const store = new MemorySegmentStore(segmentBytes, MIN_SEGMENT_COUNT);
+    // MIN_SEGMENT_COUNT segments are all reserve and working room.
+    const tiny = new MemorySegmentStore(segmentBytes, MIN_SEGMENT_COUNT);
+    const g0 = await GrassLog.create(tiny);
+    t.is(g0.stats().liveLimitBytes, 0);
+    await t.throwsAsync(g0.put(1, block(0)), { instanceOf: NoSpaceError, message: /live records take/ });
+    await g0.close();
+    const again0 = await GrassLog.open(tiny.reopen());
+    t.is(await again0.read(1), undefined);
+    await again0.close();
+    // 32 segments, as `pasture init` asks at least.
+    const store = new MemorySegmentStore(segmentBytes, 32);
     const g = await GrassLog.create(store);
     let n = 0;
     try {
@@ -238,12 +250,13 @@ test('the smallest store Grass runs in takes writes in its open segment', async 
     } catch (e) {
       t.true(e instanceof NoSpaceError, String(e));
     }
-    t.true(n >= segmentBytes / 8192, `${segmentBytes}-byte segments: ${n} puts before ENOSPC`);
+    t.true(n >= (8 * segmentBytes) / 4096, `${segmentBytes}-byte segments: ${n} puts before ENOSPC`);
     await g.flush();
     await g.checkpoint();
     await g.close();
     const again = await GrassLog.open(store.reopen());
     t.deepEqual(await again.read(1), block(0));
+    t.deepEqual(await again.read(n), block(n - 1));
     await again.close();
   }
 });

@@ -18,7 +18,7 @@ async function withTempDir(fn: (dir: string) => Promise<void>): Promise<void> {
 
 test('create, write, close, reopen from disk', async (t) => {
   await withTempDir(async (dir) => {
-    const store = await FileSegmentStore.create(dir, { segmentBytes: 1 << 20, segmentCount: 16 });
+    const store = await FileSegmentStore.create(dir, { segmentBytes: 1 << 20, segmentCount: 32 });
     const g = await GrassLog.create(store);
     for (let i = 1; i <= 500; i++) await g.put(i, new Uint8Array(3000).fill(i & 255));
     await g.flush();

@@ -128,11 +128,11 @@ export const MAX_SEGMENT_BYTES = 256 * 1024 * 1024;
 /** Slots are u32 with NO_SLOT reserved; a million segments keeps the checkpoint slot table under 32 MiB. */
 export const MAX_SEGMENT_COUNT = 1 << 20;
 /**
- * Fewest segments Grass runs in: its open streams, the cleaner's reserve, room for two
- * checkpoints (one just written whose predecessor's pages are not yet cleaned away, and the
- * one a reopen after a crash writes), and a little for data.
+ * Fewest segments Grass opens: its open streams, the cleaner's spill and a checkpoint's. Data
+ * needs more: the reserve (two checkpoints, see GrassLog.reserveSegments) and the working room
+ * outside it (about 16 segments with a small map) hold none; `pasture init` asks for 32.
  */
-export const MIN_SEGMENT_COUNT = 12;
+export const MIN_SEGMENT_COUNT = 8;
 
 assert(SEGMENT_HEADER_BYTES + RECORD_HEADER_BYTES + MAX_META_RECORD_BYTES + SUMMARY_ENTRY_BYTES + FOOTER_BYTES <= MIN_SEGMENT_BYTES);
 assert(MAP_PAGE_ENTRIES * MAP_ENTRY_BYTES <= MAX_META_RECORD_BYTES);

@@ -619,7 +619,7 @@ export class GrassLog implements Grass {
         this.counters.noSpaceErrors++;
         throw new NoSpaceError(
           `store is full: live records take ${this.liveBytes()} bytes, and a batch may not take them past ${Math.floor(this.liveLimit(need.newPages))} ` +
-            `(${this.maxLiveShare} of the ${this.segmentCount - this.reserveSegments(need.newPages)} segments outside the reserve). Trim data to free space.`,
+            `(${this.maxLiveShare} of the ${this.dataSegments(need.newPages)} of ${this.segmentCount} segments outside the reserve and the cleaner's working room). Trim data to free space.`,
         );
       }
       const newSegments = this.newSegmentsFor(bytes);
@@ -665,8 +665,23 @@ export class GrassLog implements Grass {
     return this.map.size * (RECORD_HEADER_BYTES + SUMMARY_ENTRY_BYTES) + this.map.payloadBytes + this.directory.size * pageRecord;
   }
 
+  /**
+   * The most log bytes live records may take: maxLiveShare of the segments outside the
+   * reserve and the working room. The working room is what a full store needs besides its
+   * garbage to go on taking overwrites: every stream's open segment, and the segments a
+   * batch's admission asks the cleaner to free beyond the reserve. Without it, a share of a
+   * small store's few segments left too little for the cleaner to reach that target.
+   */
   private liveLimit(newPages: number): number {
-    return (this.segmentCount - this.reserveSegments(newPages)) * this.usableBytes * this.maxLiveShare;
+    return this.dataSegments(newPages) * this.usableBytes * this.maxLiveShare;
+  }
+
+  /** Segments outside the reserve and the working room (see liveLimit). */
+  private dataSegments(newPages: number): number {
+    const streams = STREAM_GC_FIRST + this.policy.gcStreams;
+    const pages = Math.max(1, this.map.pageCount + newPages);
+    const working = streams + 4 + this.checkpointSegments(pages, pages);
+    return Math.max(0, this.segmentCount - this.reserveSegments(newPages) - working);
   }
 
   /**
@@ -678,14 +693,14 @@ export class GrassLog implements Grass {
     const live = this.liveBytes();
     const limit = this.liveLimit(need.newPages);
     if (need.trimOnly || live + need.bytes <= limit) return true;
-    // Near the limit: count what the batch replaces (each address once, as the map has it now).
-    let growth = need.bytes;
-    const seen = new Set<number>();
-    for (const op of need.ops) {
-      if (seen.has(op.gaddr)) continue;
-      seen.add(op.gaddr);
-      const old = this.map.get(op.gaddr);
-      if (old !== undefined) growth -= RECORD_HEADER_BYTES + old.length + SUMMARY_ENTRY_BYTES;
+    // Near the limit: what the batch leaves live against what it replaces, per address (the
+    // last op on an address decides what it holds after the batch).
+    const after = new Map<number, number>();
+    for (const op of need.ops) after.set(op.gaddr, op.op === 'put' ? RECORD_HEADER_BYTES + op.data.length + SUMMARY_ENTRY_BYTES : 0);
+    let growth = 0;
+    for (const [gaddr, bytes] of after) {
+      const old = this.map.get(gaddr);
+      growth += bytes - (old === undefined ? 0 : RECORD_HEADER_BYTES + old.length + SUMMARY_ENTRY_BYTES);
     }
     return growth <= 0 || live + growth <= limit;
   }
@@ -1452,10 +1467,12 @@ export class GrassLog implements Grass {
     }
     // Sealed segments with nothing live are free: at once if the checkpoint already covered
     // them; after the post-recovery checkpoint if replay read them (their trims still count).
-    // The metadata stream holds nothing replay applies, only checkpoints; past the durable
-    // one's records those are a checkpoint the crash cut short, free at once. A reopen needs
-    // their room: its own checkpoint may write every map page, and the reserve that covered
-    // the interrupted checkpoint does not cover two.
+    // The metadata stream holds nothing replay applies, only checkpoints: its segments after
+    // the one holding the durable checkpoint's root hold a checkpoint the crash cut short, and
+    // are free at once. A reopen needs their room: its own checkpoint may write every map
+    // page, and the reserve that covered the interrupted checkpoint does not cover two. (The
+    // stream's earlier segments stay until the reopen's checkpoint: a second crash before it
+    // replays from the same head.)
     let abandoned = 0;
     if (!this.readOnly) {
       for (let s = 0; s < this.segmentCount; s++) {
@@ -1463,7 +1480,7 @@ export class GrassLog implements Grass {
         if (tails.some((t) => t?.slot === s)) continue;
         if (!visited.has(s)) {
           this.slotState[s] = SLOT_FREE;
-        } else if (this.slotStream[s] === STREAM_META) {
+        } else if (this.slotStream[s] === STREAM_META && this.slotSeq[s]! > sb.root.seq) {
           this.slotState[s] = SLOT_FREE;
           abandoned++;
         } else {
