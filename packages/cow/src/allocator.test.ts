@@ -1,6 +1,6 @@
 /** The allocator's limit: it reuses a free address rather than raise the high water past what the store can hold. */
 import test from 'ava';
-import { GrassLog, MIN_SEGMENT_BYTES, MIN_SEGMENT_COUNT, MemorySegmentStore, NoSpaceError, type BatchOp } from '@pasture/grass';
+import { GrassLog, MIN_SEGMENT_BYTES, MemorySegmentStore, NoSpaceError, type BatchOp } from '@pasture/grass';
 import { Allocator, type AllocView } from './allocator.ts';
 import { CowTooLargeError } from './errors.ts';
 import { FIRST_ALLOC_GADDR, RC_PAGE_ENTRIES, highWaterLimit } from './format.ts';
@@ -37,8 +37,10 @@ test('below its limit the high water rises after a few page reads; at the limit 
 });
 
 test('the limit is above the most records a Grass store holds, so a store never needs a high water past it', async (t) => {
-  // The smallest store, filled with the smallest records until Grass refuses more.
-  const grass = await GrassLog.create(new MemorySegmentStore(MIN_SEGMENT_BYTES, MIN_SEGMENT_COUNT), {});
+  // A small store, filled with the smallest records until Grass refuses more (every segment
+  // outside its reserve and working room, for as many records as it can take).
+  const segments = 32;
+  const grass = await GrassLog.create(new MemorySegmentStore(MIN_SEGMENT_BYTES, segments), { maxLiveShare: 1 });
   let records = 0;
   for (;;) {
     const ops: BatchOp[] = Array.from({ length: 256 }, (_, i) => ({ op: 'put', gaddr: FIRST_ALLOC_GADDR + records + i, data: new Uint8Array(1) }));
@@ -50,7 +52,7 @@ test('the limit is above the most records a Grass store holds, so a store never 
     }
     records += ops.length;
   }
-  const limit = highWaterLimit(MIN_SEGMENT_BYTES, MIN_SEGMENT_COUNT);
+  const limit = highWaterLimit(MIN_SEGMENT_BYTES, segments);
   t.log(`${records} one-byte records fit; the limit allows ${limit - FIRST_ALLOC_GADDR} addresses`);
   t.true(records > 0 && FIRST_ALLOC_GADDR + records <= limit);
   await grass.close();
