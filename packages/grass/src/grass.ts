@@ -201,6 +201,11 @@ function deferred(): Deferred {
 
 const NO_LOC = (): { slot: number; offset: number; length: number } => ({ slot: NO_SLOT, offset: 0, length: 0 });
 
+/** Log bytes of a metadata record of `payload` bytes, with its summary entry. */
+function checkpointRecordBytes(payload: number): number {
+  return RECORD_HEADER_BYTES + payload + SUMMARY_ENTRY_BYTES;
+}
+
 export class GrassLog implements Grass {
   readonly maxRecordBytes = MAX_USER_RECORD_BYTES;
   readonly policy: CleanerPolicy;
@@ -348,12 +353,28 @@ export class GrassLog implements Grass {
    * for every stream while the old tails stay sealed in place.
    */
   private reserveSegments(newPages = 0): number {
-    const pages = Math.max(1, (this.map?.pageCount ?? 1) + newPages);
-    const checkpointSegments = 2 * (this.checkpointSegments(pages, pages) + 1);
+    return this.spaceFor(Math.max(1, (this.map?.pageCount ?? 1) + newPages)).reserve;
+  }
+
+  /**
+   * The reserve and the data segments (see liveLimit) for a map of `pages` pages: they depend
+   * on nothing else that changes, and admission asks for them on every batch, so the last
+   * answer is kept.
+   */
+  private spaceFor(pages: number): { pages: number; reserve: number; data: number } {
+    const last = this.spaceCache;
+    if (last !== undefined && last.pages === pages) return last;
+    const checkpoint = this.checkpointSegments(pages, pages);
     const gcStreams = this.policy?.gcStreams ?? 1;
     const streams = STREAM_GC_FIRST + gcStreams;
-    return streams + gcStreams + checkpointSegments + 1;
+    const reserve = streams + gcStreams + 2 * (checkpoint + 1) + 1;
+    const working = streams + 4 + checkpoint;
+    const room = { pages, reserve, data: Math.max(0, this.segmentCount - reserve - working) };
+    if (this.policy !== undefined) this.spaceCache = room; // (not while the constructor runs)
+    return room;
   }
+
+  private spaceCache: { pages: number; reserve: number; data: number } | undefined;
 
   /**
    * A checkpoint's bytes in the log at most, with `dirtyPages` map pages to write and a
@@ -361,7 +382,7 @@ export class GrassLog implements Grass {
    * chunks, and the root.
    */
   private checkpointSegments(dirtyPages: number, directoryPages: number): number {
-    const record = (payload: number): number => RECORD_HEADER_BYTES + payload + SUMMARY_ENTRY_BYTES;
+    const record = checkpointRecordBytes;
     const pageBytes = MAP_PAGE_ENTRIES * MAP_ENTRY_BYTES;
     const body = 4096 + this.segmentCount * 28 + directoryPages * 28;
     const chunks = Math.ceil(body / CHECKPOINT_CHUNK_BYTES);
@@ -678,10 +699,7 @@ export class GrassLog implements Grass {
 
   /** Segments outside the reserve and the working room (see liveLimit). */
   private dataSegments(newPages: number): number {
-    const streams = STREAM_GC_FIRST + this.policy.gcStreams;
-    const pages = Math.max(1, this.map.pageCount + newPages);
-    const working = streams + 4 + this.checkpointSegments(pages, pages);
-    return Math.max(0, this.segmentCount - this.reserveSegments(newPages) - working);
+    return this.spaceFor(Math.max(1, this.map.pageCount + newPages)).data;
   }
 
   /**
