@@ -4,7 +4,7 @@
  * work. Each must come out as a CowCorruptionError naming what is wrong and where, with
  * nothing applied and the store still readable where that is possible.
  */
-import test from 'ava';
+import test, { type ExecutionContext } from 'ava';
 import { GrassLog, MemorySegmentStore } from '@pasture/grass';
 import { CowStore } from './cow.ts';
 import { CowCorruptionError } from './errors.ts';
@@ -202,12 +202,15 @@ async function twoLeaves(): Promise<{ store: MemorySegmentStore; root: number; a
   return { store, root: sb.root, a, b, l0, l1 };
 }
 
-test('a node referenced at two heights with refcount 1 fails the transaction as corruption', async (t) => {
-  const s = await twoLeaves();
-  // B's child (height 0 expected) is A, a node of height 1; A's refcount stays 1.
-  await craft(s.store, s.b, (rec) => {
-    const n = CowNode.decode(rec, s.b);
-    n.set(0, s.a);
+/**
+ * Point entry 0 of node `at` at `child` (whose refcount stays 1), then run a transaction that
+ * writes block 1 and trims block 65536: it must fail as corruption matching `message`, and
+ * leave what was stored readable and unchanged.
+ */
+async function repointedFailsTransaction(t: ExecutionContext, s: Awaited<ReturnType<typeof twoLeaves>>, at: number, child: number, message: RegExp): Promise<void> {
+  await craft(s.store, at, (rec) => {
+    const n = CowNode.decode(rec, at);
+    n.set(0, child);
     return n.encode();
   });
   const cow = await open(s.store);
@@ -216,28 +219,20 @@ test('a node referenced at two heights with refcount 1 fails the transaction as 
     await tx.trim(65536n, 1n);
   }));
   t.true(e instanceof CowCorruptionError, String(e));
-  t.regex(e!.message, new RegExp(`${s.a}\\b.*height`));
+  t.regex(e!.message, message);
   t.is(tagOf(await cow.read(0n)), 1);
   t.is(await cow.read(1n), undefined);
   await cow.close();
+}
+
+test('a node referenced at two heights with refcount 1 fails the transaction as corruption', async (t) => {
+  const s = await twoLeaves();
+  // B's child (height 0 expected) is A, a node of height 1.
+  await repointedFailsTransaction(t, s, s.b, s.a, new RegExp(`${s.a}\\b.*height`));
 });
 
 test('an address used as a node and as data, counted once, fails the commit as corruption', async (t) => {
   const s = await twoLeaves();
-  // L1's block 65536 points at leaf L0's address; L0's refcount stays 1.
-  await craft(s.store, s.l1, (rec) => {
-    const n = CowNode.decode(rec, s.l1);
-    n.set(0, s.l0);
-    return n.encode();
-  });
-  const cow = await open(s.store);
-  const e = await t.throwsAsync(cow.transaction(async (tx) => {
-    await tx.write(1n, blockFor(9));
-    await tx.trim(65536n, 1n);
-  }));
-  t.true(e instanceof CowCorruptionError, String(e));
-  t.regex(e!.message, new RegExp(`address ${s.l0}\\b.*refcount`));
-  t.is(tagOf(await cow.read(0n)), 1);
-  t.is(await cow.read(1n), undefined);
-  await cow.close();
+  // L1's block 65536 points at leaf L0's address.
+  await repointedFailsTransaction(t, s, s.l1, s.l0, new RegExp(`address ${s.l0}\\b.*refcount`));
 });

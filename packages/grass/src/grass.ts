@@ -1237,7 +1237,7 @@ export class GrassLog implements Grass {
    */
   cleanUntil(target: number, foreground: boolean, emptiestFirst = false): Promise<void> {
     if (this.cleanerRunning !== undefined) {
-      return this.cleanerRunning.then(() => (this.freeSlots.length < target && foreground ? this.cleanUntil(target, true) : undefined));
+      return this.cleanerRunning.then(() => (this.freeSlots.length < target && foreground ? this.cleanUntil(target, true, emptiestFirst) : undefined));
     }
     const run = (async () => {
       let idle = 0;
