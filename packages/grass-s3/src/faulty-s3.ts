@@ -11,7 +11,8 @@
  * - `down`: every request is refused, as in an outage, until cleared.
  *
  * Faults are picked by a seeded generator at per-request rates, or queued for the next
- * matching requests.
+ * matching requests. `hold` stops the next matching request before it is sent until the test
+ * lets it go, to put a chosen step of the store between two others.
  */
 import { Readable } from 'node:stream';
 import type { HttpHandler, HttpRequest, HttpResult } from './bucket.ts';
@@ -49,6 +50,7 @@ export class S3Faults {
   timeoutMs = 200;
   readonly counters: S3FaultCounters = { requests: 0, reset: 0, lostReply: 0, slowDown: 0, timeout: 0, refused: 0 };
   private readonly queue: Queued[] = [];
+  private readonly holds: { match: (method: string, path: string) => boolean; arrived: () => void; released: Promise<void> }[] = [];
   private state: number;
 
   constructor(seed = 1) {
@@ -70,6 +72,19 @@ export class S3Faults {
     this.queue.push({ fault, match });
   }
 
+  /**
+   * Hold the next request whose method and path match, before it is sent, until `release()`;
+   * `reached` settles when it arrives. The request then goes on to the server unchanged.
+   */
+  hold(match: (method: string, path: string) => boolean): { reached: Promise<void>; release: () => void } {
+    let arrived!: () => void;
+    let release!: () => void;
+    const reached = new Promise<void>((r) => (arrived = r));
+    const released = new Promise<void>((r) => (release = r));
+    this.holds.push({ match, arrived, released });
+    return { reached, release };
+  }
+
   private pick(req: HttpRequest): S3Fault | undefined {
     const i = this.queue.findIndex((q) => q.match(req.method, req.path));
     if (i >= 0) return this.queue.splice(i, 1)[0]!.fault;
@@ -83,6 +98,12 @@ export class S3Faults {
   wrap(inner: HttpHandler): HttpHandler {
     const handle = async (req: HttpRequest, options?: Parameters<HttpHandler['handle']>[1]): Promise<HttpResult> => {
       this.counters.requests++;
+      const h = this.holds.findIndex((x) => x.match(req.method, req.path));
+      if (h >= 0) {
+        const held = this.holds.splice(h, 1)[0]!;
+        held.arrived();
+        await held.released;
+      }
       if (this.down) {
         this.counters.refused++;
         throw networkError('ECONNREFUSED', `connect ECONNREFUSED ${req.hostname}:${req.port ?? ''}`);

@@ -881,6 +881,80 @@ test('sweep measures the grace period in the server\'s clock: a local clock an h
   }
 });
 
+test('a sweep that runs while a publication finishes does not take the writer\'s own new manifest for another writer\'s', async (t) => {
+  const name = newBucketName();
+  const faults = new S3Faults(3);
+  const store = await S3SegmentStore.create({ bucket: bucketOptions(name, faults), cacheDir: await tempDir(), ...GEOMETRY, createBucket: true, ...quick, uploadIdleMs: 0, publishIntervalMs: 3_600_000 });
+  const g = await GrassLog.create(store);
+  const model = new Model();
+  await randomBatches(g, model, new Rng(8), 100, 100);
+  await g.flush();
+  await store.drain();
+  await randomBatches(g, model, new Rng(9), 50, 100);
+  await g.flush();
+  // The publication's last step before it takes its manifest as the newest: the check that
+  // the bucket's lock is still there (a GET of it). Held, the manifest is in the bucket and
+  // lastManifest is the one before.
+  const lockCheck = faults.hold((method, path) => method === 'GET' && path.endsWith('/pool/a/lock'));
+  const seqBefore = store.manifest.seq;
+  const publishing = store.publish();
+  await lockCheck.reached;
+  t.is(store.manifest.seq, seqBefore, 'the publication is between its manifest and its bookkeeping');
+  await t.notThrowsAsync(store.sweep(), 'the sweep goes on');
+  lockCheck.release();
+  await publishing;
+  t.is(store.manifest.seq, seqBefore + 1);
+  await g.flush();
+  await store.drain();
+  await g.close();
+  const g2 = await GrassLog.open(await S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: await tempDir(), ...quick }));
+  t.true(await equalsState(g2, model.stateAfter(model.batches.length), 100), 'the writer was not stopped: everything reached the bucket');
+  await g2.close();
+});
+
+test('sweep aborts an incomplete upload a dead writer left of a segment the store still lists, and leaves one begun since this writer opened', async (t) => {
+  const name = newBucketName();
+  const cache = await tempDir();
+  const store = await S3SegmentStore.create({ bucket: bucketOptions(name), cacheDir: cache, ...GEOMETRY, createBucket: true, ...quick, uploadIdleMs: 0 });
+  const g = await GrassLog.create(store);
+  const model = new Model();
+  await randomBatches(g, model, new Rng(5), 300, 200);
+  await g.flush();
+  await g.close();
+  const kept = store.manifest.entries[0]!.key;
+  const bucket = new Bucket(bucketOptions(name));
+  const { CreateMultipartUploadCommand, UploadPartCommand, ListMultipartUploadsCommand, AbortMultipartUploadCommand } = await import('@aws-sdk/client-s3');
+  const incomplete = async (key: string): Promise<string> => {
+    const { UploadId } = await bucket.client.send(new CreateMultipartUploadCommand({ Bucket: name, Key: `pool/a/${key}` }));
+    await bucket.client.send(new UploadPartCommand({ Bucket: name, Key: `pool/a/${key}`, UploadId, PartNumber: 1, Body: new Uint8Array(1 << 20) }));
+    return UploadId!;
+  };
+  try {
+    // A writer that died uploading the segment again (as a restarted writer does with its
+    // journal's segments): its upload of a key the manifest lists outlives it.
+    const dead = await incomplete(kept);
+    await sleep(3100); // past the 2 s slack, at the servers' 1 s resolution
+    const s2 = await S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: cache, ...quick });
+    const g2 = await GrassLog.open(s2);
+    t.true(s2.manifest.entries.some((e) => e.key === kept), `the new writer holds ${kept}`);
+    // One begun after this writer opened may be its own, not yet in its list of uploads in flight.
+    const recent = await incomplete(kept);
+    await sleep(1100); // the grace period is 0, known to the second
+    const swept = await s2.sweep();
+    t.true(swept.includes(`${kept} (upload ${dead})`), 'the dead writer\'s upload is aborted');
+    t.false(swept.some((k) => k.includes(recent)), 'an upload begun since this writer opened is left alone');
+    t.false(swept.includes(kept), 'the object itself is kept');
+    const uploads = (await bucket.client.send(new ListMultipartUploadsCommand({ Bucket: name }))).Uploads ?? [];
+    t.deepEqual(uploads.map((u) => u.UploadId), [recent]);
+    await bucket.client.send(new AbortMultipartUploadCommand({ Bucket: name, Key: `pool/a/${kept}`, UploadId: recent }));
+    t.deepEqual((await s2.checkBucket()).problems, [], 'every listed object is whole');
+    t.true(await equalsState(g2, model.stateAfter(model.batches.length), 200));
+    await g2.close();
+  } finally {
+    bucket.destroy();
+  }
+});
+
 test('a burst stays in the journal: uploads wait while writes keep coming, start when they pause or pass the hold bound, and a segment released meanwhile is never uploaded', async (t) => {
   const name = newBucketName();
   const seg = GEOMETRY.segmentBytes;

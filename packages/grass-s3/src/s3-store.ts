@@ -181,6 +181,8 @@ const HOLD_RECHECK_MS = 100;
  * each one arrive later.
  */
 const MAX_PREFETCHES_IN_FLIGHT = 16;
+/** See sweep: how much earlier than this writer's start an upload must be to be surely not its own. */
+const UPLOAD_TIME_SLACK_MS = 2000;
 const MAX_PREFETCH_BYTES_IN_FLIGHT = 32 * 1024 * 1024;
 /** Fetched copies are made durable at most this long after their fetch (see scheduleNaming). */
 const FETCH_SYNC_MAX_DELAY_MS = 30_000;
@@ -395,6 +397,11 @@ export class S3SegmentStore implements SegmentStore {
   private readonly sweepIntervalMs: number;
   /** The last few distinct fetch ranges read (as slot x ranges + range), newest last. */
   private readonly recentRanges: number[] = [];
+  /**
+   * The server's time when this writer was constructed (before it could start an upload), as
+   * far as the replies so far tell (see sweep).
+   */
+  private readonly openedAtServer: number;
 
   private constructor(
     readonly bucket: Bucket,
@@ -426,6 +433,7 @@ export class S3SegmentStore implements SegmentStore {
     // At most half the cache: what is fetched ahead must not push out what is fetched next.
     this.readaheadChunks = Math.min(Math.ceil((options.readaheadBytes ?? 64 << 20) / this.chunkBytes), Math.floor(this.cacheBytes / 2 / this.chunkBytes));
     this.sweepIntervalMs = options.sweepIntervalMs ?? 3_600_000;
+    this.openedAtServer = bucket.serverNow();
   }
 
   // =====================================================================================
@@ -1607,13 +1615,19 @@ export class S3SegmentStore implements SegmentStore {
     throw this.fenced;
   }
 
-  /** Fence this writer if any manifest after `seq` exists. */
+  /**
+   * Fence this writer if a manifest after `seq` exists that another writer published. The
+   * newest one may be this writer's own: a sweep's check races a publication that has put its
+   * manifest and not yet made it lastManifest.
+   */
   private async checkHead(seq: number): Promise<void> {
     const newer = (await this.bucket.list(MANIFEST_DIR)).map((o) => manifestSeqOf(o.key)).filter((n): n is number => n !== undefined && n > seq);
     if (newer.length === 0) return;
     const raw = await this.bucket.get(manifestKey(Math.max(...newer))).catch(() => undefined);
-    const winner = raw === undefined ? undefined : decodeManifest(raw);
-    this.fence(winner === undefined || typeof winner === 'string' ? undefined : winner);
+    const decoded = raw === undefined ? undefined : decodeManifest(raw);
+    const winner = decoded === undefined || typeof decoded === 'string' ? undefined : decoded;
+    if (winner?.writer.id === this.writer.id) return;
+    this.fence(winner);
   }
 
   private async runDeletes(): Promise<void> {
@@ -1679,14 +1693,21 @@ export class S3SegmentStore implements SegmentStore {
     }
     if (doomed.length > 0) await this.bucket.delete(doomed);
     // Incomplete multipart uploads. This writer uploads keys of earlier epochs too (the sealed
-    // segments its journal kept from before a restart), so what it holds, and its own uploads
-    // in flight, are left alone like the objects above. One failed abort does not stop the rest.
+    // segments its journal kept from before a restart), so its own uploads in flight are left
+    // alone. So are uploads of keys it holds that may be its own: one it started after the
+    // listing was asked for is not yet in uploadsInFlight when the listing's reply comes. An
+    // upload of such a key that began before this writer existed is a dead writer's (a crash
+    // in the middle of uploading the segment this writer then uploaded again): kept for ever
+    // otherwise, as the key stays listed, it is aborted. The slack covers the 1 s resolution
+    // of both the server's Date header and the upload's time.
     const aborted: string[] = [];
     let failure: unknown;
+    const startedBeforeThisWriter = this.openedAtServer - UPLOAD_TIME_SLACK_MS;
     for (const u of await this.bucket.listUploads(SEGMENT_DIR)) {
       const epoch = epochOfKey(u.key);
-      if (epoch === undefined || epoch >= this.epoch || keep.has(u.key) || this.bucket.uploadsInFlight.has(u.uploadId)) continue;
+      if (epoch === undefined || epoch >= this.epoch || this.bucket.uploadsInFlight.has(u.uploadId)) continue;
       if (u.initiated === undefined || u.initiated.getTime() > cutoff) continue;
+      if (keep.has(u.key) && u.initiated.getTime() >= startedBeforeThisWriter) continue;
       try {
         await this.bucket.abortUpload(u.key, u.uploadId);
         aborted.push(`${u.key} (upload ${u.uploadId})`);
