@@ -55,6 +55,12 @@ function num(v: Parsed[string], what: string, dflt: number): number {
   return n;
 }
 
+function positiveInt(v: Parsed[string], what: string): number {
+  const n = num(v, what, NaN);
+  if (!Number.isSafeInteger(n) || n < 1) throw new UsageError(`--${what} takes a whole number of at least 1, got '${String(v)}'`);
+  return n;
+}
+
 /** Parse a size like 4096, 64K, 8M, 1G. */
 function size(v: Parsed[string], what: string, dflt: number): number {
   if (v === undefined) return dflt;
@@ -529,6 +535,8 @@ flush, close the pool, exit 0.
                          offer TLS (STARTTLS); --tls require refuses plain clients
   --tls on|require       default on when a certificate is given
   --metrics HOST:PORT    Prometheus metrics at http://HOST:PORT/metrics
+  --max-connections N    NBD connections open at once (default 32); more are closed when
+                         accepted. Each may hold up to 64 MiB of requests and replies
   --json                 print one JSON object (uri, exports) when ready
 
 ${STORE_HELP}
@@ -554,6 +562,7 @@ function serveOptions(o: Parsed, dir: string, open: () => Promise<SegmentStore>)
     ...(typeof o.export === 'string' ? { only: o.export } : {}),
     ...(tlsMode !== undefined ? { tls: { certFile: String(o['tls-cert']), keyFile: String(o['tls-key']), require: tlsMode === 'require' } } : {}),
     ...(o.metrics !== undefined ? { metrics: hp(o.metrics, '--metrics') } : {}),
+    ...(o['max-connections'] !== undefined ? { maxConnections: positiveInt(o['max-connections'], 'max-connections') } : {}),
     json: !!o.json,
     runCommand: (argv) => {
       const cmd = commands.find((c) => c.name === argv[0]);
@@ -566,6 +575,7 @@ function serveOptions(o: Parsed, dir: string, open: () => Promise<SegmentStore>)
 const serveFlags = {
   ...STORE_FLAGS, listen: { type: 'string' as const }, socket: { type: 'string' as const }, export: { type: 'string' as const },
   'tls-cert': { type: 'string' as const }, 'tls-key': { type: 'string' as const }, tls: { type: 'string' as const }, metrics: { type: 'string' as const }, json: { type: 'boolean' as const },
+  'max-connections': { type: 'string' as const },
 };
 
 const serveCmd: Command = {

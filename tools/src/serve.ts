@@ -23,6 +23,8 @@ export interface ServeOptions {
   only?: string;
   tls?: { certFile: string; keyFile: string; require: boolean };
   metrics?: { host: string; port: number };
+  /** Connections open at once (the server's default if absent). */
+  maxConnections?: number;
   json: boolean;
   /** Run a management command against the live pool (the CLI's own commands). */
   runCommand: (argv: string[]) => Promise<number>;
@@ -46,7 +48,7 @@ export async function serve(o: ServeOptions): Promise<number> {
     throw new Error(`no volume or snapshot named '${o.only}' to export`);
   }
   const tls = o.tls === undefined ? undefined : { cert: await readFile(o.tls.certFile), key: await readFile(o.tls.keyFile), require: o.tls.require };
-  const server = new NbdServer(provider, { ...(tls ? { tls } : {}) });
+  const server = new NbdServer(provider, { ...(tls ? { tls } : {}), ...(o.maxConnections !== undefined ? { maxConnections: o.maxConnections } : {}) });
   const target = o.socket !== undefined ? { path: o.socket } : (o.listen ?? { host: '127.0.0.1', port: 10809 });
   const { uri } = await server.listen(target);
   o.setLive({ dir: o.dir, pool, store });

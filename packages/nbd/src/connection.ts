@@ -100,7 +100,8 @@ export class Connection {
         open = result.negotiated.open;
         this.phase = 'transmission';
         o.stats.transmissions++;
-        const t = new Transmission({ link: this.link, negotiated: result.negotiated, maxRequestBytes: o.maxRequestBytes, maxInflightBytes: o.maxInflightBytes, stats: o.stats, log: (l) => this.log(l) });
+        // The limit is what NBD_INFO_BLOCK_SIZE advertised: a device's own maximum may be lower.
+        const t = new Transmission({ link: this.link, negotiated: result.negotiated, maxRequestBytes: result.negotiated.blockSize.maximum, maxInflightBytes: o.maxInflightBytes, stats: o.stats, log: (l) => this.log(l) });
         this.transmission = t;
         // The server began closing while the option that started transmission was answered.
         if (this.stopping) t.stop(new ConnectionAbortedError('the server is closing'));

@@ -257,6 +257,65 @@ test('a context set for another export does not carry over to GO', async (t) => 
   await s.close();
 });
 
+test('an export opened for INFO or GO is closed again when answering fails; haggling goes on', async (t) => {
+  const s = await fixture();
+  const c = await raw(s);
+  const list = s.provider.list.bind(s.provider);
+  s.provider.list = () => {
+    throw new Error('catalog unavailable');
+  };
+  for (const option of [P.NBD_OPT_INFO, P.NBD_OPT_GO]) {
+    const r = await c.option(option, infoRequest('disk', [P.NBD_INFO_DESCRIPTION]));
+    t.deepEqual(r.map((x) => x.type), [P.NBD_REP_ERR_UNKNOWN]);
+    t.regex(r[0]!.data.toString(), /catalog unavailable/);
+  }
+  t.is(s.provider.openCount.get('disk'), 0, 'every export opened was closed');
+  s.provider.list = list;
+  const go = await c.option(P.NBD_OPT_GO, infoRequest('disk', [P.NBD_INFO_DESCRIPTION]));
+  t.is(go[go.length - 1]!.type, P.NBD_REP_ACK);
+  t.is(s.provider.openCount.get('disk'), 1, 'the one in transmission stays open');
+  c.socket.destroy();
+  await s.close();
+  t.is(s.provider.openCount.get('disk'), 0);
+
+  // A device whose block size cannot even be read is refused at GO, and closed.
+  const broken = new MemoryDevice({ size: MiB });
+  Object.defineProperty(broken, 'blockSize', {
+    get() {
+      throw new Error('no geometry');
+    },
+  });
+  const s2 = await serve({ broken });
+  const c2 = await raw(s2);
+  const r = await c2.option(P.NBD_OPT_GO, infoRequest('broken', []));
+  t.deepEqual(r.map((x) => x.type), [P.NBD_REP_ERR_UNKNOWN]);
+  t.regex(r[0]!.data.toString(), /misconfigured: no geometry/);
+  t.is(s2.provider.openCount.get('broken'), 0);
+  c2.socket.destroy();
+  await s2.close();
+});
+
+test('a SET_META_CONTEXT too large to read still clears the selection, as the spec asks of a failed SET', async (t) => {
+  const s = await fixture();
+  const c = await raw(s);
+  await c.option(P.NBD_OPT_STRUCTURED_REPLY);
+  const set = await c.option(P.NBD_OPT_SET_META_CONTEXT, metaContextRequest('disk', [P.BASE_ALLOCATION]));
+  t.deepEqual(set.map((r) => r.type), [P.NBD_REP_META_CONTEXT, P.NBD_REP_ACK]);
+  const huge = await c.option(P.NBD_OPT_SET_META_CONTEXT, metaContextRequest('disk', Array.from({ length: 20 }, () => `x-foo:${'a'.repeat(4000)}`)));
+  t.deepEqual(huge.map((r) => r.type), [P.NBD_REP_ERR_TOO_BIG]);
+  const go = await c.option(P.NBD_OPT_GO, infoRequest('disk', []));
+  t.is(go[go.length - 1]!.type, P.NBD_REP_ACK);
+  const req = Buffer.alloc(28);
+  req.writeUInt32BE(P.NBD_REQUEST_MAGIC, 0);
+  req.writeUInt16BE(P.NBD_CMD_BLOCK_STATUS, 6);
+  req.writeUInt32BE(4096, 24);
+  c.send(req);
+  const h = await c.reader.read(20);
+  t.is(h.readUInt16BE(6), P.NBD_REPLY_TYPE_ERROR, 'no context is selected: block status is refused');
+  t.is((await c.reader.read(h.readUInt32BE(16))).readUInt32BE(0), P.NBD_EINVAL);
+  await s.close();
+});
+
 test('NBD_OPT_EXPORT_NAME: size and flags, with or without the 124 zero bytes', async (t) => {
   const s = await fixture();
   const nz = await raw(s);

@@ -254,6 +254,8 @@ export async function negotiate(ctx: HandshakeContext): Promise<HandshakeResult>
       await reply.send(NBD_REP_ACK);
       return { kind: 'ended', reason: 'client sent NBD_OPT_ABORT' };
     }
+    // A SET replaces the selection even when it fails, here too.
+    if (option === NBD_OPT_SET_META_CONTEXT) metaContextExport = undefined;
     if (ctx.shuttingDown?.() === true) {
       // The spec: a server shutting down SHOULD error further options with ERR_SHUTDOWN, and
       // the client MUST then disconnect softly (NBD_OPT_ABORT, answered above).
@@ -290,7 +292,12 @@ export async function negotiate(ctx: HandshakeContext): Promise<HandshakeResult>
           const out = Buffer.alloc(10 + (noZeroes ? 0 : EXPORT_NAME_PADDING_BYTES));
           out.writeBigUInt64BE(BigInt(found.open.device.size), 0);
           out.writeUInt16BE(found.transmissionFlags, 8);
-          await link.writer.send([out]);
+          try {
+            await link.writer.send([out]);
+          } catch (e) {
+            await closeQuietly(ctx, found.open, found.exportName);
+            throw e;
+          }
           return { kind: 'transmission', negotiated: { ...found, baseAllocation: false } };
         }
         case NBD_OPT_LIST: {
@@ -324,34 +331,38 @@ export async function negotiate(ctx: HandshakeContext): Promise<HandshakeResult>
             await reply.error(NBD_REP_ERR_UNKNOWN, found);
             break;
           }
-          const { device } = found.open;
-          const exportInfo = Buffer.alloc(12);
-          exportInfo.writeUInt16BE(NBD_INFO_EXPORT, 0);
-          exportInfo.writeBigUInt64BE(BigInt(device.size), 2);
-          exportInfo.writeUInt16BE(found.transmissionFlags, 10);
-          const parts = [exportInfo];
-          if (infos.has(NBD_INFO_NAME)) parts.push(Buffer.concat([u16(NBD_INFO_NAME), utf8(found.exportName)]));
-          if (infos.has(NBD_INFO_DESCRIPTION)) {
-            const description = provider.list().find((e) => e.name === found.exportName)?.description ?? '';
-            parts.push(Buffer.concat([u16(NBD_INFO_DESCRIPTION), utf8(description, MAX_STRING_BYTES)]));
+          // Opened: closed again on every way out but the move into transmission.
+          let handedOver = false;
+          try {
+            const { device } = found.open;
+            const exportInfo = Buffer.alloc(12);
+            exportInfo.writeUInt16BE(NBD_INFO_EXPORT, 0);
+            exportInfo.writeBigUInt64BE(BigInt(device.size), 2);
+            exportInfo.writeUInt16BE(found.transmissionFlags, 10);
+            const parts = [exportInfo];
+            if (infos.has(NBD_INFO_NAME)) parts.push(Buffer.concat([u16(NBD_INFO_NAME), utf8(found.exportName)]));
+            if (infos.has(NBD_INFO_DESCRIPTION)) {
+              const description = provider.list().find((e) => e.name === found.exportName)?.description ?? '';
+              parts.push(Buffer.concat([u16(NBD_INFO_DESCRIPTION), utf8(description, MAX_STRING_BYTES)]));
+            }
+            // Sent whether asked for or not (allowed): clients that did not ask may ignore it.
+            const bs = Buffer.alloc(14);
+            bs.writeUInt16BE(NBD_INFO_BLOCK_SIZE, 0);
+            bs.writeUInt32BE(found.blockSize.minimum, 2);
+            bs.writeUInt32BE(found.blockSize.preferred, 6);
+            bs.writeUInt32BE(found.blockSize.maximum, 10);
+            parts.push(bs);
+            for (const p of parts) await reply.send(NBD_REP_INFO, p);
+            await reply.send(NBD_REP_ACK);
+            if (option === NBD_OPT_INFO) break;
+            handedOver = true;
+            return {
+              kind: 'transmission',
+              negotiated: { ...found, baseAllocation: structuredReplies && metaContextExport !== undefined && metaContextExport === name },
+            };
+          } finally {
+            if (!handedOver) await closeQuietly(ctx, found.open, found.exportName);
           }
-          // Sent whether asked for or not (allowed): clients that did not ask may ignore it.
-          const bs = Buffer.alloc(14);
-          bs.writeUInt16BE(NBD_INFO_BLOCK_SIZE, 0);
-          bs.writeUInt32BE(found.blockSize.minimum, 2);
-          bs.writeUInt32BE(found.blockSize.preferred, 6);
-          bs.writeUInt32BE(found.blockSize.maximum, 10);
-          parts.push(bs);
-          for (const p of parts) await reply.send(NBD_REP_INFO, p);
-          await reply.send(NBD_REP_ACK);
-          if (option === NBD_OPT_INFO) {
-            await closeQuietly(ctx, found.open, found.exportName);
-            break;
-          }
-          return {
-            kind: 'transmission',
-            negotiated: { ...found, baseAllocation: structuredReplies && metaContextExport !== undefined && metaContextExport === name },
-          };
         }
         case NBD_OPT_STRUCTURED_REPLY: {
           if (length !== 0) throw new InvalidOption('NBD_OPT_STRUCTURED_REPLY takes no data');
@@ -414,7 +425,12 @@ async function openExport(ctx: HandshakeContext, requested: string, structuredRe
     return `export ${quoted(name)} could not be opened: ${messageOf(e)}`;
   }
   if (open === undefined) return `no export named ${quoted(name)}`;
-  const blockSize = blockSizeFor(open.device, ctx.maxRequestBytes);
+  let blockSize: BlockSize | string;
+  try {
+    blockSize = blockSizeFor(open.device, ctx.maxRequestBytes);
+  } catch (e) {
+    blockSize = messageOf(e);
+  }
   if (typeof blockSize === 'string') {
     ctx.log(`export ${quoted(name)} cannot be served: ${blockSize}`);
     await closeQuietly(ctx, open, name);

@@ -11,8 +11,16 @@ import { type NbdStats, StatsRecorder } from './stats.ts';
 
 /** Default request payload limit: the spec's interoperable 32 MiB. */
 export const DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024;
-/** Default bytes held per connection (four maximal requests). */
-export const DEFAULT_MAX_INFLIGHT_BYTES_PER_CONNECTION = 128 * 1024 * 1024;
+/**
+ * Default bytes held per connection: two maximal requests, and four times what the busiest
+ * client here keeps in flight (nbdcopy: 64 requests of 256 KiB).
+ */
+export const DEFAULT_MAX_INFLIGHT_BYTES_PER_CONNECTION = 64 * 1024 * 1024;
+/**
+ * Default connections open at once. With the in-flight bound, this bounds what clients can
+ * make the server hold: 32 x 64 MiB = 2 GiB at most, however they behave.
+ */
+export const DEFAULT_MAX_CONNECTIONS = 32;
 /** How long a graceful close waits for connections to finish before destroying them. */
 export const DEFAULT_CLOSE_TIMEOUT_MS = 30_000;
 /** Requests above 1 GiB would need buffers near Node's limits; nothing needs them. */
@@ -25,7 +33,7 @@ export interface NbdServerOptions {
   maxRequestBytes?: number;
   /** Payload and reply bytes one connection may hold before the server stops reading from it. */
   maxInflightBytesPerConnection?: number;
-  /** Connections open at once; more are closed on accept. Unlimited if absent. */
+  /** Connections open at once (default DEFAULT_MAX_CONNECTIONS); more are closed on accept. */
   maxConnections?: number;
   log?: (line: string) => void;
 }
@@ -39,6 +47,7 @@ export class NbdServer {
   private readonly tls: { context: SecureContext; require: boolean } | undefined;
   private readonly maxRequestBytes: number;
   private readonly maxInflightBytes: number;
+  private readonly maxConnections: number;
   private readonly log: (line: string) => void;
   private closing: Promise<void> | undefined;
 
@@ -51,8 +60,9 @@ export class NbdServer {
     if (!Number.isSafeInteger(this.maxInflightBytes) || this.maxInflightBytes < this.maxRequestBytes) {
       throw new RangeError(`maxInflightBytesPerConnection (${this.maxInflightBytes}) must be at least maxRequestBytes (${this.maxRequestBytes})`);
     }
-    if (options.maxConnections !== undefined && (!Number.isSafeInteger(options.maxConnections) || options.maxConnections < 1)) {
-      throw new RangeError(`maxConnections must be a positive integer, got ${options.maxConnections}`);
+    this.maxConnections = options.maxConnections ?? DEFAULT_MAX_CONNECTIONS;
+    if (!Number.isSafeInteger(this.maxConnections) || this.maxConnections < 1) {
+      throw new RangeError(`maxConnections must be a positive integer, got ${this.maxConnections}`);
     }
     this.log = options.log ?? (() => {});
     // TLS 1.2 at least, as the spec requires; a bad certificate or key fails here, not per client.
@@ -121,8 +131,8 @@ export class NbdServer {
   private accept(socket: Socket): void {
     const stats = this.stats_;
     socket.on('error', () => {});
-    const max = this.options.maxConnections;
-    if (this.closing !== undefined || (max !== undefined && this.connections.size >= max)) {
+    const max = this.maxConnections;
+    if (this.closing !== undefined || this.connections.size >= max) {
       stats.connectionsRefused++;
       this.log(`nbd: refused a connection (${this.closing !== undefined ? 'closing' : `${max} connections open`})`);
       socket.destroy();

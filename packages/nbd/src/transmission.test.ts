@@ -494,6 +494,30 @@ test('maxConnections: extra connections are closed on accept', async (t) => {
   await s.close();
 });
 
+test('by default at most 32 connections are open at once', async (t) => {
+  const s = await serve({ disk: new MemoryDevice({ size: MiB }) });
+  const clients = [];
+  for (let i = 0; i < 32; i++) clients.push(await NbdClient.connect({ port: s.port }, { exportName: 'disk' }));
+  await t.throwsAsync(NbdClient.connect({ port: s.port }, { exportName: 'disk' }));
+  t.is(s.server.stats().connectionsRefused, 1);
+  await Promise.all(clients.map((c) => c.disconnect()));
+  await s.close();
+});
+
+test('the maximum payload advertised is the one enforced: a device\'s own maximum below the server\'s', async (t) => {
+  const device = new MemoryDevice({ size: 4 * MiB, blockSize: { minimum: 512, preferred: 4096, maximum: 65536 } });
+  const s = await serve({ disk: device });
+  const c = await NbdClient.connect({ port: s.port }, { exportName: 'disk' });
+  t.is(c.blockSize?.maximum, 65536);
+  await rejectsWith(t, c.write(0, Buffer.alloc(131072, 1)), P.NBD_EINVAL, 'a write over the maximum');
+  await rejectsWith(t, c.read(0, 131072), P.NBD_EINVAL, 'a read over the maximum');
+  await c.write(0, Buffer.alloc(65536, 2));
+  t.deepEqual(await c.read(0, 65536), Buffer.alloc(65536, 2), 'the connection goes on; nothing of the refused write landed');
+  t.deepEqual(Buffer.from(await device.read(65536, 65536)), Buffer.alloc(65536));
+  await c.disconnect();
+  await s.close();
+});
+
 test('minimum block size is enforced: unaligned requests are EINVAL', async (t) => {
   const s = await serve({ disk: new MemoryDevice({ size: MiB, blockSize: { minimum: 4096, preferred: 4096, maximum: MiB } }) });
   const c = await NbdClient.connect({ port: s.port }, { exportName: 'disk' });
