@@ -2,6 +2,7 @@
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { formatBytes as human, io } from './io.ts';
 import { serve, parseHostPort, type ServeOptions } from './serve.ts';
+import { realpathSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import {
@@ -265,7 +266,7 @@ const stats: Command = {
     const o = parse(argv, { ...STORE_FLAGS, json: { type: 'boolean' } }, statsHelp);
     maxArgs(o, 0);
     const lines = (o2: object): string => Object.entries(o2).map(([k, v]) => `${k}: ${Array.isArray(v) ? v.join(' ') : typeof v === 'object' && v !== null ? JSON.stringify(v) : v}`).join('\n') + '\n';
-    if (live !== undefined && storeDir(o) === live.dir) {
+    if (live !== undefined && isLive(o)) {
       const c = live.pool.cow;
       const cow = { ...c.stats(), ...(await c.scan()) };
       const s3 = live.store === undefined ? undefined : s3Stats(live.store);
@@ -635,9 +636,21 @@ export function setLivePool(l: LivePool | undefined): void {
   live = l;
 }
 
+/** Whether --store names the store this process serves (by any path: a symlink, say). */
+function isLive(o: Parsed): boolean {
+  if (live === undefined) return false;
+  const dir = storeDir(o);
+  if (dir === live.dir) return true;
+  try {
+    return realpathSync(dir) === realpathSync(live.dir);
+  } catch {
+    return false;
+  }
+}
+
 /** Open the pool at --store, run fn, close it (even on error). */
 async function withPool<T>(o: Parsed, readOnly: boolean, fn: (pool: Pool) => Promise<T>): Promise<T> {
-  if (live !== undefined && storeDir(o) === live.dir) return fn(live.pool);
+  if (live !== undefined && isLive(o)) return fn(live.pool);
   const g = await GrassLog.open(await openSpec(o), readOnly ? { readOnly: true } : {});
   let pool: Pool;
   try {

@@ -14,6 +14,8 @@ import { io, type Capture } from './io.ts';
 export const CONTROL_SOCKET = 'control.sock';
 /** Commands that may run against a live store. */
 export const LIVE_COMMANDS = new Set(['volume', 'snap', 'clone', 'flatten', 'diff', 'import', 'export', 'stats']);
+/** sun_path is 108 bytes on Linux, with its terminating NUL. */
+const MAX_SOCKET_PATH_BYTES = 107;
 /** A forwarded command's request line is at most this long. */
 const MAX_REQUEST_BYTES = 64 * 1024;
 
@@ -35,6 +37,10 @@ export interface ControlServer {
 /** Serve commands on DIR/control.sock with `run(argv)`. */
 export async function startControl(storeDir: string, run: (argv: string[]) => Promise<number>): Promise<ControlServer> {
   const path = controlPath(storeDir);
+  // Longer, and Linux binds a truncated name elsewhere: commands would not find the server.
+  if (Buffer.byteLength(path) > MAX_SOCKET_PATH_BYTES) {
+    throw new Error(`the control socket ${path} would be ${Buffer.byteLength(path)} bytes long, over the ${MAX_SOCKET_PATH_BYTES} a unix socket's path may have: serve the store by a shorter path (a symlink to its directory will do)`);
+  }
   await unlink(path).catch(() => undefined); // a stale socket from a killed server (we hold the store lock)
   let closing = false;
   /** Connections, and the command each one runs (if any). */

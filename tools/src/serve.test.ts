@@ -7,8 +7,8 @@
 import test from 'ava';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { startServe } from './serve-process.ts';
-import { mkdtemp, open, rm } from 'node:fs/promises';
-import { createConnection } from 'node:net';
+import { mkdtemp, open, readFile, rm, symlink, writeFile } from 'node:fs/promises';
+import { createConnection, createServer } from 'node:net';
 import { randomFillSync } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -131,6 +131,63 @@ test('serve: SIGKILL in the middle of writes; after a restart everything flushed
     const fsck = await pasture('fsck', '--store', store, '--json');
     t.is(fsck.code, 0, fsck.stdout);
   } finally {
+    if (child !== undefined && child.exitCode === null) child.kill('SIGKILL');
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test('serve: live management is durable when it answers, also by a symlinked path; a start that fails exits and frees the store', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'pasture-live-'));
+  let child: ChildProcess | undefined;
+  const busy = createServer();
+  try {
+    const path = join(dir, 'pool');
+    const store = `file:${path}`;
+    t.is((await pasture('init', '--store', store, '--segment-bytes', '1M', '--segments', '128')).code, 0);
+    t.is((await pasture('volume', 'create', 'vm', '--size', '16M', '--store', store)).code, 0);
+    const image = join(dir, 'image.raw');
+    const bytes = randomFillSync(Buffer.alloc(3 << 20));
+    await writeFile(image, bytes);
+    await symlink(path, join(dir, 'link'));
+    const s = await startServer(store, 10936);
+    child = s.child;
+    const imp = await pasture('import', image, 'imp', '--store', store);
+    t.is(imp.code, 0, imp.stderr);
+    // Through a symlink to the store's directory: the server takes it for its own store.
+    const snap = await pasture('snap', 'create', 'vm@s1', '--store', `file:${join(dir, 'link')}`);
+    t.is(snap.code, 0, snap.stderr);
+    // The server dies at once: what the commands said they did is there.
+    child.kill('SIGKILL');
+    await exited(child);
+    child = undefined;
+    const snaps = JSON.parse((await pasture('snap', 'list', 'vm', '--store', store, '--json')).stdout) as { snapshots: { name: string }[] };
+    t.deepEqual(snaps.snapshots.map((x) => x.name), ['s1'], 'the snapshot survived');
+    const vols = JSON.parse((await pasture('volume', 'list', '--store', store, '--json')).stdout) as { volumes: { name: string; incomplete?: boolean }[] };
+    t.deepEqual(vols.volumes.map((v) => [v.name, v.incomplete === true]), [['vm', false], ['imp', false]], 'the import is marked complete');
+    const out = join(dir, 'out.raw');
+    const exp = await pasture('export', 'imp', out, '--store', store);
+    t.is(exp.code, 0, exp.stderr);
+    t.true(Buffer.compare(await readFile(out), bytes) === 0, 'the imported volume survived whole');
+
+    // A start that fails after the pool is open (the metrics port is taken) exits, and leaves
+    // the store free for the next opener.
+    await new Promise<void>((r) => busy.listen(10937, '127.0.0.1', () => r()));
+    const failed = await pasture('serve', '--store', store, '--listen', '127.0.0.1:10938', '--metrics', '127.0.0.1:10937');
+    t.not(failed.code, 0);
+    t.regex(failed.stderr, /EADDRINUSE/);
+    t.is((await pasture('volume', 'list', '--store', store)).code, 0, 'the store is free');
+
+    // A store whose control socket path would be too long for a unix socket is refused clearly.
+    const long = join(dir, 'd'.repeat(60), 'e'.repeat(40));
+    t.is((await pasture('init', '--store', `file:${long}`, '--segment-bytes', '1M', '--segments', '32')).code, 0);
+    const tooLong = await pasture('serve', '--store', `file:${long}`, '--listen', '127.0.0.1:10939');
+    t.not(tooLong.code, 0);
+    t.regex(tooLong.stderr, /control socket .* over the 107/);
+    const empty = await pasture('volume', 'list', '--store', 'file:');
+    t.not(empty.code, 0);
+    t.regex(empty.stderr, /names no directory/);
+  } finally {
+    busy.close();
     if (child !== undefined && child.exitCode === null) child.kill('SIGKILL');
     await rm(dir, { recursive: true, force: true });
   }

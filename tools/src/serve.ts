@@ -9,7 +9,7 @@ import { GrassLog, type SegmentStore } from '@pasture/grass';
 import { Pool } from '@pasture/human';
 import { NbdServer } from '@pasture/nbd';
 import { Registry, Gauge, collectDefaultMetrics } from 'prom-client';
-import { startControl } from './control.ts';
+import { startControl, type ControlServer } from './control.ts';
 import { PoolExports } from './exports.ts';
 import { io } from './io.ts';
 import { s3Stats } from './stores.ts';
@@ -43,18 +43,31 @@ export async function serve(o: ServeOptions): Promise<number> {
   const g = await GrassLog.open(store);
   const pool = await Pool.open(g);
   const provider = new PoolExports(pool, o.only);
-  if (o.only !== undefined && provider.list().length === 0) {
-    await pool.close();
-    throw new Error(`no volume or snapshot named '${o.only}' to export`);
-  }
-  const tls = o.tls === undefined ? undefined : { cert: await readFile(o.tls.certFile), key: await readFile(o.tls.keyFile), require: o.tls.require };
-  const server = new NbdServer(provider, { ...(tls ? { tls } : {}), ...(o.maxConnections !== undefined ? { maxConnections: o.maxConnections } : {}) });
-  const target = o.socket !== undefined ? { path: o.socket } : (o.listen ?? { host: '127.0.0.1', port: 10809 });
-  const { uri } = await server.listen(target);
-  o.setLive({ dir: o.dir, pool, store });
-  const control = await startControl(o.dir, o.runCommand);
+  // What has started so far; a failure before serving stops it all and closes the pool, so
+  // the process exits (a failed start that kept serving held the store with no SIGTERM handler).
+  let server: NbdServer | undefined;
+  let control: ControlServer | undefined;
   let metrics: HttpServer | undefined;
-  if (o.metrics !== undefined) metrics = await startMetrics(o.metrics, server, pool, store);
+  let uri: string;
+  try {
+    if (o.only !== undefined && provider.list().length === 0) throw new Error(`no volume or snapshot named '${o.only}' to export`);
+    const tls = o.tls === undefined ? undefined : { cert: await readFile(o.tls.certFile), key: await readFile(o.tls.keyFile), require: o.tls.require };
+    server = new NbdServer(provider, { ...(tls ? { tls } : {}), ...(o.maxConnections !== undefined ? { maxConnections: o.maxConnections } : {}) });
+    const target = o.socket !== undefined ? { path: o.socket } : (o.listen ?? { host: '127.0.0.1', port: 10809 });
+    uri = (await server.listen(target)).uri;
+    o.setLive({ dir: o.dir, pool, store });
+    control = await startControl(o.dir, o.runCommand);
+    if (o.metrics !== undefined) metrics = await startMetrics(o.metrics, server, pool, store);
+  } catch (e) {
+    metrics?.close();
+    await control?.close().catch(() => undefined);
+    await server?.close({ graceful: false }).catch(() => undefined);
+    o.setLive(undefined);
+    await pool.close().catch(() => undefined);
+    throw e;
+  }
+  const nbd = server;
+  const controlServer = control;
 
   const exportsNow = provider.list();
   if (o.json) io.out(JSON.stringify({ uri, exports: exportsNow, control: `${o.dir}/control.sock`, metrics: o.metrics ? `http://${o.metrics.host}:${o.metrics.port}/metrics` : null }) + '\n');
@@ -77,7 +90,7 @@ export async function serve(o: ServeOptions): Promise<number> {
         let code = 0;
         try {
           metrics?.close();
-          await Promise.all([control.close(), server.close({ graceful: true })]);
+          await Promise.all([controlServer.close(), nbd.close({ graceful: true })]);
           await pool.flush();
           o.setLive(undefined);
           await pool.close();

@@ -50,7 +50,9 @@ export function parseStoreSpec(store: unknown, cacheDir: unknown, resolve: (p: s
     return { kind: 's3', dir: resolve(cacheDir), bucket: s3[1]!, prefix: s3[2]!.replace(/\/+$/, '') };
   }
   if (/^[a-z0-9]+:\/\//i.test(store)) throw new StoreSpecError(`store '${store}': use file:DIR or s3://BUCKET/PREFIX`);
-  return { kind: 'file', dir: resolve(store.startsWith('file:') ? store.slice(5) : store) };
+  const path = store.startsWith('file:') ? store.slice(5) : store;
+  if (path === '') throw new StoreSpecError(`--store ${store} names no directory: give file:DIR (file:. for this one)`);
+  return { kind: 'file', dir: resolve(path) };
 }
 
 function bucketOptions(bucket: string, prefix: string, flags: S3Flags, cm?: CacheManifest): BucketOptions {

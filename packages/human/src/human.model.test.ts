@@ -246,6 +246,8 @@ class ModelRun {
   private model: Model = new Map();
   /** Model after each completed call since the last completed flush; [0] is the durable state. */
   private history: Model[] = [new Map()];
+  /** The state a catalog call under way would leave (see catalogCall). */
+  private inFlight: Model | undefined;
   private nextName = 1;
   private where = 'start';
   readonly s: Summary = {
@@ -327,23 +329,25 @@ class ModelRun {
     const f = await fsckCow(this.pool.cow);
     if (!f.ok) this.fail(`after reopen Cow's fsck found ${f.problemCount} problems: ${f.problems.slice(0, 5).join('; ')}`);
     const obs = await observe(this.pool, true);
+    const candidates = this.inFlight === undefined ? this.history : [...this.history, this.inFlight];
+    this.inFlight = undefined;
     let k = -1;
-    for (let i = this.history.length - 1; i >= 0; i--) {
-      if (mismatch(obs, this.history[i]!) === undefined) {
+    for (let i = candidates.length - 1; i >= 0; i--) {
+      if (mismatch(obs, candidates[i]!) === undefined) {
         k = i;
         break;
       }
     }
     if (k < 0) {
       this.fail(
-        `after reopen the pool is not the state after any of the ${this.history.length - 1} calls since the last flush; ` +
-          `vs the newest: ${mismatch(obs, this.history[this.history.length - 1]!)}; vs the durable one: ${mismatch(obs, this.history[0]!)}`,
+        `after reopen the pool is not the state after any of the ${candidates.length - 1} calls since the last flush; ` +
+          `vs the newest: ${mismatch(obs, candidates[candidates.length - 1]!)}; vs the durable one: ${mismatch(obs, candidates[0]!)}`,
       );
     }
-    const unflushed = this.history.length - 1;
+    const unflushed = candidates.length - 1;
     this.s.unflushedKept += k;
     this.s.unflushedLost += unflushed - k;
-    this.model = this.history[k]!;
+    this.model = candidates[k]!;
     this.history = [this.model];
     this.log(`session ${session} (${how}): recovered ${k} of ${unflushed} unflushed calls; ${volumesOf(this.model).length} volumes, ${snapshotsOf(this.model).length} snapshots`);
   }
@@ -353,6 +357,21 @@ class ModelRun {
     this.model = next;
     this.history.push(next);
     this.s.calls++;
+  }
+
+  /**
+   * A catalog change: durable when it returns (Pool flushes), and with it everything before.
+   * Cut short by a crash, it may have reached the disk all the same (the crash came in its
+   * flush), so its state is one the reopen may find.
+   */
+  private async catalogCall<T>(next: Model, call: () => Promise<T>): Promise<T> {
+    this.inFlight = next;
+    const r = await call();
+    this.inFlight = undefined;
+    this.commit(next);
+    this.history = [next];
+    this.s.flushes++;
+    return r;
   }
 
   private async verifyAll(what: string): Promise<void> {
@@ -560,8 +579,7 @@ class ModelRun {
         const size = rng.range(this.params.minBlocks, this.params.maxBlocks) * B;
         const next = new Map(m);
         next.set(name, { kind: 'volume', bytes: new Uint8Array(size), parent: null });
-        const info = await pool.createVolume(name, size);
-        this.commit(next);
+        const info = await this.catalogCall(next, () => pool.createVolume(name, size));
         if (info.size !== size || info.parent !== null || info.snapshots !== 0) this.fail(`createVolume returned ${JSON.stringify(info)}`);
         this.s.volumesCreated++;
         return;
@@ -575,8 +593,7 @@ class ModelRun {
         const spec = `${volume}@${name}`;
         const next = new Map(m);
         next.set(spec, { kind: 'snapshot', volume, bytes: volumeOf(m, volume).bytes, protected: false });
-        const info = await pool.createSnapshot(volume, name);
-        this.commit(next);
+        const info = await this.catalogCall(next, () => pool.createSnapshot(volume, name));
         if (info.spec !== spec || info.protected || info.children.length !== 0) this.fail(`createSnapshot returned ${JSON.stringify(info)}`);
         this.s.snapshots++;
         if (rng.chance(0.5)) await this.checkImage(spec, `new snapshot ${spec}`);
@@ -602,8 +619,7 @@ class ModelRun {
         const v = volumeOf(m, s.volume);
         const next = new Map(m);
         next.set(s.volume, { ...v, bytes: s.bytes });
-        await pool.rollback(spec);
-        this.commit(next);
+        await this.catalogCall(next, () => pool.rollback(spec));
         this.s.rollbacks++;
         // Exactly the snapshot's bytes (recorded when it was taken), size included.
         const got = await readImage(pool, s.volume, 0, s.bytes.length);
@@ -623,8 +639,7 @@ class ModelRun {
         const next = new Map(m);
         next.set(name, { kind: 'volume', bytes: s.bytes, parent: spec });
         next.set(spec, { ...s, protected: true });
-        const info = await pool.clone(spec, name);
-        this.commit(next);
+        const info = await this.catalogCall(next, () => pool.clone(spec, name));
         if (info.parent !== spec || info.size !== s.bytes.length) this.fail(`clone returned ${JSON.stringify(info)}`);
         this.s.clones++;
         await this.checkImage(name, `new clone ${name} of ${spec}`);
@@ -640,8 +655,7 @@ class ModelRun {
         const name = rng.pick(clones);
         const next = new Map(m);
         next.set(name, { ...volumeOf(m, name), parent: null });
-        await pool.flatten(name);
-        this.commit(next);
+        await this.catalogCall(next, () => pool.flatten(name));
         this.s.flattens++;
         return;
       }
@@ -657,8 +671,7 @@ class ModelRun {
         }
         const next = new Map(m);
         next.set(spec, { ...s, protected: on });
-        await pool.protectSnapshot(spec, on);
-        this.commit(next);
+        await this.catalogCall(next, () => pool.protectSnapshot(spec, on));
         this.s.protects++;
         return;
       }
@@ -681,13 +694,11 @@ class ModelRun {
           }
           const next = new Map(m);
           next.set(name, { ...v, bytes });
-          await pool.resizeVolume(name, size);
-          this.commit(next);
+          await this.catalogCall(next, () => pool.resizeVolume(name, size));
         } else {
           const next = new Map(m);
           next.set(name, { ...v, bytes });
-          await pool.resizeVolume(name, size, { allowShrink: true });
-          this.commit(next);
+          await this.catalogCall(next, () => pool.resizeVolume(name, size, { allowShrink: true }));
         }
         this.s.resizes++;
         if (rng.chance(0.5)) await this.checkRelated(name, `after resize of ${name} to ${size}`);
@@ -703,8 +714,7 @@ class ModelRun {
         // A clone's parent stays protected after the clone goes.
         const next = new Map(m);
         next.delete(name);
-        await pool.removeVolume(name);
-        this.commit(next);
+        await this.catalogCall(next, () => pool.removeVolume(name));
         this.s.volumesRemoved++;
         return;
       }
@@ -725,8 +735,7 @@ class ModelRun {
       const name = this.rng.pick(vols);
       const next = new Map(m);
       next.delete(name);
-      await this.pool.removeVolume(name);
-      this.commit(next);
+      await this.catalogCall(next, () => this.pool.removeVolume(name));
       this.s.volumesRemoved++;
       return;
     }
@@ -765,8 +774,7 @@ class ModelRun {
       const before = pool.cow.stats().dataRecords;
       const next = new Map(this.model);
       next.delete(spec);
-      await pool.removeSnapshot(spec);
-      this.commit(next);
+      await this.catalogCall(next, () => pool.removeSnapshot(spec));
       this.s.snapshotRemovals++;
       await pool.cow.reap();
       const catalogAfter = (await pool.cow.usage(0n, 1024n)).mapped;

@@ -367,6 +367,67 @@ test('a volume with an atomic write under way is not removed or shrunk under it;
   await pool.close();
 });
 
+test('catalog changes are durable when they return: a crash right after each keeps it', async (t) => {
+  const { importImage } = await import('./transfer.ts');
+  const { mkdtemp, rm, writeFile } = await import('node:fs/promises');
+  const { tmpdir } = await import('node:os');
+  const { join } = await import('node:path');
+  const dir = await mkdtemp(join(tmpdir(), 'pasture-durable-'));
+  const inner = new MemorySegmentStore(1 << 20, 256);
+  const setup = await Pool.create(await GrassLog.create(inner, {}));
+  await setup.createVolume('v', 4 * MiB);
+  const img = await setup.openImage('v');
+  await img.write(0, pattern(51, MiB));
+  await img.close();
+  await setup.close();
+  const file = join(dir, 'image.raw');
+  await writeFile(file, pattern(52, 3 * MiB));
+  type Step = [string, (p: Pool) => Promise<unknown>, (p: Pool) => Promise<boolean>];
+  const steps: Step[] = [
+    ['snapshot', (p) => p.createSnapshot('v', 's1'), async (p) => p.listSnapshots('v').some((s) => s.name === 's1')],
+    ['protect and clone', async (p) => {
+      await p.protectSnapshot('v@s1', true);
+      await p.clone('v@s1', 'c');
+    }, async (p) => p.listVolumes().some((v) => v.name === 'c')],
+    ['volume create', (p) => p.createVolume('n', MiB), async (p) => p.listVolumes().some((v) => v.name === 'n')],
+    ['rename', (p) => p.renameVolume('n', 'm'), async (p) => p.listVolumes().some((v) => v.name === 'm')],
+    ['import', (p) => importImage(p, file, 'imp'), async (p) => {
+      const v = p.listVolumes().find((x) => x.name === 'imp');
+      if (v === undefined || v.incomplete) return false;
+      const i = await p.openImage('imp');
+      const same = Buffer.compare(await i.read(0, 3 * MiB), pattern(52, 3 * MiB)) === 0;
+      await i.close();
+      return same;
+    }],
+    ['rollback', async (p) => {
+      const i = await p.openImage('v');
+      await i.write(0, pattern(53, MiB));
+      await i.close();
+      await p.rollback('v@s1');
+    }, async (p) => {
+      const i = await p.openImage('v');
+      const back = Buffer.compare(await i.read(0, MiB), pattern(51, MiB)) === 0;
+      await i.close();
+      return back;
+    }],
+    ['volume remove', (p) => p.removeVolume('m'), async (p) => !p.listVolumes().some((v) => v.name === 'm')],
+  ];
+  try {
+    for (const [what, step, check] of steps) {
+      // Every write since the last sync is lost, kept or torn, as the crash decides.
+      const faulty = new FaultySegmentStore(inner.reopen(), { seed: what.length, crashAtOp: 0 });
+      const p = await Pool.open(await GrassLog.open(faulty, {}));
+      await step(p);
+      await faulty.crash();
+      const after = await Pool.open(await GrassLog.open(inner.reopen(), {}));
+      t.true(await check(after), `${what} survives a crash right after it returned`);
+      await after.close();
+    }
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
 test('a volume left incomplete (an import a crash cut short) is removed when the pool opens', async (t) => {
   const { pool, store } = await fresh();
   const vol = await pool.createVolume('half', 4 * MiB, { incomplete: true });

@@ -137,6 +137,10 @@ export class Pool {
   /**
    * Change the catalog and the space together: `fn` edits a draft of the catalog and does its
    * data operations in the same Cow transaction. Serialized with every other catalog change.
+   * Durable when it returns (a flush), as a user of a storage system expects of "snapshot
+   * created": before, a change stayed in memory until some later flush or close, and a crash
+   * meanwhile undid it (a snapshot, a rollback; a finished import's volume was then removed
+   * as incomplete).
    */
   private mutate<T>(fn: (draft: Catalog, tx: CowTransaction) => Promise<T>): Promise<T> {
     this.checkOpen();
@@ -158,6 +162,7 @@ export class Pool {
       });
       this.setCatalog(draft);
       this.catalogBlocks = blocks;
+      await this.cow.flush();
       return value;
     };
     const p = this.mutex.then(run, run);
