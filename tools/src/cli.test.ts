@@ -64,6 +64,13 @@ test('usage errors are one clear line and exit 2; --list-policies lists the poli
   const nostore = await pasture('stats', '--store', 'file:/nonexistent/pasture');
   t.is(nostore.code, 1);
   t.regex(nostore.stderr, /holds no Pasture store/);
+  // A flag the command would ignore is refused, not ignored.
+  const ignored = await pasture('sim', 'cow', '--seed', '3', '--crashes', '1', '--io-error-rate', '0.5');
+  t.is(ignored.code, 2);
+  t.regex(ignored.stderr, /--io-error-rate is for sim grass/);
+  const badCount = await pasture('serve', '--store', 'file:/nonexistent/pasture', '--max-connections', '0');
+  t.is(badCount.code, 2);
+  t.regex(badCount.stderr, /--max-connections takes a whole number of at least 1/);
 });
 
 test('bad arguments are refused before anything is done; --json failures print one JSON object', async (t) => {

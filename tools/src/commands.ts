@@ -493,8 +493,9 @@ exactly.
   grass   random batches, flushes, checkpoints and cleaning
   cow     random writes, trims, BLOCK-COPYs and BLOCK-EXCHANGEs over huge sparse ranges in
           transactions; fsck after every step (--background-reaper to reap concurrently)
---crashes (default 50), --policy (grass's cleaner policy, default cost-benefit),
---io-error-rate: the chance that each store operation fails with EIO (default 0).
+--crashes (default 50 for grass, 20 for cow); for grass only: --policy (the cleaner policy,
+default cost-benefit) and --io-error-rate (the chance that each store operation fails with
+EIO, default 0).
 `;
 
 const sim: Command = {
@@ -506,6 +507,8 @@ const sim: Command = {
     const seed = num(o.seed, 'seed', Rng.seedFromEnv());
     const layer = o._[0] ?? 'grass';
     if (layer === 'cow') {
+      // Cow's simulator injects crashes only (its EIO cases are tests); a flag it would ignore is refused.
+      for (const f of ['io-error-rate', 'policy'] as const) if (o[f] !== undefined) throw new UsageError(`--${f} is for sim grass; sim cow does not take it`);
       const params = { ...defaultCowSimParams(seed), crashes: num(o.crashes, 'crashes', 20), backgroundReaper: !!o['background-reaper'] };
       if (!o.json) io.err(`seed ${seed}: ${JSON.stringify(params)}\n`);
       const r = await runCowSimulation(params, o.verbose ? (l) => io.err(l + '\n') : undefined);

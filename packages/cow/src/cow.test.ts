@@ -33,6 +33,52 @@ async function healthy(t: { true: (v: boolean, m?: string) => void }, cow: CowSt
   t.true(f.ok, f.problems.join('; '));
 }
 
+test('a transaction\'s operations run one at a time: one beside another, one left running, or one after the body fails, and nothing is committed', async (t) => {
+  const { cow } = await fresh();
+  await fill(cow, 0n, 4, 1);
+  // Left running when the body returns (a forgotten await): it finishes, then the transaction
+  // fails whole. Before, it went on past the commit and corrupted the committed tree.
+  let stray: Promise<void> | undefined;
+  await t.throwsAsync(cow.transaction(async (tx) => {
+    await tx.write(10n, blockFor(100));
+    stray = tx.write(11n, blockFor(101));
+  }), { code: 'EINVAL', message: /still running/ } as never);
+  await t.notThrowsAsync(stray!);
+  t.is(await cow.read(10n), undefined, 'nothing of it committed');
+  t.is(await cow.read(11n), undefined);
+  // Calls beside one another.
+  await t.throwsAsync(cow.transaction(async (tx) => {
+    await Promise.all([0, 1, 2, 3].map((i) => tx.write(BigInt(20 + i), blockFor(200 + i))));
+  }), { code: 'EINVAL', message: /one at a time/ } as never);
+  for (let i = 0; i < 4; i++) t.is(await cow.read(BigInt(20 + i)), undefined);
+  // After the body returned.
+  let kept: { write: (a: bigint, b: Uint8Array) => Promise<void> } | undefined;
+  await cow.transaction(async (tx) => {
+    kept = tx;
+    await tx.write(30n, blockFor(300));
+  });
+  await t.throwsAsync(kept!.write(31n, blockFor(301)), { code: 'EINVAL', message: /body has returned/ } as never);
+  t.is(tagAt(await cow.read(30n)), 300);
+  t.is(await cow.read(31n), undefined);
+  // The store is whole, and goes on working.
+  await cow.write(12n, blockFor(4));
+  for (let i = 0; i < 4; i++) t.is(tagAt(await cow.read(BigInt(i))), 1 + i);
+  await healthy(t, cow);
+});
+
+test('a transaction over the batch limit in Grass\'s own count is CowTooLargeError, with nothing applied', async (t) => {
+  const store = new MemorySegmentStore(4 << 20, 64);
+  const cow = await CowStore.create(await GrassLog.create(store, {}), { backgroundReaper: false });
+  // 16300 incompressible blocks: 66.8 MB of payload, under 64 MiB; with Grass's 36 bytes of
+  // header and summary per record, over it.
+  await t.throwsAsync(cow.transaction(async (tx) => {
+    for (let i = 0; i < 16300; i++) await tx.write(BigInt(i), blockFor(3 * (i + 1)));
+  }), { code: 'EFBIG' } as never);
+  t.is(await cow.read(0n), undefined);
+  await healthy(t, cow);
+  await cow.close();
+});
+
 test('after BLOCK-COPY, writing either side never changes the other', async (t) => {
   const { cow } = await fresh();
   await fill(cow, 1000n, 3000, 1);

@@ -39,7 +39,7 @@ import {
   spanOf,
 } from './format.ts';
 import { RwLock } from './rwlock.ts';
-import { MAX_WRITE_BLOCKS, Txn, checkRange, checkZeroCount, digit } from './txn.ts';
+import { MAX_WRITE_BLOCKS, Txn, TxnHandle, checkRange, checkZeroCount, digit } from './txn.ts';
 
 export interface Extent {
   start: bigint;
@@ -68,7 +68,12 @@ export interface CowTransaction {
 
 /** The interface Cow offers the layer above (Human) and research users. */
 export interface Cow extends CowTransaction {
-  /** Run `fn` as one transaction: all of its changes commit atomically, or none if it throws. */
+  /**
+   * Run `fn` as one transaction: all of its changes commit atomically, or none if it throws.
+   * Inside, use `tx`'s operations, one at a time (await each: overlapping calls, and a body that
+   * returns with one still running, are CowInvalidArgumentError), and not the store's own:
+   * those wait for the transaction to end, which waits for them.
+   */
   transaction<T>(fn: (tx: CowTransaction) => Promise<T>): Promise<T>;
   /** Mapped runs within [start, start + count), in order, at most `maxExtents` of them. */
   extents(start: bigint, count: bigint, maxExtents?: number): Promise<Extent[]>;
@@ -393,7 +398,7 @@ export class CowStore implements Cow {
       await r;
     }
     await this.transaction(async (tx) => {
-      for (let i = 0; i < recs.length; i++) await (tx as Txn).writeRecord(start + BigInt(i), recs[i]);
+      for (let i = 0; i < recs.length; i++) await (tx as TxnHandle).writeRecord(start + BigInt(i), recs[i]);
     });
   }
 
@@ -497,7 +502,17 @@ export class CowStore implements Cow {
     const result = await this.lock.write(async () => {
       this.checkOpen();
       const tx = new Txn(this);
-      const value = await fn(tx);
+      const handle = new TxnHandle(tx);
+      let value: T;
+      try {
+        value = await fn(handle);
+      } catch (e) {
+        await handle.end(); // an operation the body left running finishes before the lock goes
+        throw e;
+      }
+      if (await handle.end()) {
+        throw new CowInvalidArgumentError('a transaction\'s body returned while one of its operations was still running (not awaited): nothing of the transaction is committed');
+      }
       tx.done = true;
       await tx.commit();
       this.counters.transactions++;

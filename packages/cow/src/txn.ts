@@ -46,7 +46,7 @@ import {
   encodeSuperblock,
   spanOf,
 } from './format.ts';
-import { MAX_BATCH_BYTES, MAX_BATCH_OPS, type BatchOp } from '@pasture/grass';
+import { MAX_BATCH_BYTES, MAX_BATCH_OPS, MIN_RECORD_LOG_BYTES, type BatchOp } from '@pasture/grass';
 
 /** Most blocks one writeBlocks call takes (32 MiB): one Grass batch must hold them. */
 export const MAX_WRITE_BLOCKS = 8192;
@@ -551,7 +551,7 @@ export class Txn implements CowTransaction, AllocView {
         sb.metaBytes += data.length - (old ?? 0);
         if (old === undefined) sb.metaRecords++;
       }
-      bytes += data.length;
+      bytes += MIN_RECORD_LOG_BYTES + data.length; // what Grass counts against MAX_BATCH_BYTES
       ops.push({ op: 'put', gaddr: g, data });
     };
     const drop = (g: number, kind: Kind): void => {
@@ -564,6 +564,7 @@ export class Txn implements CowTransaction, AllocView {
         sb.metaBytes -= old;
         sb.metaRecords--;
       }
+      bytes += MIN_RECORD_LOG_BYTES;
       ops.push({ op: 'trim', gaddr: g });
     };
 
@@ -610,10 +611,76 @@ export class Txn implements CowTransaction, AllocView {
       put(SUPERBLOCK_GADDR, encodeSuperblock(sb), 'meta'); // fixed size: no change to the counters
     }
     if (ops.length > MAX_BATCH_OPS || bytes > MAX_BATCH_BYTES) {
-      throw new CowTooLargeError(`transaction needs ${ops.length} records (${bytes} bytes); the limit is ${MAX_BATCH_OPS} records and ${MAX_BATCH_BYTES} bytes`);
+      throw new CowTooLargeError(`transaction needs ${ops.length} records (${bytes} bytes of log); the limit is ${MAX_BATCH_OPS} records and ${MAX_BATCH_BYTES} bytes`);
     }
     await grass.batch(ops);
     this.store.installCommit(sb, grave, written, this.rcPages, this.freed.keys());
+  }
+}
+
+/**
+ * What a transaction's body is given: the transaction's operations, one at a time, and none
+ * after the body has returned. An operation not awaited would otherwise run beside the next
+ * one, or past the commit, on the transaction's private nodes: a write that went on after the
+ * commit changed a node the commit had just made the store's own, and the tree then pointed at
+ * a record never stored (a helper's review found it). Calls break the rule with
+ * CowInvalidArgumentError, and a body that returns with one still running commits nothing.
+ */
+export class TxnHandle implements CowTransaction {
+  private running: Promise<unknown> | undefined;
+  private ended = false;
+
+  constructor(private readonly tx: Txn) {}
+
+  private one<T>(what: string, op: () => Promise<T>): Promise<T> {
+    if (this.ended) return Promise.reject(new CowInvalidArgumentError(`${what} on a transaction whose body has returned`));
+    if (this.running !== undefined) {
+      return Promise.reject(new CowInvalidArgumentError(`${what} while another operation of the same transaction is running: its operations run one at a time (await each)`));
+    }
+    const p = op();
+    this.running = p;
+    const settled = (): void => {
+      if (this.running === p) this.running = undefined;
+    };
+    p.then(settled, settled);
+    return p;
+  }
+
+  /** Take no more calls; once the one running (if any) has settled, resolve with whether there was one. */
+  async end(): Promise<boolean> {
+    this.ended = true;
+    const r = this.running;
+    if (r === undefined) return false;
+    await r.catch(() => undefined);
+    return true;
+  }
+
+  read(addr: bigint): Promise<Uint8Array | undefined> {
+    return this.one('read', () => this.tx.read(addr));
+  }
+
+  write(addr: bigint, block: Uint8Array): Promise<void> {
+    return this.one('write', () => this.tx.write(addr, block));
+  }
+
+  writeRecord(addr: bigint, rec: Uint8Array | undefined): Promise<void> {
+    return this.one('write', () => this.tx.writeRecord(addr, rec));
+  }
+
+  trim(addr: bigint, count: bigint): Promise<void> {
+    return this.one('trim', () => this.tx.trim(addr, count));
+  }
+
+  allocateZeroes(addr: bigint, count: bigint): Promise<void> {
+    return this.one('allocateZeroes', () => this.tx.allocateZeroes(addr, count));
+  }
+
+  copy(src: bigint, dst: bigint, count: bigint): Promise<void> {
+    return this.one('copy', () => this.tx.copy(src, dst, count));
+  }
+
+  exchange(a: bigint, b: bigint, count: bigint): Promise<void> {
+    return this.one('exchange', () => this.tx.exchange(a, b, count));
   }
 }
 
