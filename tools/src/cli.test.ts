@@ -61,6 +61,15 @@ test('usage errors are one clear line and exit 2; --list-policies lists the poli
   const unknown = await pasture('frobnicate');
   t.is(unknown.code, 2);
   t.regex(unknown.stderr, /unknown command 'frobnicate'/);
+  const unknownJson = await pasture('frobnicate', '--json');
+  t.is(unknownJson.code, 2);
+  t.deepEqual(JSON.parse(unknownJson.stdout), { error: "unknown command 'frobnicate'. Run 'pnpm pasture --help' for the list.", code: 'EUSAGE' });
+  const fraction = await pasture('init', '--store', 'file:/nonexistent/pasture', '--segments', '40.5');
+  t.is(fraction.code, 2);
+  t.regex(fraction.stderr, /--segments must be .*a whole number/);
+  const noSnap = await pasture('diff', 'vm', '--store', 'file:/nonexistent/pasture');
+  t.is(noSnap.code, 2);
+  t.regex(noSnap.stderr, /diff starts from a snapshot/);
   const nostore = await pasture('stats', '--store', 'file:/nonexistent/pasture');
   t.is(nostore.code, 1);
   t.regex(nostore.stderr, /holds no Pasture store/);

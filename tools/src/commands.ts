@@ -169,7 +169,7 @@ const init: Command = {
     // Grass opens MIN_SEGMENT_COUNT segments, but holds data only outside its reserve and
     // working room (about 16 segments with a small map): a pool needs twice that.
     const minSegments = 4 * MIN_SEGMENT_COUNT;
-    if (segmentCount < minSegments || segmentCount > MAX_SEGMENT_COUNT) throw new UsageError(`--segments must be in [${minSegments}, ${MAX_SEGMENT_COUNT}] (Grass keeps about 16 for its reserve and working room), got ${segmentCount}`);
+    if (!Number.isInteger(segmentCount) || segmentCount < minSegments || segmentCount > MAX_SEGMENT_COUNT) throw new UsageError(`--segments must be in [${minSegments}, ${MAX_SEGMENT_COUNT}] (a whole number: Grass keeps about 16 for its reserve and working room), got ${segmentCount}`);
     if (segmentBytes < MIN_SEGMENT_BYTES || segmentBytes > MAX_SEGMENT_BYTES || segmentBytes % 4096 !== 0) throw new UsageError(`--segment-bytes must be a multiple of 4096 in [128K, 256M], got ${segmentBytes}`);
     const store = await createStore(spec, { segmentBytes, segmentCount }, s3Flags(o));
     const g = await GrassLog.create(store);
@@ -270,7 +270,9 @@ const stats: Command = {
       const c = live.pool.cow;
       const cow = { ...c.stats(), ...(await c.scan()) };
       const s3 = live.store === undefined ? undefined : s3Stats(live.store);
-      out(!!o.json, { grass: c.grass.stats(), cow, s3: s3 ?? null, live: true }, () => `live store (served by this process)\nGrass\n${lines(c.grass.stats())}\nCow\n${lines(cow)}${s3 === undefined ? '' : `\nS3\n${lines(s3)}`}`);
+      // The recovery report of the serving process's open, as offline stats gives that of its own.
+      const recovery = c.grass instanceof GrassLog ? c.grass.recovery : undefined;
+      out(!!o.json, { grass: { ...c.grass.stats(), recovery }, cow, s3: s3 ?? null, live: true }, () => `live store (served by this process)\nGrass\n${lines(c.grass.stats())}\nCow\n${lines(cow)}${s3 === undefined ? '' : `\nS3\n${lines(s3)}`}`);
       return 0;
     }
     const store = await openSpec(o);
@@ -722,7 +724,7 @@ const volume: Command = {
         }
         case 'list': {
           const vs = pool.listVolumes();
-          out(json, { volumes: vs }, () => table([['NAME', 'SIZE', 'PARENT', 'SNAPSHOTS', 'CREATED'], ...vs.map((v) => [v.incomplete ? `${v.name} (importing)` : v.name, human(v.size), v.parent ?? '-', String(v.snapshots), v.created])]));
+          out(json, { volumes: vs }, () => table([['NAME', 'SIZE', 'PARENT', 'SNAPSHOTS', 'CREATED'], ...vs.map((v) => [v.incomplete ? `${v.name} (incomplete import)` : v.name, human(v.size), v.parent ?? '-', String(v.snapshots), v.created])]));
           return 0;
         }
         case 'info': {
@@ -872,7 +874,8 @@ const flatten: Command = {
 const diffHelp = `Usage: pnpm pasture diff VOLUME@FROM [VOLUME@TO | VOLUME] --store file:DIR [--json]
 
 The byte extents that changed between two snapshots, or between a snapshot and the volume
-(the default), for incremental backup.
+(the default), for incremental backup. Any two images of the pool may be compared (a clone
+and its parent snapshot, say); blocks they share are skipped without being read.
 
 ${STORE_HELP}
 `;
@@ -884,6 +887,7 @@ const diff: Command = {
     const o = parse(argv, storeOption, diffHelp);
     maxArgs(o, 2);
     const from = need(o, 0, 'VOLUME@FROM', diffHelp);
+    if (!from.includes('@')) throw new UsageError(`diff starts from a snapshot (VOLUME@SNAPSHOT), got '${from}'`);
     const to = o._[1] ?? from.split('@')[0]!;
     return withPool(o, true, async (pool) => {
       const extents: { offset: number; length: number }[] = [];

@@ -68,13 +68,14 @@ export class PoolExports implements ExportProvider {
 
   get defaultExport(): string | undefined {
     if (this.only !== undefined) return this.only;
-    const vs = this.pool.listVolumes();
+    const vs = this.pool.listVolumes().filter((v) => !v.incomplete);
     return vs.length === 1 ? vs[0]!.name : undefined;
   }
 
   list(): ExportInfo[] {
     const out: ExportInfo[] = [];
     for (const v of this.pool.listVolumes()) {
+      if (v.incomplete) continue; // an import under way, or one a crash stopped: not a whole image
       out.push({ name: v.name, description: `volume, ${formatBytes(v.size)}${v.parent ? `, clone of ${v.parent}` : ''}` });
       for (const s of this.pool.listSnapshots(v.name)) out.push({ name: s.spec, description: `snapshot of ${v.name}, ${formatBytes(s.size)}, read-only` });
     }
@@ -83,6 +84,7 @@ export class PoolExports implements ExportProvider {
 
   async open(name: string): Promise<OpenExport | undefined> {
     if (this.only !== undefined && name !== this.only) return undefined;
+    if (this.pool.listVolumes().some((v) => v.incomplete && v.name === name)) return undefined;
     let image: Image;
     try {
       image = await this.pool.openImage(name);

@@ -17,7 +17,10 @@ async function main(argv: string[]): Promise<number> {
   }
   const cmd: Command | undefined = commands.find((c) => c.name === name);
   if (cmd === undefined) {
-    process.stderr.write(`pasture: unknown command '${name}'. Run 'pnpm pasture --help' for the list.\n`);
+    const message = `unknown command '${name}'. Run 'pnpm pasture --help' for the list.`;
+    process.stderr.write(`pasture: ${message}\n`);
+    // A failure with --json is one JSON object, as for every command.
+    if (rest.includes('--json')) process.stdout.write(JSON.stringify({ error: message, code: 'EUSAGE' }) + '\n');
     return 2;
   }
   // A store that a running `pasture serve` holds is managed through its control socket.

@@ -156,6 +156,9 @@ test('serve: live management is durable when it answers, also by a symlinked pat
     // Through a symlink to the store's directory: the server takes it for its own store.
     const snap = await pasture('snap', 'create', 'vm@s1', '--store', `file:${join(dir, 'link')}`);
     t.is(snap.code, 0, snap.stderr);
+    const stats = JSON.parse((await pasture('stats', '--store', store, '--json')).stdout) as { live: boolean; grass: { recovery?: { millis: number } } };
+    t.true(stats.live);
+    t.is(typeof stats.grass.recovery?.millis, 'number', 'live stats give the recovery report as offline stats do');
     // The server dies at once: what the commands said they did is there.
     child.kill('SIGKILL');
     await exited(child);

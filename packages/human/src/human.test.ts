@@ -434,6 +434,7 @@ test('a volume left incomplete (an import a crash cut short) is removed when the
   t.true(pool.listVolumes()[0]!.incomplete);
   await t.throwsAsync(pool.createSnapshot('half', 's'), { code: 'EBUSY', message: /being imported/ } as never);
   await t.throwsAsync(pool.renameVolume('half', 'other'), { code: 'EBUSY', message: /being imported/ } as never);
+  await t.throwsAsync(pool.copyVolume('half', 'copy'), { code: 'EBUSY', message: /being imported/ } as never);
   const img = await pool.openImage('half');
   await img.write(0, pattern(41, MiB));
   await img.flush();

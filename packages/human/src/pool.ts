@@ -340,6 +340,7 @@ export class Pool {
     checkName(to, 'volume');
     return this.mutate(async (c, tx) => {
       const src = this.resolve(c, from);
+      if (src.kind === 'volume' && src.incomplete === true) throw new BusyError(`volume '${src.name}' is still being imported`);
       if (c.entries.some((e) => e.kind === 'volume' && e.name === to)) throw new ExistsError(`a volume named '${to}' exists`);
       const v: VolumeEntry = { kind: 'volume', id: this.newId(c), name: to, size: src.size, created: new Date().toISOString(), parent: null };
       c.entries.push(v);
