@@ -12,6 +12,8 @@ export class ImageDevice implements BlockDevice {
   readonly readOnly: boolean;
   /** One pool, one Cow space: a flush on any connection covers every connection's writes. */
   readonly multiConn = true;
+  /** Zeroing unmaps, or maps shared all-zero records (NO_HOLE): no data is written. */
+  readonly fastZero = true;
   readonly blockSize = { minimum: 1, preferred: 4096, maximum: MAX_IO_BYTES };
 
   constructor(

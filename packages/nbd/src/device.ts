@@ -14,6 +14,13 @@ export interface BlockDevice {
    * connection to it (NBD_FLAG_CAN_MULTI_CONN).
    */
   readonly multiConn: boolean;
+  /**
+   * `zero` costs less than writing the zeros (a hole punched, a shared zero record), so the
+   * server offers NBD_FLAG_SEND_FAST_ZERO. Absent or false: a WRITE_ZEROES with FAST_ZERO gets
+   * NBD_ENOTSUP at once, as the spec requires, and the client writes the zeros itself (or
+   * skips them, if it knows the target is zero already).
+   */
+  readonly fastZero?: boolean;
   /** Block size constraints advertised with NBD_INFO_BLOCK_SIZE (powers of two). */
   readonly blockSize?: { minimum: number; preferred: number; maximum: number };
   read(offset: number, length: number): Promise<Uint8Array>;

@@ -2,6 +2,7 @@ import test from 'ava';
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { NbdClient } from './client.ts';
+import * as P from './protocol.ts';
 import { FileDevice } from './file-device.ts';
 import { MEMORY_CHUNK_BYTES, MemoryDevice } from './memory-device.ts';
 import { Rng, serve, withTempDir } from './testing.ts';
@@ -98,6 +99,16 @@ test('FileDevice served over NBD gives the same bytes as MemoryDevice for the sa
     for (const c of clients) await c.flush();
     const [a, b] = await Promise.all(clients.map((c) => c.read(0, 4 * MiB)));
     t.true(a!.equals(b!));
+    // FAST_ZERO: the memory device zeroes by dropping chunks and offers it; the file device
+    // writes zeros, so it neither offers it nor takes it (NBD_ENOTSUP at once, nothing written).
+    const [fc, mc] = clients as [NbdClient, NbdClient];
+    t.is(fc.transmissionFlags & P.NBD_FLAG_SEND_FAST_ZERO, 0);
+    t.not(mc.transmissionFlags & P.NBD_FLAG_SEND_FAST_ZERO, 0);
+    await mc.zero(0, 64 * KiB, P.NBD_CMD_FLAG_FAST_ZERO);
+    const before = await fc.read(0, 64 * KiB);
+    const e = await t.throwsAsync(fc.zero(0, 64 * KiB, P.NBD_CMD_FLAG_FAST_ZERO));
+    t.is((e as { errno?: number }).errno, P.NBD_ENOTSUP);
+    t.true((await fc.read(0, 64 * KiB))!.equals(before!), 'a refused fast zero writes nothing');
     for (const c of clients) await c.disconnect();
     await s.close();
     await file.close();

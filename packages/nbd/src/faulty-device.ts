@@ -23,6 +23,9 @@ export class FaultyDevice implements BlockDevice {
   get multiConn(): boolean {
     return this.next.multiConn;
   }
+  get fastZero(): boolean {
+    return this.next.fastZero === true;
+  }
   get blockSize(): BlockDevice['blockSize'] {
     return this.next.blockSize;
   }

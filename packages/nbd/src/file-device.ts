@@ -15,6 +15,8 @@ const ZERO_PIECE_BYTES = 1024 * 1024;
 
 export class FileDevice implements BlockDevice {
   readonly multiConn = true;
+  /** zero() writes zeros (Node has no fallocate), so NBD_CMD_FLAG_FAST_ZERO is refused. */
+  readonly fastZero = false;
 
   private constructor(private readonly fh: FileHandle, readonly size: number, readonly readOnly: boolean) {}
 

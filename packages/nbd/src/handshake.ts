@@ -122,7 +122,7 @@ export type HandshakeResult = { kind: 'transmission'; negotiated: Negotiated } |
 export function transmissionFlagsFor(device: BlockDevice, structuredReplies: boolean): number {
   let flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_CACHE;
   if (device.readOnly) flags |= NBD_FLAG_READ_ONLY;
-  else flags |= NBD_FLAG_SEND_FUA | NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES | NBD_FLAG_SEND_FAST_ZERO;
+  else flags |= NBD_FLAG_SEND_FUA | NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES | (device.fastZero === true ? NBD_FLAG_SEND_FAST_ZERO : 0);
   if (device.multiConn) flags |= NBD_FLAG_CAN_MULTI_CONN;
   // Reads always go out as one content chunk, so NBD_CMD_FLAG_DF costs nothing to honour.
   if (structuredReplies) flags |= NBD_FLAG_SEND_DF;

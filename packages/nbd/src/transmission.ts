@@ -33,6 +33,7 @@ import {
   NBD_CMD_WRITE_ZEROES,
   NBD_EINVAL,
   NBD_ENOSPC,
+  NBD_ENOTSUP,
   NBD_EPERM,
   NBD_REQUEST_MAGIC,
   NBD_STATE_HOLE,
@@ -317,7 +318,9 @@ export class Transmission {
         if (length > 0) await this.trackWrite(device.trim(offset, length, fua));
         return undefined;
       case NBD_CMD_WRITE_ZEROES:
-        // NBD_CMD_FLAG_FAST_ZERO: zeroing never costs more than writing here, so it is just done.
+        // NBD_CMD_FLAG_FAST_ZERO: done if the device zeroes faster than it writes, else refused
+        // at once (the spec: fail quickly with NBD_ENOTSUP unless faster than a WRITE).
+        if ((req.flags & NBD_CMD_FLAG_FAST_ZERO) !== 0 && device.fastZero !== true) throw new RequestError(NBD_ENOTSUP, 'zeroing is no faster than writing zeros on this export');
         if (length > 0) await this.trackWrite(device.zero(offset, length, { fua, noHole: (req.flags & NBD_CMD_FLAG_NO_HOLE) !== 0 }));
         return undefined;
       case NBD_CMD_CACHE:
