@@ -74,9 +74,9 @@ test('usage errors are one clear line and exit 2; --list-policies lists the poli
   t.is(nostore.code, 1);
   t.regex(nostore.stderr, /holds no Pasture store/);
   // A flag the command would ignore is refused, not ignored.
-  const ignored = await pasture('sim', 'cow', '--seed', '3', '--crashes', '1', '--io-error-rate', '0.5');
+  const ignored = await pasture('sim', 'cow', '--seed', '3', '--crashes', '1', '--policy', 'greedy');
   t.is(ignored.code, 2);
-  t.regex(ignored.stderr, /--io-error-rate is for sim grass/);
+  t.regex(ignored.stderr, /--policy is for sim grass/);
   const badCount = await pasture('serve', '--store', 'file:/nonexistent/pasture', '--max-connections', '0');
   t.is(badCount.code, 2);
   t.regex(badCount.stderr, /--max-connections takes a whole number of at least 1/);

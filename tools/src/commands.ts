@@ -495,9 +495,10 @@ exactly.
   grass   random batches, flushes, checkpoints and cleaning
   cow     random writes, trims, BLOCK-COPYs and BLOCK-EXCHANGEs over huge sparse ranges in
           transactions; fsck after every step (--background-reaper to reap concurrently)
---crashes (default 50 for grass, 20 for cow); for grass only: --policy (the cleaner policy,
-default cost-benefit) and --io-error-rate (the chance that each store operation fails with
-EIO, default 0).
+--crashes (default 50 for grass, 20 for cow); --io-error-rate P: for grass, the chance that
+each store write fails with EIO; for cow, that each store read does (P/4 for writes), each
+failed operation then checked to have changed nothing (default 0); --policy (grass only: the
+cleaner policy, default cost-benefit).
 `;
 
 const sim: Command = {
@@ -509,12 +510,11 @@ const sim: Command = {
     const seed = num(o.seed, 'seed', Rng.seedFromEnv());
     const layer = o._[0] ?? 'grass';
     if (layer === 'cow') {
-      // Cow's simulator injects crashes only (its EIO cases are tests); a flag it would ignore is refused.
-      for (const f of ['io-error-rate', 'policy'] as const) if (o[f] !== undefined) throw new UsageError(`--${f} is for sim grass; sim cow does not take it`);
-      const params = { ...defaultCowSimParams(seed), crashes: num(o.crashes, 'crashes', 20), backgroundReaper: !!o['background-reaper'] };
+      if (o.policy !== undefined) throw new UsageError('--policy is for sim grass; sim cow does not take it');
+      const params = { ...defaultCowSimParams(seed), crashes: num(o.crashes, 'crashes', 20), backgroundReaper: !!o['background-reaper'], ioErrorRate: num(o['io-error-rate'], 'io-error-rate', 0) };
       if (!o.json) io.err(`seed ${seed}: ${JSON.stringify(params)}\n`);
       const r = await runCowSimulation(params, o.verbose ? (l) => io.err(l + '\n') : undefined);
-      out(!!o.json, r, () => (r.ok ? `ok: ${r.crashes} crashes, ${r.transactions} transactions, ${r.copies} copies, ${r.exchanges} exchanges, ${r.fscks} fscks\n` : `FAILED: ${r.failure}\n`));
+      out(!!o.json, r, () => (r.ok ? `ok: ${r.crashes} crashes, ${r.transactions} transactions, ${r.copies} copies, ${r.exchanges} exchanges, ${r.fscks} fscks${r.failedOps + r.storeFailures > 0 ? `, ${r.failedOps} operations failed by I/O errors, ${r.storeFailures} store failures` : ''}\n` : `FAILED: ${r.failure}\n`));
       return r.ok ? 0 : 1;
     }
     if (layer !== 'grass') throw new UsageError(`sim grass or sim cow; got '${layer}'`);

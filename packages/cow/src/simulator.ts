@@ -25,6 +25,12 @@ export interface CowSimParams {
   /** Run fsck after every step (otherwise after every transaction that changed refcounts, at reopen and at the end). */
   fsckEveryStep: boolean;
   backgroundReaper: boolean;
+  /**
+   * Chance that each store read fails with EIO (a quarter of it for writes, syncs and seals),
+   * during the steps; checks and reopens run without. A failed read fails only its operation,
+   * which must then have changed nothing; a failed write stops the store, as a crash does.
+   */
+  ioErrorRate: number;
 }
 
 export interface CowSimResult {
@@ -46,10 +52,14 @@ export interface CowSimResult {
   unflushedLost: number;
   maxMapped: number;
   maxNodes: number;
+  /** Operations failed by an injected error that left the store running (then checked to have changed nothing). */
+  failedOps: number;
+  /** Cycles ended by an injected error that stopped the store (then reopened, as after a crash). */
+  storeFailures: number;
 }
 
 export function defaultCowSimParams(seed: number): CowSimParams {
-  return { seed, crashes: 20, stepsPerCrash: 30, segmentBytes: 256 * 1024, segmentCount: 96, fsckEveryStep: true, backgroundReaper: false };
+  return { seed, crashes: 20, stepsPerCrash: 30, segmentBytes: 256 * 1024, segmentCount: 96, fsckEveryStep: true, backgroundReaper: false, ioErrorRate: 0 };
 }
 
 /** A block whose first 8 bytes name its tag; compressible or not depending on the tag. */
@@ -108,7 +118,7 @@ export async function runCowSimulation(params: CowSimParams, log: (line: string)
   const rng = new Rng(params.seed);
   const result: CowSimResult = {
     params, ok: true, crashes: 0, steps: 0, transactions: 0, aborted: 0, directWrites: 0, fastWrites: 0, copies: 0, exchanges: 0,
-    readsChecked: 0, fscks: 0, unflushedSurvived: 0, unflushedLost: 0, maxMapped: 0, maxNodes: 0,
+    readsChecked: 0, fscks: 0, unflushedSurvived: 0, unflushedLost: 0, maxMapped: 0, maxNodes: 0, failedOps: 0, storeFailures: 0,
   };
   const fail = (why: string): CowSimResult => {
     result.ok = false;
@@ -186,9 +196,20 @@ export async function runCowSimulation(params: CowSimParams, log: (line: string)
     }
   };
 
+  /** Injected errors on (during steps) or off (checks, reopens). */
+  let faultsOn = false;
+  const faults = (on: boolean): void => {
+    faultsOn = on;
+    faulty.options.readErrorRate = on ? params.ioErrorRate : 0;
+    faulty.options.writeErrorRate = on ? params.ioErrorRate / 4 : 0;
+  };
+  const storeFailed = (): boolean => faulty.isCrashed || (cow.grass instanceof GrassLog && cow.grass.failure !== undefined);
+
   const check = async (where: string): Promise<string | undefined> => {
     result.fscks++;
-    const f = await fsckCow(cow);
+    const was = faultsOn;
+    faults(false);
+    const f = await fsckCow(cow).finally(() => faults(was));
     if (!f.ok) return `${where}: fsck found ${f.problemCount} problems: ${f.problems.slice(0, 5).join('; ')}`;
     result.maxNodes = Math.max(result.maxNodes, f.nodes);
     return undefined;
@@ -196,6 +217,15 @@ export async function runCowSimulation(params: CowSimParams, log: (line: string)
 
   /** Everything the space maps, by tag. */
   const observe = async (): Promise<Model> => {
+    const was = faultsOn;
+    faults(false);
+    try {
+      return await observeNow();
+    } finally {
+      faults(was);
+    }
+  };
+  const observeNow = async (): Promise<Model> => {
     const seen: Model = new Map();
     let from = 0n;
     for (;;) {
@@ -218,10 +248,13 @@ export async function runCowSimulation(params: CowSimParams, log: (line: string)
   for (let cycle = 0; cycle < params.crashes; cycle++) {
     const steps = 1 + rng.int(params.stepsPerCrash * 2);
     faulty.options.crashAtOp = rng.chance(0.6) ? faulty.mutatingOpCount + 1 + rng.int(steps * 3) : 0;
+    faults(true);
     let dead = false;
     for (let step = 0; step < steps && !dead; step++) {
       result.steps++;
       const r = rng.float();
+      /** Set when a failed operation's own state was added to history as a possible outcome. */
+      let maybe = false;
       try {
         if (r < 0.1) {
           // A write outside a transaction, of one block or a run: mostly overwrites of mapped
@@ -245,7 +278,10 @@ export async function runCowSimulation(params: CowSimParams, log: (line: string)
             if (n === 1) await cow.write(a, data);
             else await cow.writeBlocks(a, data);
           } catch (e) {
-            if (isFault(e) || faulty.isCrashed) history.push(m);
+            if (isFault(e) || faulty.isCrashed) {
+              history.push(m);
+              maybe = true;
+            }
             throw e;
           }
           model = m;
@@ -276,7 +312,10 @@ export async function runCowSimulation(params: CowSimParams, log: (line: string)
             if (!(e instanceof AbortSim)) {
               // A transaction cut short by the crash may still have reached the store whole
               // (its batch was appended before the failure): the last state may be either.
-              if (isFault(e) || faulty.isCrashed) history.push(m);
+              if (isFault(e) || faulty.isCrashed) {
+                history.push(m);
+                maybe = true;
+              }
               throw e;
             }
             result.aborted++;
@@ -300,11 +339,27 @@ export async function runCowSimulation(params: CowSimParams, log: (line: string)
         }
         if (params.fsckEveryStep) {
           const bad = await check(`cycle ${cycle} step ${step}`);
-          // A crash (the cleaner runs in the background) makes fsck's reads fail: not a finding.
-          if (bad !== undefined && !faulty.isCrashed) return fail(bad);
+          // A crash, or a store an injected write error stopped (the cleaner runs in the
+          // background), makes fsck's reads fail: not a finding.
+          if (bad !== undefined && !storeFailed()) return fail(bad);
         }
       } catch (e) {
-        if (isFault(e) || faulty.isCrashed) {
+        if (isFault(e) && !storeFailed()) {
+          // An injected read error failed this operation and left the store running: the
+          // operation must have changed nothing, and the store must be whole.
+          if (maybe) history.pop();
+          result.failedOps++;
+          const bad = await check(`cycle ${cycle} step ${step} after a failed operation (${(e as Error).message})`);
+          if (bad !== undefined && !storeFailed()) return fail(bad);
+          if (storeFailed()) {
+            dead = true;
+            break;
+          }
+          if (!equal(await observe(), model)) return fail(`cycle ${cycle} step ${step}: an operation that failed (${(e as Error).message}) changed the space`);
+          continue;
+        }
+        if (isFault(e) || storeFailed()) {
+          if (!faulty.isCrashed) result.storeFailures++;
           dead = true;
           break;
         }
@@ -312,6 +367,7 @@ export async function runCowSimulation(params: CowSimParams, log: (line: string)
       }
       if (faulty.isCrashed) dead = true;
     }
+    faults(false);
     if (!faulty.isCrashed) await faulty.crash();
     result.crashes++;
     // Reopen on the crash image.
