@@ -10,6 +10,12 @@ import { MAX_INFLIGHT_REQUESTS } from './transmission.ts';
 const KiB = 1024;
 const MiB = 1024 * KiB;
 
+/** Wait until `cond()` holds, up to `ms` (a loaded machine delays loopback traffic; fixed sleeps flake). */
+async function until(cond: () => boolean, ms = 10_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!cond() && Date.now() < end) await sleep(5);
+}
+
 async function rejectsWith(t: { is: (a: unknown, b: unknown, m?: string) => void; fail: (m: string) => void }, p: Promise<unknown>, errno: number, what: string): Promise<void> {
   try {
     await p;
@@ -327,7 +333,8 @@ test('many zero-cost requests in flight are bounded too', async (t) => {
   dev.hold();
   const n = MAX_INFLIGHT_REQUESTS + 200;
   const flushes = Array.from({ length: n }, () => c.flush());
-  await sleep(300);
+  await until(() => dev.held >= MAX_INFLIGHT_REQUESTS);
+  await sleep(200);
   t.is(dev.held, MAX_INFLIGHT_REQUESTS, 'the rest wait unread');
   dev.release();
   await Promise.all(flushes);
@@ -376,7 +383,7 @@ test('graceful close: requests in flight finish and are answered, then connectio
   const c = await NbdClient.connect({ port: s.port }, { exportName: 'disk' });
   dev.hold();
   const w = c.write(0, Buffer.from('in flight at close'));
-  await sleep(50);
+  await until(() => dev.held === 1); // the write is in flight at the server
   let closed = false;
   const closing = s.server.close({ graceful: true }).then(() => (closed = true));
   await sleep(50);
@@ -473,7 +480,7 @@ test('close without grace drops connections at once', async (t) => {
   const c = await NbdClient.connect({ port: s.port }, { exportName: 'disk' });
   dev.hold();
   const w = c.write(0, Buffer.from('dropped'));
-  await sleep(30);
+  await until(() => dev.held === 1);
   const closing = s.server.close({ graceful: false });
   await t.throwsAsync(w);
   dev.release();
