@@ -120,6 +120,8 @@ const COALESCED_READ_BYTES_MAX = 1024 * 1024;
 /** Largest batch: bounds memory and keeps one batch far smaller than the free-space reserve. */
 export const MAX_BATCH_OPS = 65536;
 export const MAX_BATCH_BYTES = 64 * 1024 * 1024;
+/** A batch waits for room (seals, cleanings) at most this many times before NoSpaceError. */
+const MAX_ADMISSION_WAITS = 256;
 /** Default GrassOptions.maxLiveShare. */
 export const DEFAULT_MAX_LIVE_SHARE = 0.9;
 /** Background cleaning leaves segments fuller than this alone (foreground cleaning does not). */
@@ -580,8 +582,15 @@ export class GrassLog implements Grass {
     // The ops are checked now and applied after the wait: a caller that changed them
     // meanwhile would bypass the checks, so the wait is on a copy.
     const frozen = ops.map((op) => (op.op === 'put' ? { op: 'put' as const, gaddr: op.gaddr, data: op.data.slice() } : { ...op }));
-    await this.admit({ ...need, ops: frozen });
-    this.checkWritable();
+    let n: BatchNeed = { ...need, ops: frozen };
+    for (;;) {
+      await this.admit(n);
+      // admit() saw room, but every batch woken with this one (a seal wakes them all) saw
+      // the same room: the check that counts is the one in the same synchronous step as the
+      // apply. Its needs are recounted too: the map pages it creates may have changed.
+      n = { ...this.checkBatch(frozen), ops: frozen };
+      if (this.roomNow(n)) break;
+    }
     this.applyChecked(frozen);
   }
 
@@ -632,7 +641,11 @@ export class GrassLog implements Grass {
   /** Wait until a batch can be appended to the user stream without eating the reserve. */
   private async admit(need: BatchNeed): Promise<void> {
     const { bytes } = need;
-    for (let attempt = 0; ; attempt++) {
+    // Cleanings in a row that freed nothing: the third ends the wait. Waits for seals do not
+    // count, nor cleanings whose segments batches woken beside this one took (under
+    // contention they take each other's room, and each cleaning still made progress).
+    let fruitless = 0;
+    for (let waits = 0; ; waits++) {
       this.checkWritable();
       if (this.roomNow(need)) return;
       if (!this.liveRoomFor(need)) {
@@ -649,7 +662,7 @@ export class GrassLog implements Grass {
         await new Promise<void>((resolve) => this.sealWaiters.push(resolve));
         continue;
       }
-      if (attempt >= 3) {
+      if (fruitless >= 3 || waits >= MAX_ADMISSION_WAITS) {
         this.counters.noSpaceErrors++;
         throw new NoSpaceError(
           `store is full: ${this.freeSlots.length} free segments, ${this.reserveSegments()} reserved for the cleaner and checkpoints; ` +
@@ -657,7 +670,9 @@ export class GrassLog implements Grass {
         );
       }
       this.counters.foregroundCleans++;
+      const cleanedBefore = this.counters.segmentsCleaned;
       await this.cleanUntil(this.reserveSegments(need.newPages) + newSegments + 1, true);
+      fruitless = this.counters.segmentsCleaned > cleanedBefore ? 0 : fruitless + 1;
     }
   }
 
@@ -1276,12 +1291,24 @@ export class GrassLog implements Grass {
    * segment's copy to gain a sliver. Victims by the policy's score, or (`emptiestFirst`) by
    * utilization alone.
    */
-  async cleanRound(foreground = true, emptiestFirst = false): Promise<{ freed: number; candidates: number }> {
+  cleanRound(foreground = true, emptiestFirst = false): Promise<{ freed: number; candidates: number }> {
+    // One round at a time: two at once could pick the same victim, and the second, working
+    // from its stale copy after the first freed it and user data reused the slot, freed the
+    // new, live segment (a review's finding; cleanRound is public, beside the background
+    // cleaner's rounds).
+    const run = this.roundTail.then(() => this.cleanRoundNow(foreground, emptiestFirst));
+    this.roundTail = run.then(() => undefined, () => undefined);
+    return run;
+  }
+
+  private roundTail: Promise<void> = Promise.resolve();
+
+  private async cleanRoundNow(foreground: boolean, emptiestFirst: boolean): Promise<{ freed: number; candidates: number }> {
     this.checkWritable();
     const now = this.userClock;
     const candidates: { slot: number; score: number }[] = [];
     for (let s = 0; s < this.segmentCount; s++) {
-      if (this.slotState[s] !== SLOT_SEALED || this.pendingFree[s] !== 0) continue;
+      if (this.slotState[s] !== SLOT_SEALED || this.pendingFree[s] !== 0 || this.victimNow[s] !== 0) continue;
       if (this.appendsEndedGen[s]! >= this.durableSnapshotGen) continue;
       if ((this.slotFlags[s]! & SLOT_FLAG_DAMAGED) !== 0) continue;
       const info = this.segmentInfo(s);
@@ -1307,6 +1334,7 @@ export class GrassLog implements Grass {
     let needCheckpoint = false;
     let freed = 0;
     for (const v of victims) this.victimNow[v] = 1;
+    const seqs = victims.map((v) => this.slotSeq[v]!);
     try {
       for (const v of victims) {
         const outcome = await this.cleanSegment(v);
@@ -1314,7 +1342,9 @@ export class GrassLog implements Grass {
       }
       // Relocations must be durable before a victim's slot is reused.
       await this.flush();
-      for (const v of victims) {
+      for (const [i, v] of victims.entries()) {
+        // Still the incarnation this round cleaned (belt and braces: rounds run one at a time).
+        assert(this.slotSeq[v] === seqs[i], `cleaner: victim segment ${v} was reused while being cleaned`);
         if (this.pendingFree[v] === 1) {
           this.releaseSlot(v);
           freed++;
@@ -1342,6 +1372,7 @@ export class GrassLog implements Grass {
     }
     const bytes = await this.store.read(slot, 0, this.segmentBytes);
     this.checkWritable();
+    assert(this.slotSeq[slot] === seq && this.slotState[slot] === SLOT_SEALED && this.pendingFree[slot] === 0, `cleaner: segment ${slot} changed while its copy was read`);
     this.counters.cleanerReadBytes += bytes.length;
     const view = viewOf(bytes);
     const seed = segmentSeed(seq, slot);

@@ -296,7 +296,9 @@ export async function runSimulation(params: SimParams, log: (line: string) => vo
 function isFault(e: unknown): boolean {
   const code = (e as { code?: string } | undefined)?.code;
   const name = (e as { name?: string } | undefined)?.name;
-  return code === 'ECRASHED' || name === 'CrashedError' || name === 'InjectedError' || name === 'StoreFailedError';
+  // A store failure counts only if a fault caused it: one from a bug (an assertion, say) is a finding.
+  if (name === 'StoreFailedError') return isFault((e as { cause?: unknown }).cause);
+  return code === 'ECRASHED' || name === 'CrashedError' || name === 'InjectedError';
 }
 
 function stateAt(history: readonly ModelBatch[], k: number): Map<number, number> {
