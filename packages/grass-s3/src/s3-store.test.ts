@@ -912,6 +912,127 @@ test('a sweep that runs while a publication finishes does not take the writer\'s
   await g2.close();
 });
 
+async function lockHolder(name: string): Promise<string | undefined> {
+  const b = new Bucket(bucketOptions(name));
+  try {
+    const raw = await b.get('lock');
+    return raw === undefined ? undefined : new TextDecoder().decode(raw);
+  } finally {
+    b.destroy();
+  }
+}
+
+test('a publication that outlives a close which gave up on it does not put the bucket lock back', async (t) => {
+  const name = newBucketName();
+  const faults = new S3Faults(3);
+  const store = await S3SegmentStore.create({ bucket: bucketOptions(name, faults), cacheDir: await tempDir(), ...GEOMETRY, createBucket: true, ...quick, uploadIdleMs: 0, closeTimeoutMs: 500 });
+  await store.write(1, 0, Buffer.alloc(8192, 7));
+  await store.sync();
+  const put = faults.hold((m, p) => m === 'PUT' && p.includes('/manifest/'));
+  const closing = store.close();
+  await put.reached;
+  await closing;
+  t.false(store.stats().closePublished, 'close gave up');
+  t.is(await lockHolder(name), undefined, 'close let the bucket lock go');
+  put.release(); // the manifest lands after all, and the publication goes on
+  await sleep(1500);
+  t.is(await lockHolder(name), undefined, 'a closed store leaves no lock behind');
+  const next = await S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: await tempDir(), ...quick });
+  await next.close();
+});
+
+test('a sweep whose read of the newest manifest fails once goes on later; the writer is not stopped', async (t) => {
+  const name = newBucketName();
+  const faults = new S3Faults(3);
+  const store = await S3SegmentStore.create({ bucket: bucketOptions(name, faults, { maxAttempts: 1 }), cacheDir: await tempDir(), ...GEOMETRY, createBucket: true, ...quick, uploadIdleMs: 0, publishIntervalMs: 3_600_000 });
+  await store.write(1, 0, Buffer.alloc(8192, 7));
+  await store.sync();
+  await store.drain();
+  await store.write(1, 8192, Buffer.alloc(8192, 8));
+  await store.sync();
+  // A publication between its manifest and its bookkeeping (held at its lock check), and a
+  // sweep whose GET of that newest manifest (the writer's own) fails.
+  const lockCheck = faults.hold((method, path) => method === 'GET' && path.endsWith('/pool/a/lock'));
+  const publishing = store.publish();
+  await lockCheck.reached;
+  faults.next('reset', (method, path) => method === 'GET' && path.includes('/manifest/'));
+  const swept = await store.sweep().then(() => undefined, (e: unknown) => e as Error);
+  t.false(swept instanceof StoreLockedError, `the sweep failed, it did not fence the writer (${swept?.message ?? 'ok'})`);
+  lockCheck.release();
+  await publishing;
+  await t.notThrowsAsync(store.write(1, 16384, Buffer.alloc(8192, 9)), 'the writer goes on');
+  await t.notThrowsAsync(store.sweep(), 'the next sweep passes');
+  await store.close();
+});
+
+test('a publication whose snapshot falls while write() creates a segment does not count that segment as published', async (t) => {
+  const name = newBucketName();
+  const cache = await tempDir();
+  const store = await S3SegmentStore.create({ bucket: bucketOptions(name), cacheDir: cache, ...GEOMETRY, createBucket: true, ...quick, uploadIdleMs: 0 });
+  const writing = store.write(3, 0, Buffer.alloc(GEOMETRY.segmentBytes, 0x5a)); // awaits the open of its journal file
+  const draining = store.drain(); // its snapshot is taken meanwhile
+  await writing;
+  await draining;
+  t.false(store.manifest.entries.some((e) => e.slot === 3), 'the publication did not list slot 3');
+  await store.sync();
+  await store.seal(3);
+  for (let i = 0; i < 100 && !(await store.journalFiles()).some((f) => f.endsWith('.cached')); i++) await sleep(50);
+  await store.simulateCrash(); // before any publication lists slot 3
+  const other = await S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: await tempDir(), ...quick, takeover: true });
+  await other.close();
+  // The first directory holds slot 3's data, which no manifest listed: refused, not dropped.
+  const r = await S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: cache, ...quick }).then(async (s) => {
+    await s.close();
+    return undefined;
+  }, (e: unknown) => e as Error);
+  t.true(r instanceof StoreLockedError, `a journal holding an upload its writer never published is refused (${r?.message ?? 'it opened'})`);
+});
+
+test('a sweep keeps an earlier epoch\'s partial object that a publication running beside it uploads again and lists', async (t) => {
+  const name = newBucketName();
+  const cache = await tempDir();
+  const f1 = new S3Faults(3);
+  const s1 = await S3SegmentStore.create({ bucket: bucketOptions(name, f1, { maxAttempts: 1 }), cacheDir: cache, ...GEOMETRY, createBucket: true, ...quick, uploadIdleMs: 0 });
+  await s1.write(3, 0, Buffer.alloc(8192, 1));
+  await s1.sync();
+  await s1.drain(); // lists seg/00000001-00000000.p8192
+  await s1.write(3, 8192, Buffer.alloc(8192, 2));
+  await s1.sync();
+  // A publication uploads the partial .p16384 and fails at its manifest: the object stays, unlisted.
+  const manifestPut = f1.hold((m, p) => m === 'PUT' && p.includes('/manifest/'));
+  const failing = s1.drain().catch((e: unknown) => e);
+  await manifestPut.reached;
+  f1.down = true;
+  manifestPut.release();
+  await failing;
+  f1.down = false;
+  await s1.simulateCrash();
+  const partial = 'seg/00000001-00000000.p16384';
+  await sleep(1100); // past the grace period (0), known to the second
+  // The restarted writer (epoch 2): slot 3 is open with 16384 bytes, listed as .p8192.
+  const faults = new S3Faults(4);
+  const s2 = await S3SegmentStore.open({ bucket: bucketOptions(name, faults), cacheDir: cache, ...quick, uploadIdleMs: 0, takeover: true });
+  const putPartial = faults.hold((m, p) => m === 'PUT' && p.endsWith(partial));
+  const publishing = s2.drain();
+  await putPartial.reached;
+  // The sweep lists seg/ (the old .p16384 is a candidate), checks the chain, decides what to
+  // keep, then lists manifest/: held there while the publication lists the partial.
+  let lists = 0;
+  const sweepList = faults.hold((m, p) => m === 'GET' && p === `/${name}/` && ++lists === 3);
+  const sweeping = s2.sweep();
+  await sweepList.reached;
+  putPartial.release();
+  await publishing;
+  t.is(s2.manifest.entries.find((e) => e.slot === 3)?.key, partial, 'the new manifest lists the partial');
+  sweepList.release();
+  t.false((await sweeping).includes(partial), 'the sweep keeps it');
+  t.deepEqual((await s2.checkBucket()).problems, [], 'every object the newest manifest lists is in the bucket');
+  await s2.simulateCrash();
+  const fromBucket = await S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: await tempDir(), ...quick, takeover: true });
+  t.deepEqual(Buffer.from(await fromBucket.read(3, 8192, 16)), Buffer.alloc(16, 2), 'the bucket alone holds it');
+  await fromBucket.close();
+});
+
 test('sweep aborts an incomplete upload a dead writer left of a segment the store still lists, and leaves one begun since this writer opened', async (t) => {
   const name = newBucketName();
   const cache = await tempDir();

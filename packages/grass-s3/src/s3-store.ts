@@ -397,6 +397,8 @@ export class S3SegmentStore implements SegmentStore {
   private readonly sweepIntervalMs: number;
   /** The last few distinct fetch ranges read (as slot x ranges + range), newest last. */
   private readonly recentRanges: number[] = [];
+  /** Incarnations whose segment write() is creating (see publishOnce's snapshot). */
+  private readonly creating = new Set<number>();
   /**
    * The server's time when this writer was constructed (before it could start an upload), as
    * far as the replies so far tell (see sweep).
@@ -776,9 +778,16 @@ export class S3SegmentStore implements SegmentStore {
     if (offset === 0) {
       // A write at offset 0 starts a new life of the slot (the contract: a reused slot was released).
       if (seg !== undefined) this.retireSeg(seg);
-      seg = new Seg(segment, segmentKey(this.epoch, this.nextIncarnation++), 'open');
-      this.setFile(seg, await open(join(this.segDir(), fileName(segment, seg.key, 'open')), 'w+'));
-      this.slots[segment] = seg;
+      const incarnation = this.nextIncarnation++;
+      seg = new Seg(segment, segmentKey(this.epoch, incarnation), 'open');
+      // Until it is in its slot, a publication's snapshot must not count it as published.
+      this.creating.add(incarnation);
+      try {
+        this.setFile(seg, await open(join(this.segDir(), fileName(segment, seg.key, 'open')), 'w+'));
+        this.slots[segment] = seg;
+      } finally {
+        this.creating.delete(incarnation);
+      }
       this.dirDirty = true;
     } else if (seg === undefined || seg.state !== 'open' || seg.fh === undefined) {
       throw new InvalidArgumentError(`write to segment ${segment} at ${offset}: the segment is not open (${seg?.state ?? 'empty'})`);
@@ -1500,7 +1509,9 @@ export class S3SegmentStore implements SegmentStore {
   private async publishOnce(): Promise<void> {
     if (this.fenced !== undefined) throw this.fenced;
     const snap = ++this.snapshots;
-    const incarnationAtSnap = this.nextIncarnation;
+    // Incarnations below this one are in the snapshot or gone; one whose segment write() is
+    // still creating is not in a slot yet, so the bound stops before it.
+    const incarnationAtSnap = this.creating.size === 0 ? this.nextIncarnation : Math.min(...this.creating);
     this.changedSincePublish = false;
     const superblocks: [string | null, string | null] = [
       this.superblocks[0] === undefined ? null : Buffer.from(this.superblocks[0]).toString('base64'),
@@ -1572,7 +1583,13 @@ export class S3SegmentStore implements SegmentStore {
     // A writer that was paused past a takeover may find its number free again (old manifests
     // are deleted): any manifest after ours means someone else owns the store.
     await this.checkHead(m.seq);
-    if (await restoreBucketLock(this.bucket, this.writer).catch(() => false)) this.counters.lockRestores++;
+    // Not once the store is stopping: close may have given up on this publication and let the
+    // lock go, and a lock put back now would outlive the store. A restore that raced the stop
+    // is undone.
+    if (!this.stopping && (await restoreBucketLock(this.bucket, this.writer).catch(() => false))) {
+      this.counters.lockRestores++;
+      if (this.stopping) await releaseBucketLock(this.bucket, this.writer).catch(() => undefined);
+    }
     this.lastManifest = m;
     this.counters.publications++;
     // A segment of this epoch that was open is listed only as its prefix so far: its later
@@ -1623,9 +1640,13 @@ export class S3SegmentStore implements SegmentStore {
   private async checkHead(seq: number): Promise<void> {
     const newer = (await this.bucket.list(MANIFEST_DIR)).map((o) => manifestSeqOf(o.key)).filter((n): n is number => n !== undefined && n > seq);
     if (newer.length === 0) return;
-    const raw = await this.bucket.get(manifestKey(Math.max(...newer))).catch(() => undefined);
-    const decoded = raw === undefined ? undefined : decodeManifest(raw);
-    const winner = decoded === undefined || typeof decoded === 'string' ? undefined : decoded;
+    // A failed GET is not a takeover: it fails this check (the sweep or publication is tried
+    // again later). Nor is a manifest gone between the listing and the GET.
+    const newest = Math.max(...newer);
+    const raw = await this.bucket.get(manifestKey(newest));
+    if (raw === undefined) throw new Error(`${this.bucket.describe()}: manifest ${newest} was listed but is gone; checking again later`);
+    const decoded = decodeManifest(raw);
+    const winner = typeof decoded === 'string' ? undefined : decoded;
     if (winner?.writer.id === this.writer.id) return;
     this.fence(winner);
   }
@@ -1685,7 +1706,11 @@ export class S3SegmentStore implements SegmentStore {
       if (seg.partial !== undefined) keep.add(seg.partial.key);
     }
     for (const r of this.retired) keep.add(r.key);
-    const doomed = candidates.filter((k) => !keep.has(k));
+    // A partial of a held segment is kept too, whatever its length: a publication running now
+    // may upload it again under the same key and list it before its key reaches seg.partial.
+    const heldSegments = new Set<string>();
+    for (const seg of [...this.slots, ...this.pinned, ...this.uploadQueue]) if (seg !== undefined) heldSegments.add(seg.key);
+    const doomed = candidates.filter((k) => !keep.has(k) && !heldSegments.has(segmentKeyOf(k)));
     // Manifests older than the ones kept.
     for (const o of await this.bucket.list(MANIFEST_DIR)) {
       const seq = manifestSeqOf(o.key);
