@@ -1824,6 +1824,7 @@ export class GrassLog implements Grass {
       liveRecords: this.map.size,
       liveBytes: this.liveDataBytes(),
       liveLimitBytes: Math.max(0, Math.floor(this.liveLimit(0))),
+      liveLogBytes: this.liveBytes(),
       userRecords: c.userRecords,
       userBytes: c.userBytes,
       userPayloadBytes: c.userPayloadBytes,

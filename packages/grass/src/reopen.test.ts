@@ -67,6 +67,8 @@ test('live records fill at most maxLiveShare of the room outside the reserve; ov
   const room = (segments - st.reserveSegments) * usable;
   t.true(st.liveLimitBytes < 0.9 * room, `limit ${st.liveLimitBytes} of ${room} bytes outside the reserve`);
   t.true(st.liveBytes <= st.liveLimitBytes && st.liveBytes > 0.9 * st.liveLimitBytes, `${st.liveBytes} live bytes, limit ${st.liveLimitBytes}`);
+  // The admission's own measure: at the limit, within one more record of it.
+  t.true(st.liveLogBytes <= st.liveLimitBytes && st.liveLogBytes > st.liveLimitBytes - 2 * block(0).length, `${st.liveLogBytes} log bytes live, limit ${st.liveLimitBytes}`);
   // At the limit: an overwrite of the same size goes in, a new address does not, until a trim
   // makes room for it.
   await g.put(1, block(99));

@@ -19,6 +19,8 @@ export interface GrassStats {
    * the reserve.
    */
   liveLimitBytes: number;
+  /** What admission measures against liveLimitBytes, in the same units (liveBytes does not count summary entries or map pages). */
+  liveLogBytes: number;
   userRecords: number;
   /** Bytes users appended: record headers and payloads, trims included. */
   userBytes: number;
