@@ -1033,6 +1033,34 @@ test('a sweep keeps an earlier epoch\'s partial object that a publication runnin
   await fromBucket.close();
 });
 
+test('a journal whose open segment another writer sealed from the published prefix is refused, not dropped: its later bytes never reached the bucket', async (t) => {
+  const name = newBucketName();
+  const cache = await tempDir();
+  const s1 = await S3SegmentStore.create({ bucket: bucketOptions(name), cacheDir: cache, ...GEOMETRY, createBucket: true, ...quick, uploadIdleMs: 0 });
+  const g1 = await GrassLog.create(s1, { backgroundCleaner: false });
+  const model = new Model();
+  await randomBatches(g1, model, new Rng(21), 20, 50);
+  await g1.flush();
+  await s1.drain(); // publishes the open segment's prefix
+  await randomBatches(g1, model, new Rng(22), 10, 50);
+  await g1.flush(); // durable in this journal only
+  await s1.simulateCrash();
+  // The machine is thought lost: another writer opens the store from the bucket alone,
+  // inherits the open segment at its published prefix, seals it under the same key, writes.
+  const s2 = await S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: await tempDir(), ...quick, uploadIdleMs: 0, takeover: true });
+  const g2 = await GrassLog.open(s2, { backgroundCleaner: false });
+  await g2.put(7777, new Uint8Array(100).fill(7));
+  await g2.close();
+  // The first machine's journal comes back: its flushed batches after the prefix are in no
+  // object. Refused (the user keeps them), never deleted.
+  const e = await S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: cache, ...quick }).then(async (s) => {
+    await s.close();
+    return undefined;
+  }, (err: unknown) => err as Error);
+  t.true(e instanceof StoreLockedError, `refused (${e?.message ?? 'it opened, and dropped the journal'})`);
+  t.regex(e?.message ?? '', /never reached/);
+});
+
 test('sweep aborts an incomplete upload a dead writer left of a segment the store still lists, and leaves one begun since this writer opened', async (t) => {
   const name = newBucketName();
   const cache = await tempDir();

@@ -561,6 +561,21 @@ export class S3SegmentStore implements SegmentStore {
     }
   }
 
+  /** Whether the first `length` bytes of local file `path` are those of object `key`. */
+  private async sameAsObject(path: string, key: string, length: number): Promise<boolean> {
+    if (!Number.isFinite(length) || length <= 0) return false;
+    const local = Buffer.alloc(length);
+    const fh = await open(path, 'r');
+    try {
+      const { bytesRead } = await fh.read(local, 0, length, 0);
+      if (bytesRead !== length) return false;
+    } finally {
+      await fh.close();
+    }
+    const remote = await this.bucket.get(key, { offset: 0, length });
+    return remote !== undefined && remote.length === length && Buffer.compare(local, Buffer.from(remote.buffer, remote.byteOffset, remote.byteLength)) === 0;
+  }
+
   /** Build the slot table from the journal and the newest manifest. */
   private async reconcile(latest: Manifest, local: CacheManifest | undefined): Promise<void> {
     const segDir = join(this.dir, 'seg');
@@ -584,7 +599,11 @@ export class S3SegmentStore implements SegmentStore {
         if (p.state !== 'open' && p.state !== 'sealed' && !ownUpload) continue;
         const e = listedKeys.get(p.key);
         const size = (await stat(join(segDir, f.name)).catch(() => ({ size: Infinity }))).size;
-        const sent = e !== undefined && (e.sealed || (p.state === 'open' && e.length >= Math.min(size, this.segmentBytes)));
+        let sent = e !== undefined && (e.sealed || (p.state === 'open' && e.length >= Math.min(size, this.segmentBytes)));
+        // Listed sealed under this key need not mean these bytes: a writer that opened from
+        // the bucket alone inherits an open segment at its published prefix and seals it under
+        // the same key. What this file holds past that prefix reached no object, so compare.
+        if (sent && e!.sealed && e!.key === p.key) sent = await this.sameAsObject(join(segDir, f.name), p.key, Math.min(size, this.segmentBytes));
         if (!sent) unsent.push(f.name);
       }
       if (unsent.length > 0) {
