@@ -1343,8 +1343,9 @@ export class GrassLog implements Grass {
       // Relocations must be durable before a victim's slot is reused.
       await this.flush();
       for (const [i, v] of victims.entries()) {
-        // Still the incarnation this round cleaned (belt and braces: rounds run one at a time).
-        assert(this.slotSeq[v] === seqs[i], `cleaner: victim segment ${v} was reused while being cleaned`);
+        // A victim marked for a checkpoint (pendingFree 2) may have been freed, and reused, by
+        // one that ran meanwhile: that one covered it. Only the incarnation cleaned here is freed.
+        if (this.slotSeq[v] !== seqs[i]) continue;
         if (this.pendingFree[v] === 1) {
           this.releaseSlot(v);
           freed++;
