@@ -201,10 +201,25 @@ export class Bucket {
       this.counters.failures++;
       if (e instanceof Error && !e.message.startsWith('S3 ')) {
         const status = httpStatus(e);
-        e.message = `S3 ${what} at ${this.endpoint ?? 'the default AWS endpoint'}${status !== undefined ? ` (HTTP ${status})` : ''}: ${e.message || e.name}`;
+        e.message = `S3 ${what} at ${this.endpoint ?? 'the default AWS endpoint'}${status !== undefined ? ` (HTTP ${status})` : ''}: ${e.message || e.name}${this.hint(status, e, what)}`;
       }
       throw e;
     }
+  }
+
+  /**
+   * What a bare status means to the user. Replies to HEAD have no body, so the SDK can only
+   * say 'UnknownError'; a 403 is nearly always the credentials, and a 404 to anything but a
+   * GET or HEAD of an object is a missing bucket.
+   */
+  private hint(status: number | undefined, e: Error, what: string): string {
+    if (status === 403 || e.name === 'AccessDenied' || e.name === 'InvalidAccessKeyId' || e.name === 'SignatureDoesNotMatch') {
+      return ' (access denied: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and what the key may do in this bucket)';
+    }
+    if (e.name === 'NoSuchBucket' || (status === 404 && !/^(GET|HEAD) /.test(what)) || (status === 404 && what.startsWith('HEAD bucket'))) {
+      return ` (bucket '${this.name}' does not exist${what.startsWith('HEAD bucket') ? '' : ': pasture init creates it'})`;
+    }
+    return '';
   }
 
   /** Create the bucket if it does not exist (tests and `pasture init`). */

@@ -8,6 +8,7 @@ import test, { type ExecutionContext } from 'ava';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir, hostname } from 'node:os';
 import { join } from 'node:path';
+import { existsSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { execFile } from 'node:child_process';
@@ -251,8 +252,10 @@ test('a second writer is refused with the holder named; a takeover fences the fi
   await a.drain();
   const before = model.batches.length;
 
-  const err = await t.throwsAsync(S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: await tempDir(), ...quick }), { instanceOf: StoreLockedError });
+  const refusedDir = join(await tempDir(), 'new-cache');
+  const err = await t.throwsAsync(S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: refusedDir, ...quick }), { instanceOf: StoreLockedError });
   t.regex(err!.message, new RegExp(`in use by process ${process.pid} on ${hostname()}`));
+  t.false(existsSync(refusedDir), 'a refused open leaves no cache directory behind');
 
   const b = await S3SegmentStore.open({ bucket: bucketOptions(name), cacheDir: await tempDir(), ...quick, takeover: true });
   const gb = await GrassLog.open(b);
@@ -1059,6 +1062,24 @@ test('a journal whose open segment another writer sealed from the published pref
   }, (err: unknown) => err as Error);
   t.true(e instanceof StoreLockedError, `refused (${e?.message ?? 'it opened, and dropped the journal'})`);
   t.regex(e?.message ?? '', /never reached/);
+});
+
+test('wrong credentials and a missing bucket are errors that say so, not UnknownError', async (t) => {
+  const name = newBucketName();
+  const wrong = new Bucket(bucketOptions(name, undefined, { secretAccessKey: 'not-the-secret', maxAttempts: 1 }));
+  try {
+    const e = await t.throwsAsync(wrong.ensureBucket());
+    t.regex(e!.message, /HTTP 403.*access denied: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY/);
+  } finally {
+    wrong.destroy();
+  }
+  const missing = new Bucket(bucketOptions(name, undefined, { maxAttempts: 1 }));
+  try {
+    const e = await t.throwsAsync(S3SegmentStore.open({ bucket: missing, cacheDir: await tempDir(), ...quick }));
+    t.regex(e!.message, new RegExp(`bucket '${name}' does not exist`));
+  } finally {
+    missing.destroy();
+  }
 });
 
 test('sweep aborts an incomplete upload a dead writer left of a segment the store still lists, and leaves one begun since this writer opened', async (t) => {

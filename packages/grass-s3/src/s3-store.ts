@@ -26,10 +26,10 @@
  */
 import { setTimeout as sleep } from 'node:timers/promises';
 import { setMaxListeners } from 'node:events';
-import { open, mkdir, readFile, writeFile, rename, readdir, unlink, rm, stat } from 'node:fs/promises';
+import { open, mkdir, readFile, writeFile, rename, readdir, unlink, rm, rmdir, stat } from 'node:fs/promises';
 import type { FileHandle } from 'node:fs/promises';
 import { hostname } from 'node:os';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { z } from 'zod';
 import {
@@ -498,9 +498,24 @@ export class S3SegmentStore implements SegmentStore {
    */
   static async open(options: S3StoreOptions): Promise<S3SegmentStore> {
     checkOptions(options);
-    const bucket = options.bucket instanceof Bucket ? options.bucket : new Bucket(options.bucket);
     const dir = options.cacheDir;
-    await mkdir(join(dir, 'seg'), { recursive: true });
+    // What this open creates, an open that fails removes (while still empty): a refused open
+    // leaves no half-made cache directory behind.
+    const segDir = resolve(dir, 'seg');
+    const first = await mkdir(segDir, { recursive: true }); // the first directory it made, if any
+    try {
+      return await S3SegmentStore.openIn(options, dir);
+    } catch (e) {
+      if (first !== undefined) {
+        await rmdir(segDir).catch(() => undefined);
+        if (resolve(first) !== segDir) await rmdir(resolve(dir)).catch(() => undefined); // this open made it too
+      }
+      throw e;
+    }
+  }
+
+  private static async openIn(options: S3StoreOptions, dir: string): Promise<S3SegmentStore> {
+    const bucket = options.bucket instanceof Bucket ? options.bucket : new Bucket(options.bucket);
     const localLock = join(dir, 'lock');
     await takeLock(localLock);
     const writer = newWriter();
@@ -1852,7 +1867,7 @@ async function createManifest(bucket: Bucket, m: Manifest): Promise<Manifest | '
 
 async function readLatestManifest(bucket: Bucket): Promise<Manifest> {
   const keys = (await bucket.list(MANIFEST_DIR)).map((o) => manifestSeqOf(o.key)).filter((s): s is number => s !== undefined).sort((a, b) => b - a);
-  if (keys.length === 0) throw new InvalidArgumentError(`${bucket.describe()} holds no Pasture store; create one with 'pasture init --store ${bucket.describe()}'`);
+  if (keys.length === 0) throw new InvalidArgumentError(`${bucket.describe()} holds no Pasture store; create one with 'pasture init --store ${bucket.describe()} --cache-dir DIR'`);
   // The newest readable one; a list can race a creation, so read until a key is missing.
   let seq = keys[0]!;
   for (;;) {
