@@ -95,6 +95,11 @@ function s3Flags(o: Parsed): S3Flags {
   if (o.takeover === true) f.takeover = true;
   if (o['cache-bytes'] !== undefined) f.cacheBytes = size(o['cache-bytes'], 'cache-bytes', 1 << 30);
   if (o['journal-bytes'] !== undefined) f.journalBytes = size(o['journal-bytes'], 'journal-bytes', 4 * 2 ** 30);
+  if (o['close-timeout'] !== undefined) {
+    const secs = num(o['close-timeout'], 'close-timeout', 60);
+    if (!(secs >= 0 && secs <= 86_400)) throw new UsageError(`--close-timeout takes seconds in [0, 86400], got '${String(o['close-timeout'])}'`);
+    f.closeTimeoutMs = secs * 1000;
+  }
   return f;
 }
 
@@ -102,7 +107,7 @@ function s3Flags(o: Parsed): S3Flags {
 const STORE_FLAGS = {
   store: { type: 'string' as const }, 'cache-dir': { type: 'string' as const }, 's3-endpoint': { type: 'string' as const },
   's3-region': { type: 'string' as const }, takeover: { type: 'boolean' as const }, 'cache-bytes': { type: 'string' as const },
-  'journal-bytes': { type: 'string' as const },
+  'journal-bytes': { type: 'string' as const }, 'close-timeout': { type: 'string' as const },
 };
 
 const STORE_HELP = `Stores: --store file:DIR (or DIR), or --store s3://BUCKET/PREFIX --cache-dir DIR for a pool in
@@ -110,8 +115,10 @@ S3 with its journal and read cache in DIR (then --store DIR alone also finds it)
 --s3-endpoint URL or AWS_ENDPOINT_URL, --s3-region or AWS_REGION, AWS_ACCESS_KEY_ID and
 AWS_SECRET_ACCESS_KEY; --cache-bytes SIZE bounds the read cache (default 1G);
 --journal-bytes SIZE bounds the segments waiting in DIR for their upload (default 4G: writes
-wait beyond it; uploads wait out a burst of writes up to 3/4 of it); --takeover takes the
-store from a writer that looks alive (it is fenced off).`;
+wait beyond it; uploads wait out a burst of writes up to 3/4 of it); --close-timeout SECONDS
+is how long closing waits for S3 to take the final state (default 60; what it does not take
+stays in DIR, and the next open uploads it); --takeover takes the store from a writer that
+looks alive (it is fenced off).`;
 
 async function openSpec(o: Parsed): Promise<SegmentStore> {
   return openStore(storeSpec(o), s3Flags(o));

@@ -9,6 +9,7 @@ import { execFile, type ChildProcess } from 'node:child_process';
 import { startServe } from './serve-process.ts';
 import { promisify } from 'node:util';
 import { mkdtemp, rm, readFile, writeFile } from 'node:fs/promises';
+import { connect, createServer, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -133,6 +134,65 @@ test('a pool in S3: init, volumes, import and export, serve to qemu-io, live sna
     t.is(bad.code, 1);
     t.regex(bad.stdout, new RegExp(`${victim}.*not in the bucket`), bad.stderr);
   } finally {
+    await rm(base, { recursive: true, force: true });
+  }
+});
+
+/** A TCP relay to the S3 server that the test can cut, as an outage would. */
+async function relay(target: string): Promise<{ endpoint: string; cut: () => Promise<void> }> {
+  const { hostname, port } = new URL(target);
+  const sockets = new Set<Socket>();
+  const srv = createServer((c) => {
+    const up = connect(Number(port), hostname);
+    for (const s of [c, up]) {
+      sockets.add(s);
+      s.on('error', () => s.destroy());
+      s.on('close', () => sockets.delete(s));
+    }
+    c.pipe(up).pipe(c);
+  });
+  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', () => r()));
+  const p = (srv.address() as { port: number }).port;
+  return {
+    endpoint: `http://127.0.0.1:${p}`,
+    cut: async () => {
+      await new Promise<void>((r) => {
+        srv.close(() => r());
+        for (const s of sockets) s.destroy();
+      });
+    },
+  };
+}
+
+test('serve stopped during an S3 outage says the bucket lacks the final state, exits 1, and the journal keeps it', async (t) => {
+  const base = await mkdtemp(join(tmpdir(), 'pasture-s3out-'));
+  const link = await relay(server!.endpoint);
+  try {
+    const url = `s3://cli-${randomBytes(4).toString('hex')}/pools/out`;
+    const cache = join(base, 'cache');
+    const viaLink = { ...env, AWS_ENDPOINT_URL: link.endpoint };
+    const init = await pasture('init', '--store', url, '--cache-dir', cache, '--segment-bytes', '1M', '--segments', '64');
+    t.is(init.code, 0, init.stderr);
+    t.is((await pasture('volume', 'create', 'v', '--size', '16M', '--store', cache)).code, 0);
+    // The cache directory remembers the endpoint init used: serve is given the relay's.
+    const { child, uri } = await startServe(['--store', cache, '--s3-endpoint', link.endpoint, '--close-timeout', '3', '--listen', '127.0.0.1:10891'], { env: viaLink });
+    let stderr = '';
+    child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+    const vol = uri.endsWith('/') ? `${uri}v` : `${uri}/v`;
+    await link.cut(); // S3 goes away; flushes go on into the journal
+    const w = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x6b 2M 1M', '-c', 'flush', vol], { timeout: 60_000 });
+    t.notRegex(w.stdout, /fail|error/i);
+    child.kill('SIGTERM');
+    const code = await new Promise<number | null>((r) => (child.exitCode !== null ? r(child.exitCode) : child.once('exit', r)));
+    t.is(code, 1, 'a stop that could not publish fails');
+    t.regex(stderr, /the bucket does not have the final state .* keep that directory/);
+    // S3 is back (the server's own endpoint): the journal uploads what the bucket lacked.
+    const out = join(base, 'v.img');
+    const exp = await pasture('export', 'v', out, '--store', cache, '--s3-endpoint', server!.endpoint);
+    t.is(exp.code, 0, exp.stderr);
+    t.true((await readFile(out)).subarray(2 << 20, 3 << 20).every((b) => b === 0x6b), 'the write flushed during the outage is there');
+  } finally {
+    await link.cut().catch(() => undefined);
     await rm(base, { recursive: true, force: true });
   }
 });

@@ -93,7 +93,15 @@ export async function serve(o: ServeOptions): Promise<number> {
           await Promise.all([controlServer.close(), nbd.close({ graceful: true })]);
           await pool.flush();
           o.setLive(undefined);
+          if (s3Stats(store) !== undefined && !o.json) io.err('waiting for S3 to take the final state (see --close-timeout)\n');
           await pool.close();
+          // An S3 store that could not publish its final state (an outage) keeps it in the
+          // journal: say so, and fail, so that nobody takes the exit for "all in the bucket".
+          const s3 = s3Stats(store);
+          if (s3 !== undefined && s3.closePublished === false) {
+            io.err(`pasture: the bucket does not have the final state (${s3.lastError ?? 'S3 did not take it'}); it is safe in ${o.dir}, and the next open there uploads it: keep that directory\n`);
+            code = 1;
+          }
         } catch (e) {
           io.err(`pasture: while stopping: ${(e as Error).message}\n`);
           code = 1;

@@ -29,6 +29,8 @@ export interface S3Flags {
   cacheBytes?: number;
   /** maxUploadBacklogBytes: local disk for segments waiting for their upload. */
   journalBytes?: number;
+  /** closeTimeoutMs: how long a close waits for S3 to take the final state. */
+  closeTimeoutMs?: number;
 }
 
 const env = (...names: string[]): string | undefined => {
@@ -87,6 +89,7 @@ function s3Options(flags: S3Flags): Partial<S3StoreOptions> {
   return {
     ...(flags.takeover ? { takeover: true } : {}), ...(flags.cacheBytes !== undefined ? { cacheBytes: flags.cacheBytes } : {}),
     ...(flags.journalBytes !== undefined ? { maxUploadBacklogBytes: flags.journalBytes } : {}),
+    ...(flags.closeTimeoutMs !== undefined ? { closeTimeoutMs: flags.closeTimeoutMs } : {}),
   };
 }
 
