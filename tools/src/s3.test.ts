@@ -196,3 +196,30 @@ test('serve stopped during an S3 outage says the bucket lacks the final state, e
     await rm(base, { recursive: true, force: true });
   }
 });
+
+test('serve taken over by another writer says so at once, not only in its clients\' errors', async (t) => {
+  const base = await mkdtemp(join(tmpdir(), 'pasture-s3fence-'));
+  try {
+    const url = `s3://cli-${randomBytes(4).toString('hex')}/pools/fence`;
+    const cache = join(base, 'cache');
+    t.is((await pasture('init', '--store', url, '--cache-dir', cache, '--segment-bytes', '1M', '--segments', '64')).code, 0);
+    t.is((await pasture('volume', 'create', 'v', '--size', '16M', '--store', cache)).code, 0);
+    const { child, uri } = await startServer(['--store', cache], 10892);
+    let stderr = '';
+    child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+    try {
+      const vol = uri.endsWith('/') ? `${uri}v` : `${uri}/v`;
+      // Another machine takes the store over; the server finds out at its next publication.
+      const other = await pasture('volume', 'list', '--store', url, '--cache-dir', join(base, 'other'), '--takeover');
+      t.is(other.code, 0, other.stderr);
+      await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x11 0 64k', '-c', 'flush', vol], { timeout: 60_000 }).catch(() => undefined);
+      for (let i = 0; i < 60 && !/taken over/.test(stderr); i++) await new Promise((r) => setTimeout(r, 500));
+      t.regex(stderr, /pasture: .*taken over by .*its clients' writes now fail: stop this server/);
+    } finally {
+      child.kill('SIGTERM');
+      await new Promise<void>((r) => (child.exitCode !== null ? r() : child.once('exit', () => r())));
+    }
+  } finally {
+    await rm(base, { recursive: true, force: true });
+  }
+});

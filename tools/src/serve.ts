@@ -68,6 +68,15 @@ export async function serve(o: ServeOptions): Promise<number> {
   }
   const nbd = server;
   const controlServer = control;
+  // An S3 store taken over by another writer stops taking writes: say so once, here, rather
+  // than only in each client's EIO.
+  const fenceWatch = s3Stats(store) === undefined ? undefined : setInterval(() => {
+    const fenced = s3Stats(store)?.fenced;
+    if (fenced === undefined) return;
+    clearInterval(fenceWatch);
+    io.err(`pasture: ${fenced}; its clients' writes now fail: stop this server\n`);
+  }, 500);
+  fenceWatch?.unref();
 
   const exportsNow = provider.list();
   if (o.json) io.out(JSON.stringify({ uri, exports: exportsNow, control: `${o.dir}/control.sock`, metrics: o.metrics ? `http://${o.metrics.host}:${o.metrics.port}/metrics` : null }) + '\n');
@@ -88,6 +97,7 @@ export async function serve(o: ServeOptions): Promise<number> {
       if (!o.json) io.err(`${sig}: stopping: finishing requests in flight and commands under way, flushing, closing the pool (${sig} again to stop at once)\n`);
       void (async () => {
         let code = 0;
+        clearInterval(fenceWatch);
         try {
           metrics?.close();
           await Promise.all([controlServer.close(), nbd.close({ graceful: true })]);

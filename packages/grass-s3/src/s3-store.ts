@@ -134,6 +134,8 @@ export interface S3StoreStats extends BucketCounters {
   lastError: string | undefined;
   /** After close(): whether the bucket got the final state (else the journal keeps it). */
   closePublished: boolean | undefined;
+  /** Set once another writer has taken the store over: why this one stopped (its writes fail). */
+  fenced: string | undefined;
 }
 
 const CacheManifest = z.object({
@@ -1815,6 +1817,7 @@ export class S3SegmentStore implements SegmentStore {
       uploadRetries: this.counters.uploadRetries, segmentUploads: this.counters.segmentUploads, partialUploads: this.counters.partialUploads,
       publications: this.counters.publications, lockRestores: this.counters.lockRestores, uploadsAborted: this.counters.uploadsAborted, lastPublishedSeq: this.lastManifest.seq,
       pendingDeletes: this.retired.length, epoch: this.epoch, lastError: this.lastError, closePublished: this.closePublished,
+      fenced: this.closed && this.fenced?.message === 'crashed' ? undefined : this.fenced?.message,
     };
   }
 
