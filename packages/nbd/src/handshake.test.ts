@@ -53,6 +53,19 @@ async function raw(s: Served, clientFlags: number | undefined = P.NBD_FLAG_C_FIX
 
 const MiB = 1024 * 1024;
 
+/** In transmission: BLOCK_STATUS of the first 4 KiB; the reply chunk's type, and an error chunk's errno. */
+async function blockStatusOfFirstBlock(c: Raw): Promise<{ type: number; errno: number | undefined }> {
+  const req = Buffer.alloc(28);
+  req.writeUInt32BE(P.NBD_REQUEST_MAGIC, 0);
+  req.writeUInt16BE(P.NBD_CMD_BLOCK_STATUS, 6);
+  req.writeUInt32BE(4096, 24);
+  c.send(req);
+  const h = await c.reader.read(20);
+  const type = h.readUInt16BE(6);
+  const body = await c.reader.read(h.readUInt32BE(16));
+  return { type, errno: type === P.NBD_REPLY_TYPE_ERROR ? body.readUInt32BE(0) : undefined };
+}
+
 async function fixture(): Promise<Served> {
   return serve(
     {
@@ -245,15 +258,7 @@ test('a context set for another export does not carry over to GO', async (t) => 
   await c.option(P.NBD_OPT_STRUCTURED_REPLY);
   await c.option(P.NBD_OPT_SET_META_CONTEXT, metaContextRequest('aligned', [P.BASE_ALLOCATION]));
   await c.option(P.NBD_OPT_GO, infoRequest('disk', []));
-  const req = Buffer.alloc(28);
-  req.writeUInt32BE(P.NBD_REQUEST_MAGIC, 0);
-  req.writeUInt16BE(P.NBD_CMD_BLOCK_STATUS, 6);
-  req.writeUInt32BE(4096, 24);
-  c.send(req);
-  const h = await c.reader.read(20);
-  t.is(h.readUInt16BE(6), P.NBD_REPLY_TYPE_ERROR);
-  const body = await c.reader.read(h.readUInt32BE(16));
-  t.is(body.readUInt32BE(0), P.NBD_EINVAL);
+  t.deepEqual(await blockStatusOfFirstBlock(c), { type: P.NBD_REPLY_TYPE_ERROR, errno: P.NBD_EINVAL });
   await s.close();
 });
 
@@ -305,14 +310,7 @@ test('a SET_META_CONTEXT too large to read still clears the selection, as the sp
   t.deepEqual(huge.map((r) => r.type), [P.NBD_REP_ERR_TOO_BIG]);
   const go = await c.option(P.NBD_OPT_GO, infoRequest('disk', []));
   t.is(go[go.length - 1]!.type, P.NBD_REP_ACK);
-  const req = Buffer.alloc(28);
-  req.writeUInt32BE(P.NBD_REQUEST_MAGIC, 0);
-  req.writeUInt16BE(P.NBD_CMD_BLOCK_STATUS, 6);
-  req.writeUInt32BE(4096, 24);
-  c.send(req);
-  const h = await c.reader.read(20);
-  t.is(h.readUInt16BE(6), P.NBD_REPLY_TYPE_ERROR, 'no context is selected: block status is refused');
-  t.is((await c.reader.read(h.readUInt32BE(16))).readUInt32BE(0), P.NBD_EINVAL);
+  t.deepEqual(await blockStatusOfFirstBlock(c), { type: P.NBD_REPLY_TYPE_ERROR, errno: P.NBD_EINVAL }, 'no context is selected: block status is refused');
   await s.close();
 });
 
